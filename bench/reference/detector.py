@@ -1,0 +1,79 @@
+"""The reference's GroundingDINO call, one caption at a time, as the authors' code makes it.
+
+SAA's Model.get_grounding_output: the image goes through GroundingDINO's transform
+(RandomResize([800], max_size=1333) = torchvision resize of the PIL image, ToTensor, Normalize
+with ImageNet mean/std), the caption is lower-cased, stripped and ended with "."; the full
+model runs on that single caption (it builds its own sub-sentence masks) and the outputs are
+sigmoid(pred_logits)[0] [900, 256] and pred_boxes[0] [900, 4]. Here the model is transformers'
+GroundingDinoForObjectDetection, whose forward is that of the authors' model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+
+from runtime.manifest import GDINO_MAX_SIDE, GDINO_SHORT_SIDE, IMAGENET_MEAN, IMAGENET_STD
+
+
+def reference_caption(caption: str) -> str:
+    caption = caption.lower()
+    caption = caption.strip()
+    if not caption.endswith("."):
+        caption = caption + "."
+    return caption
+
+
+def _size_with_aspect_ratio(width: int, height: int, size: int, max_size: int) -> tuple[int, int]:
+    """GroundingDINO datasets/transforms.py get_size_with_aspect_ratio: (h, w) of the resize."""
+    min_original = float(min(width, height))
+    max_original = float(max(width, height))
+    if max_original / min_original * size > max_size:
+        size = int(round(max_size * min_original / max_original))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def reference_transform(image_rgb: np.ndarray, short_side: int = GDINO_SHORT_SIDE, max_side: int = GDINO_MAX_SIDE) -> torch.Tensor:
+    """[3, h, w] float32: PIL resize (torchvision), ToTensor, Normalize."""
+    pil = Image.fromarray(image_rgb)
+    size = _size_with_aspect_ratio(pil.width, pil.height, short_side, max_side)
+    resized = F.resize(pil, list(size))
+    return F.normalize(F.to_tensor(resized), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def load_reference_tokenizer(tokenizer_json: Path):
+    """transformers' BERT tokenizer over the same tokenizer.json the runtime uses."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]", model_max_length=512, clean_up_tokenization_spaces=True,
+    )
+
+
+@torch.no_grad()
+def reference_detect(
+    model,
+    tokenizer,
+    image_rgb: np.ndarray,
+    caption: str,
+    short_side: int = GDINO_SHORT_SIDE,
+    max_side: int = GDINO_MAX_SIDE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmoid logits [900, max_text_len], boxes [900, 4] cx,cy,w,h) for one caption."""
+    pixels = reference_transform(image_rgb, short_side, max_side)[None]
+    tokenized = tokenizer(reference_caption(caption), padding="longest", return_tensors="pt")
+    outputs = model(
+        pixel_values=pixels,
+        input_ids=tokenized["input_ids"],
+        attention_mask=tokenized["attention_mask"],
+        token_type_ids=tokenized.get("token_type_ids"),
+    )
+    return outputs.logits.sigmoid()[0].numpy(), outputs.pred_boxes[0].numpy()

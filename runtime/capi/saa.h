@@ -1,0 +1,151 @@
+/*
+ * saa.h: the C ABI of the SAA+ edge runtime (zero-shot industrial anomaly segmentation).
+ *
+ * One pipeline object, three doors: the CLI (`python -m runtime.infer`), the Python API
+ * (`runtime.pipeline.Pipeline`) and this ABI all run the same Python pipeline. The library
+ * (libsaa.so, built by `pip install -e .`) hosts the Python runtime:
+ *
+ *  - In a Python process (ctypes, or a program that already embeds Python) it finds the
+ *    running interpreter (Py_IsInitialized) and takes the GIL with PyGILState_Ensure;
+ *    no second interpreter is started.
+ *  - In a plain C/C++ program it loads libpython and starts an interpreter on the first
+ *    call that needs it. It uses the interpreter that built the library (shown by
+ *    saa_version()); its site-packages (a venv's, if that interpreter is in a venv) are
+ *    the ones searched, and the `runtime` package next to this library comes first on
+ *    sys.path. Environment variables, read once at start:
+ *      SAA_PYTHON     another interpreter, e.g. /opt/line/venv/bin/python: its venv's
+ *                     site-packages are used. It must be the same Python minor version
+ *                     as the build (rebuild with `pip install -e .` otherwise).
+ *      SAA_LIBPYTHON  another libpython3.X.so to load (default: the build's).
+ *      SAA_VERBOSE=1  print the interpreter, sys.prefix, site-packages and runtime
+ *                     folder to stderr when the interpreter starts.
+ *      PYTHONPATH and the other PYTHON* variables work as for `python`.
+ *    The embedded interpreter lives until the process exits (it is never finalised) and
+ *    installs no signal handlers.
+ *
+ * Threads: every function may be called from any thread. Calls on one handle are
+ * serialised by a lock in the handle (saa_infer and saa_close wait for each other).
+ * Calls on different handles run concurrently, but the Python parts of a call hold
+ * the GIL, so they overlap only where the engines run (onnxruntime and numpy release
+ * the GIL). For throughput, open one handle per thread.
+ *
+ * Memory: the caller owns every buffer; the library never returns memory the caller
+ * must free. Strings returned by saa_version() are static; saa_last_error() strings
+ * are per thread (see there).
+ *
+ * Errors: every call returns a status (SAA_OK or a negative SAA_E_* code); no bad
+ * argument, Python exception or engine failure aborts the process. saa_last_error()
+ * gives a one-line message naming the problem. What the library cannot check: that a
+ * non-NULL pointer really points at as many bytes as the sizes say.
+ *
+ * Build: g++ my_line.cpp $(python -m runtime.capi --cflags --libs)
+ */
+#ifndef SAA_H
+#define SAA_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SAA_ABI_VERSION 1 /* bumped on any change to a signature, a struct or a code's meaning */
+
+#if defined(__GNUC__)
+#define SAA_API __attribute__((visibility("default")))
+#else
+#define SAA_API
+#endif
+
+/* Status codes: 0 is success, every failure is negative. */
+enum saa_status {
+    SAA_OK = 0,
+    SAA_E_INVALID_ARGUMENT = -1, /* NULL pointer, size <= 0, stride < row, channels not 1/3/4, map size */
+    SAA_E_BAD_HANDLE = -2,       /* NULL or not returned by saa_open */
+    SAA_E_CLOSED = -3,           /* the handle was closed by saa_close */
+    SAA_E_ENGINES = -4,          /* engines dir missing, incomplete, corrupt or from another version */
+    SAA_E_CONFIG = -5,           /* unknown dataset/category, unreadable or invalid prompt file */
+    SAA_E_IMAGE = -6,            /* the image cannot be processed (e.g. smaller than 2x2, over 100 MP) */
+    SAA_E_ENGINE = -7,           /* an engine failed to load or run (device missing, bad model) */
+    SAA_E_PYTHON = -8,           /* the Python runtime could not be started or imported */
+    SAA_E_INTERNAL = -9          /* anything else (a bug: the message names the Python exception) */
+};
+
+#define SAA_PHRASE_CAPACITY 64 /* bytes, NUL included */
+
+/*
+ * One defect region. saa_infer writes them in this order: the regions fused into the
+ * anomaly map (in_top_k = 1) first, by score descending, then the other regions that
+ * passed the property filter, by score descending. `lite` engines (saliency only)
+ * give no regions.
+ */
+typedef struct saa_region {
+    float x0, y0, x1, y1;   /* box in input image pixels (not map pixels) */
+    float score;            /* final score: detector score * exp(gain * mean saliency in the mask) */
+    int32_t mask_area;      /* pixels in the region's SAM mask, at the input image size */
+    int32_t prompt_index;   /* index of the defect prompt that found it (general prompts first) */
+    int32_t in_top_k;       /* 1: fused into the anomaly map; 0: passed the filters, not in the top K */
+    char phrase[SAA_PHRASE_CAPACITY]; /* detector phrase, UTF-8, NUL-terminated, cut to fit */
+} saa_region;
+
+typedef struct saa_pipeline saa_pipeline; /* opaque handle */
+
+/* "saa-edge <version>, C ABI <n>, Python <x.y> at <interpreter>": static, never NULL. */
+SAA_API const char *saa_version(void);
+
+/* SAA_ABI_VERSION of the library itself: compare with the header's at start-up. */
+SAA_API int saa_abi_version(void);
+
+/*
+ * Open a pipeline: load the engines in engine_dir and the prompt config.
+ *   engine_dir  folder written by `python -m export` (UTF-8 / file-system bytes).
+ *   config      "DATASET/CATEGORY" for a shipped prompt set (e.g. "mvtec/bottle",
+ *               "mtd/mtd"), or the path of the user's prompt file (an existing file,
+ *               or a name ending in .json, .yaml or .yml), as the CLI's --dataset
+ *               --category / --config.
+ *   device      "cpu" or "cuda"; NULL means "cpu".
+ *   handle      receives the handle, or NULL on failure.
+ * Slow (seconds: engines load, Python may start); do it once per line, not per frame.
+ */
+SAA_API int saa_open(const char *engine_dir, const char *config, const char *device, saa_pipeline **handle);
+
+/*
+ * Segment one frame.
+ *   pixels        first byte of the top row; BGR (3), BGRA (4, alpha ignored) or gray (1)
+ *                 uint8, as OpenCV and camera SDKs hand them. Read only, not kept.
+ *   height,width  frame size in pixels, each >= 1 (the pipeline needs at least 2x2).
+ *   stride_bytes  bytes from one row to the next, >= width * channels (row padding is fine).
+ *   channels      1, 3 or 4.
+ *   map_out       receives the anomaly map, float32, row-major, map_height * map_width values.
+ *   map_height, map_width  the size the caller wants the map at (bilinear resize of the map
+ *                 at the image size); 0, 0 means the image size (then map_out must hold
+ *                 height * width floats).
+ *   regions_out   receives up to max_regions regions (may be NULL when max_regions is 0).
+ *   max_regions   capacity of regions_out, >= 0. Lower-ranked regions beyond it are dropped.
+ *   n_regions     receives the number of regions written (never NULL).
+ * On failure map_out and regions_out may be partly written and *n_regions is 0.
+ */
+SAA_API int saa_infer(saa_pipeline *handle, const uint8_t *pixels, int height, int width, int stride_bytes,
+                      int channels, float *map_out, int map_height, int map_width, saa_region *regions_out,
+                      int max_regions, int *n_regions);
+
+/*
+ * The message of the last failed call: with a handle, the last failure on that handle;
+ * with NULL, the last failure on the calling thread (use this after saa_open fails).
+ * "" when there was none. The string is a copy owned by the calling thread, valid until
+ * its next saa_last_error call.
+ */
+SAA_API const char *saa_last_error(const saa_pipeline *handle);
+
+/*
+ * Release the handle's engines. Waits for a saa_infer running on it. Later calls with
+ * the handle return SAA_E_CLOSED (a closed handle keeps a few hundred bytes so that it
+ * can say so; it is never reused for another pipeline).
+ */
+SAA_API int saa_close(saa_pipeline *handle);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SAA_H */

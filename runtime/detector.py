@@ -1,0 +1,219 @@
+"""GroundingDINO on onnxruntime: encode the image once, encode a config's captions once, detect.
+
+    detector = Detector(manifest, make_session)
+    text = detector.encode_text(["bottle,", "defect on bottle", "crack. hole."])  # cache per config
+    image = detector.encode_image(rgb)                                             # once per image
+    for det in detector.detect(image, text):                                      # one per caption
+        det.logits  # [900, L_i] sigmoid token scores over the caption's real tokens
+        det.boxes   # [900, 4] cx, cy, w, h normalised to the real image
+
+The three graphs and why they are split are described in export/gdino.py. Preprocessing
+follows the reference: shorter side to short_side (800) with the longer at most max_side
+(1333), PIL-compatible bilinear resize, ImageNet mean/std on RGB in 0..1. The result is placed
+top-left in the engine's fixed H x W canvas with a pixel mask marking it; GroundingDINO
+(through its valid ratios) predicts boxes relative to the masked region, i.e. normalised to
+the real image, as the reference's boxes are. When the resized image is smaller than the
+engine, the zero padding is what the authors' batched inference feeds too, but Swin's windows
+see it, so results are close to, not equal to, the unpadded reference; when it would not fit,
+it is scaled down further to fit and then differs from the reference more (ImageFeatures.exact
+is False). Export engines whose H x W equals the resized size of your images for exact parity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import EngineError, ImageError, ManifestError
+from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
+from .resize import resize_like_pil, shorter_side_shape
+from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
+
+PREPROCESS_KEY = "gdino"
+PREPROCESS_FIELDS = ("height", "width", "short_side", "max_side", "mean", "std", "max_text_len", "num_queries")
+IMAGE_OUTPUTS = ("vision_features", "vision_mask", "vision_pos", "valid_ratios")
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """A config's captions through the text graph; reusable with any image."""
+
+    encoded: EncodedText
+    features: np.ndarray  # [P, L, d_model] float32
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return self.encoded.captions
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """One image through the image graph."""
+
+    tensors: dict[str, np.ndarray]  # the image graph's outputs by name, batch 1
+    image_hw: tuple[int, int]  # the input image
+    content_hw: tuple[int, int]  # the resized image inside the engine canvas (top-left)
+    exact: bool  # content_hw is the reference's resized size (no extra scale-down to fit)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """GroundingDINO's raw answer for one caption (all queries; thresholds are applied later)."""
+
+    caption: str  # normalised as the reference tokenizes it
+    logits: np.ndarray  # [Q, L_i] float32 sigmoid scores, L_i = the caption's tokens incl. [CLS]/[SEP]
+    boxes: np.ndarray  # [Q, 4] float32 cx, cy, w, h in 0..1 of the real image
+    token_ids: np.ndarray  # [L_i] int64
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow warnings (-inf -> 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def gdino_preprocess(manifest: Manifest) -> dict[str, Any]:
+    """manifest preprocess["gdino"], checked for the fields the detector reads."""
+    record = manifest.preprocess.get(PREPROCESS_KEY)
+    if not isinstance(record, dict):
+        raise ManifestError(f"{manifest.engine_dir}: manifest preprocess has no {PREPROCESS_KEY!r} entry")
+    missing = [k for k in PREPROCESS_FIELDS if k not in record]
+    if missing:
+        raise ManifestError(f"{manifest.engine_dir}: manifest preprocess[{PREPROCESS_KEY!r}] lacks {missing}")
+    return record
+
+
+class Detector:
+    """GroundingDINO's three graphs behind encode_text / encode_image / detect."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        make_session: Callable[[Path], Any],
+        max_prompts_per_run: int | None = None,
+    ):
+        """make_session(path) -> onnxruntime.InferenceSession (the caller picks providers/threads).
+
+        max_prompts_per_run bounds how many captions share one head run (memory grows with
+        prompts x image positions); None runs all captions of a detect() call together.
+        """
+        config = gdino_preprocess(manifest)
+        self.height, self.width = int(config["height"]), int(config["width"])
+        self.short_side, self.max_side = int(config["short_side"]), int(config["max_side"])
+        self.mean = np.asarray(config["mean"], dtype=np.float32)
+        self.std = np.asarray(config["std"], dtype=np.float32)
+        self.num_queries = int(config["num_queries"])
+        self.tokenizer = GdinoTokenizer(manifest.file_path(TOKENIZER_KEY), max_text_len=int(config["max_text_len"]))
+        if max_prompts_per_run is not None and max_prompts_per_run < 1:
+            raise ValueError(f"max_prompts_per_run must be >= 1, got {max_prompts_per_run}")
+        self.max_prompts_per_run = max_prompts_per_run
+        self._text = self._open(make_session, manifest, GDINO_TEXT)
+        self._image = self._open(make_session, manifest, GDINO_IMAGE)
+        self._head = self._open(make_session, manifest, GDINO_HEAD)
+        engine_hw = tuple(self._image.get_inputs()[0].shape[2:])
+        if engine_hw != (self.height, self.width):
+            raise ManifestError(
+                f"{manifest.model_path(GDINO_IMAGE)} takes {engine_hw[0]}x{engine_hw[1]} images but the manifest says "
+                f"{self.height}x{self.width}: the engines dir is inconsistent (re-export it)"
+            )
+
+    @staticmethod
+    def _open(make_session: Callable[[Path], Any], manifest: Manifest, key: str) -> Any:
+        path = manifest.model_path(key)
+        try:
+            return make_session(path)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    @staticmethod
+    def _run(session: Any, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return session.run(None, feeds)
+        except Exception as err:
+            raise EngineError(f"{name} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def encode_text(self, captions: Sequence[str]) -> TextFeatures:
+        """Captions (normalised as the reference does) through the text graph, all at once."""
+        encoded = encode_captions(self.tokenizer, captions)
+        (features,) = self._run(self._text, GDINO_TEXT, {
+            "input_ids": encoded.input_ids,
+            "position_ids": encoded.position_ids,
+            "text_self_attention_masks": encoded.text_self_attention_masks,
+        })
+        return TextFeatures(encoded=encoded, features=features)
+
+    # -- image --------------------------------------------------------------------------------
+
+    def content_shape(self, height: int, width: int) -> tuple[tuple[int, int], bool]:
+        """(resized size inside the canvas, whether it is the reference's size)."""
+        resized = shorter_side_shape(height, width, self.short_side, self.max_side)
+        if resized[0] <= self.height and resized[1] <= self.width:
+            return resized, True
+        scale = min(self.height / height, self.width / width)
+        fitted = (max(1, min(self.height, int(height * scale + 0.5))), max(1, min(self.width, int(width * scale + 0.5))))
+        return fitted, False
+
+    def preprocess(self, image_rgb: np.ndarray) -> tuple[dict[str, np.ndarray], tuple[int, int], bool]:
+        """(image graph feeds, content size, exact) for a uint8 HxWx3 RGB image."""
+        if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+            described = f"{image_rgb.dtype} array of shape {image_rgb.shape}" if isinstance(image_rgb, np.ndarray) else type(image_rgb).__name__
+            raise ImageError(f"GroundingDINO needs a uint8 HxWx3 RGB image, got a {described}")
+        height, width = image_rgb.shape[:2]
+        if height < 1 or width < 1:
+            raise ImageError(f"image of size {height}x{width} is empty")
+        (content_h, content_w), exact = self.content_shape(height, width)
+        resized = resize_like_pil(image_rgb, (content_h, content_w))
+        # ToTensor then Normalize, in float32 as torchvision does
+        normalised = (resized.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
+        pixels = np.zeros((1, 3, self.height, self.width), dtype=np.float32)
+        pixels[0, :, :content_h, :content_w] = normalised.transpose(2, 0, 1)
+        mask = np.zeros((1, self.height, self.width), dtype=np.int64)
+        mask[0, :content_h, :content_w] = 1
+        return {"pixel_values": pixels, "pixel_mask": mask}, (content_h, content_w), exact
+
+    def encode_image(self, image_rgb: np.ndarray) -> ImageFeatures:
+        """One image through the image graph (resize, normalise, place in the engine canvas)."""
+        feeds, content_hw, exact = self.preprocess(image_rgb)
+        outputs = self._run(self._image, GDINO_IMAGE, feeds)
+        names = [o.name for o in self._image.get_outputs()]
+        return ImageFeatures(
+            tensors=dict(zip(names, outputs)), image_hw=tuple(image_rgb.shape[:2]), content_hw=content_hw, exact=exact
+        )
+
+    # -- detection ----------------------------------------------------------------------------
+
+    def detect(self, image: ImageFeatures, text: TextFeatures) -> list[Detections]:
+        """Every caption of `text` against `image`: one Detections per caption, in order."""
+        encoded = text.encoded
+        count = len(encoded.captions)
+        step = self.max_prompts_per_run or count
+        results: list[Detections] = []
+        for start in range(0, count, step):
+            rows = slice(start, min(count, start + step))
+            length = int(encoded.lengths[rows].max())  # a chunk needs only its own longest caption
+            feeds = {name: image.tensors[name] for name in IMAGE_OUTPUTS}
+            feeds.update({
+                "text_features": text.features[rows, :length],
+                "text_token_mask": encoded.attention_mask[rows, :length],
+                "text_position_ids": encoded.position_ids[rows, :length],
+                "text_self_attention_masks": encoded.text_self_attention_masks[rows, :length, :length],
+            })
+            logits, boxes = self._run(self._head, GDINO_HEAD, feeds)
+            for offset, index in enumerate(range(rows.start, rows.stop)):
+                n = int(encoded.lengths[index])
+                results.append(Detections(
+                    caption=encoded.captions[index],
+                    logits=sigmoid(logits[offset, :, :n]),
+                    boxes=boxes[offset].astype(np.float32, copy=False),
+                    token_ids=encoded.token_ids(index).copy(),
+                ))
+        return results
+
+    def phrase(self, detections: Detections, query: int, text_threshold: float) -> str:
+        """The reference's phrase for one query: its tokens scoring above text_threshold, decoded."""
+        return self.tokenizer.phrase(detections.token_ids, detections.logits[query], text_threshold)

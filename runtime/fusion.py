@@ -1,0 +1,64 @@
+"""Rescoring by saliency (P^S) and the confidence prompt P^C: top-K regions fused into one map."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+def mean_inside_masks(saliency: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean saliency inside each mask [N,H,W] and each mask's pixel count (0 -> mean 0)."""
+    if len(masks) == 0:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
+    flat = masks.reshape(len(masks), -1)
+    areas = flat.sum(axis=1).astype(np.int64)
+    sums = flat.astype(np.float32) @ saliency.reshape(-1).astype(np.float32)
+    means = np.where(areas > 0, sums / np.maximum(areas, 1), 0.0)
+    return means.astype(np.float64), areas
+
+
+def rescore(detector_scores: np.ndarray, saliency_means: np.ndarray, areas: np.ndarray, gain: float) -> np.ndarray:
+    """score * exp(gain * mean saliency in the mask); an empty mask keeps its score (x1), as the reference."""
+    factor = np.where(areas > 0, np.exp(gain * saliency_means), 1.0)
+    return np.asarray(detector_scores, np.float64) * factor
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores in the reference's order (numpy argsort, ascending, last k)."""
+    return np.argsort(scores)[-k:] if len(scores) else np.zeros(0, np.int64)
+
+
+@numba.njit(cache=True)
+def _fuse_numba(masks: np.ndarray, scores: np.ndarray, plus_one: bool) -> np.ndarray:
+    count, height, width = masks.shape
+    out = np.zeros((height, width), dtype=np.float64)
+    base = 1.0 if plus_one else 0.0
+    for y in range(height):
+        for x in range(width):
+            total = 0.0
+            weight = base
+            for i in range(count):
+                if masks[i, y, x]:
+                    total += scores[i]
+                    weight += 1.0
+            if weight > 0:
+                out[y, x] = total / weight
+    return out
+
+
+def fuse_masks_numpy(masks: np.ndarray, scores: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    """Definition (the kernel's twin): sum(mask * score) / (1 + sum(mask)), or / sum(mask) where > 0."""
+    height, width = masks.shape[1:]
+    anomaly = np.zeros((height, width), np.float64)
+    weight = np.ones((height, width), np.float64) if plus_one else np.zeros((height, width), np.float64)
+    for mask, score in zip(masks, scores):
+        anomaly += mask * score
+        weight += mask * 1.0
+    positive = weight > 0
+    anomaly[positive] /= weight[positive]
+    return anomaly
+
+
+def fuse_masks(masks: np.ndarray, scores: np.ndarray, plus_one: bool = True) -> np.ndarray:
+    """Weighted mean of the kept masks' scores per pixel (float64 [H,W])."""
+    return _fuse_numba(np.ascontiguousarray(masks, dtype=np.bool_), np.ascontiguousarray(scores, dtype=np.float64),
+                       bool(plus_one))

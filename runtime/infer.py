@@ -1,0 +1,129 @@
+"""`python -m runtime.infer`: anomaly maps, overlays and region JSON for images or folders.
+
+    python -m runtime.infer --engine-dir engines/ --dataset mtd --category mtd IMAGE_OR_DIR... --out out/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from .errors import SaaError
+from .image_io import list_images, read_image
+from .pipeline import AnomalyResult, Pipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.infer", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
+    parser.add_argument("--dataset", help="shipped prompt set: mvtec, visa or mtd")
+    parser.add_argument("--category", help="category within --dataset, e.g. bottle")
+    parser.add_argument("--config", help="your own prompt file (YAML or JSON)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per engine (0: onnxruntime's default)")
+    parser.add_argument("--out-size", type=int, default=None, help="square output size (default: the image's size)")
+    parser.add_argument("--saliency-mode", choices=["farthest", "nearest"], help="farthest: reference code; nearest: paper")
+    parser.add_argument("--saliency-n", type=int, help="neighbours averaged per position (reference: 400)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    options = {}
+    if args.saliency_mode:
+        options["saliency_mode"] = args.saliency_mode
+    if args.saliency_n is not None:
+        options["saliency_n"] = args.saliency_n
+    return options
+
+
+def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem: str) -> None:
+    """<stem>_map.npy (exact), <stem>_map.png (16-bit, scaled by the JSON's png_max), overlay, regions JSON."""
+    values = result.anomaly_map.astype(np.float32)
+    np.save(out_dir / f"{stem}_map.npy", values)
+    png_max = float(values.max()) if values.size and values.max() > 0 else 1.0
+    cv2.imwrite(str(out_dir / f"{stem}_map.png"), np.round(np.clip(values / png_max, 0, 1) * 65535).astype(np.uint16))
+    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(image, values, result))
+    payload = {"image": stem, "map_shape": list(values.shape), "map_max": float(values.max()), "png_max": png_max,
+               **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()}}
+    (out_dir / f"{stem}_regions.json").write_text(json.dumps(payload, indent=1))
+
+
+def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.ndarray:
+    """Heat map over the image, with the fused regions' boxes and scores, for a person to look at."""
+    if values.shape != image.shape[:2]:
+        values = cv2.resize(values, (image.shape[1], image.shape[0]))
+    top = max(float(values.max()), 1e-6)
+    heat = cv2.applyColorMap(np.uint8(np.clip(values / top, 0, 1) * 255), cv2.COLORMAP_JET)
+    picture = cv2.addWeighted(image, 0.55, heat, 0.45, 0)
+    for region in result.regions:
+        if not region.in_top_k:
+            continue
+        x0, y0, x1, y1 = (int(round(v)) for v in region.box)
+        cv2.rectangle(picture, (x0, y0), (x1, y1), (255, 255, 255), 1)
+        cv2.putText(picture, f"{region.phrase[:20]} {region.score:.2f}", (max(x0, 0), max(y0 - 3, 10)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    label = "saliency only (lite)" if result.saliency_only else f"max {values.max():.3f}"
+    cv2.putText(picture, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return picture
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        pipeline = Pipeline.open(args.engine_dir, dataset=args.dataset, category=args.category, config=args.config,
+                                 device=args.device, threads=args.threads, options=options_from_args(args))
+    except SaaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create output folder {out_dir}: {err.strerror}", file=sys.stderr)
+        return 2
+    paths = list_images(args.inputs)
+    if not paths:
+        print("error: no images found in the inputs", file=sys.stderr)
+        return 2
+    if pipeline.saliency_only:
+        print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
+    failures = []
+    progress = _progress(paths, disable=args.no_progress)
+    stems = unique_stems(paths)
+    for path in progress:
+        try:
+            image = read_image(path)
+            result = pipeline(image, out_size=args.out_size)
+            write_outputs(result, image, out_dir, stems[path])
+        except SaaError as err:
+            failures.append((path, str(err)))
+            progress.write(f"failed: {err}")
+    pipeline.close()
+    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def unique_stems(paths: list[Path]) -> dict[Path, str]:
+    """Each file's stem, prefixed by its folder when two inputs share a stem."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    return {path: path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.stem}" for path in paths}
+
+
+def _progress(paths: list[Path], disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(paths, unit="img", disable=disable, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

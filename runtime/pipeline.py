@@ -1,0 +1,192 @@
+"""The SAA+ pipeline object: built once (sessions, cached text features), called per image.
+
+image -> detector boxes (P^L) -> property filter (P^P) -> SAM masks -> saliency (P^S)
+-> rescore -> top-K fusion (P^C) -> anomaly map. The CLI, the Python API and the C ABI
+all call this one object. With `lite` engines only the saliency map is computed.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from . import manifest as mf
+from .config import PromptConfig, resolve_config
+from .errors import ImageError, SaaError
+from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
+from .image_io import to_bgr8
+from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
+from .sessions import session_factory
+
+
+@dataclass
+class AnomalyResult:
+    anomaly_map: np.ndarray  # float32 [H,W] (image size unless out_size was given)
+    saliency_map: np.ndarray  # float32, same size
+    regions: list[Region]  # defect regions that passed P^P, with final scores; in_top_k marks the fused ones
+    object_regions: list[Region]
+    saliency_only: bool
+    notes: list[str] = field(default_factory=list)  # e.g. "no object box: whole image used as the object"
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def regions_json(self) -> dict[str, Any]:
+        return {
+            "saliency_only": self.saliency_only,
+            "notes": self.notes,
+            "object_regions": [r.to_json() for r in self.object_regions],
+            "regions": [r.to_json() for r in self.regions],
+        }
+
+
+class Pipeline:
+    """SAA+ over one engines dir and one prompt config."""
+
+    def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0) -> None:
+        self.manifest = manifest
+        self.config = config
+        self.device = device
+        make_session = session_factory(device, threads)
+        from .saliency import SaliencyExtractor  # imported here: numba compiles on first import
+
+        self.saliency = SaliencyExtractor(manifest, make_session)
+        self.saliency_only = manifest.profile == "lite"
+        self.detector = self.segmenter = None
+        self.captions: list[str] = []
+        if not self.saliency_only:
+            from .detector import Detector
+            from .segmenter import Segmenter
+
+            self.detector = Detector(manifest, make_session)
+            self.segmenter = Segmenter(manifest, make_session)
+            self.defect_prompts = config.all_defect_prompts()
+            self.captions = [config.object_caption] + [p.text for p in self.defect_prompts]
+            # Text side once per config: every image reuses these features.
+            self.text_features = self.detector.encode_text(self.captions)
+
+    @classmethod
+    def open(cls, engine_dir: str | Path, dataset: str | None = None, category: str | None = None,
+             config: str | Path | None = None, device: str = "cpu", threads: int = 0,
+             options: dict[str, Any] | None = None, verify_hashes: bool = True) -> "Pipeline":
+        manifest = mf.load_manifest(engine_dir, verify_hashes=verify_hashes)
+        prompt_config = resolve_config(dataset, category, config, options)
+        return cls(manifest, prompt_config, device=device, threads=threads)
+
+    def close(self) -> None:
+        self.detector = self.segmenter = self.saliency = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, image: np.ndarray, out_size: int | tuple[int, int] | None = None) -> AnomalyResult:
+        if self.saliency is None:
+            raise SaaError("pipeline is closed")
+        image = to_bgr8(image)
+        timings: dict[str, float] = {}
+        if self.saliency_only:
+            with _timed(timings, "saliency"):
+                saliency = self._single_saliency(image)
+            result = AnomalyResult(saliency.copy(), saliency, [], [], True,
+                                   ["lite engines: saliency-only anomaly map (no GroundingDINO/SAM)"], timings)
+        else:
+            result = self._full(image, timings)
+        if out_size is not None:
+            result.anomaly_map = _resize_map(result.anomaly_map, out_size)
+            result.saliency_map = _resize_map(result.saliency_map, out_size)
+        result.timings_ms = timings
+        return result
+
+    def _single_saliency(self, image: np.ndarray) -> np.ndarray:
+        options = self.config.options
+        return self.saliency.single_object_saliency(image, n=options.saliency_n, mode=options.saliency_mode)
+
+    def _full(self, image: np.ndarray, timings: dict[str, float]) -> AnomalyResult:
+        options = self.config.options
+        height, width = image.shape[:2]
+        notes: list[str] = []
+        with _timed(timings, "detector"):
+            # The reference gives GroundingDINO RGB, and SAM / the CNN the BGR array as if RGB.
+            image_features = self.detector.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
+            detections = self.detector.detect(image_features, self.text_features)
+
+        with _timed(timings, "regions"):
+            objects = self._regions(detections[0], None, OBJECT_PROMPT_INDEX, self.config.object_prompt,
+                                    (height, width), 0.0, self.config.object_max_area)
+            if objects:
+                object_area = float(max(r.box_area for r in objects))
+            else:
+                object_area = 1.0
+                notes.append("no object box passed the filter: the whole image is taken as the object (object area 1)")
+            max_area = float(np.float32(object_area) * np.float32(self.config.defect_area_ratio))
+            defects: list[Region] = []
+            for index, (prompt, detection) in enumerate(zip(self.defect_prompts, detections[1:])):
+                defects += self._regions(detection, prompt.exclude, index, prompt.text, (height, width), 0.0, max_area)
+            if options.object_iou_threshold is not None and objects and defects:
+                iou = box_iou(np.array([r.box for r in defects]), np.array([r.box for r in objects])).max(axis=1)
+                defects = [r for r, v in zip(defects, iou) if v >= options.object_iou_threshold]
+
+        multi = self.config.object_count > 1
+        with _timed(timings, "sam"):
+            needs_sam = bool(defects) or (multi and len(objects) > 1)
+            if needs_sam:
+                self.segmenter.set_image(image)
+            defect_masks = self._masks(defects, (height, width))
+            object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
+
+        with _timed(timings, "saliency"):
+            if multi and object_masks is not None:
+                saliency = self.saliency.multi_object_saliency(image, object_masks)
+            else:
+                if multi:
+                    notes.append("fewer than two object masks: single-object saliency used")
+                saliency = self._single_saliency(image)
+
+        with _timed(timings, "fusion"):
+            anomaly = self._fuse(defects, defect_masks, saliency)
+        return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings)
+
+    def _regions(self, detection, exclude, index, prompt, image_hw, min_area, max_area) -> list[Region]:
+        options = self.config.options
+        return select_regions(detection.logits, detection.boxes, detection.phrase_of, exclude, index, prompt, image_hw,
+                              options.box_threshold, options.text_threshold, min_area, max_area,
+                              options.max_boxes_per_prompt)
+
+    def _masks(self, regions: list[Region], image_hw: tuple[int, int]) -> np.ndarray:
+        if not regions:
+            return np.zeros((0, *image_hw), dtype=bool)
+        boxes = np.array([r.box for r in regions], dtype=np.float32)
+        return self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk)
+
+    def _fuse(self, regions: list[Region], masks: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+        options = self.config.options
+        if not regions:
+            return np.zeros(saliency.shape, np.float32)
+        means, areas = mean_inside_masks(saliency, masks)
+        scores = rescore(np.array([r.detector_score for r in regions]), means, areas, options.rescore_gain)
+        for region, mean, area, score in zip(regions, means, areas, scores):
+            region.saliency, region.mask_area, region.score = float(mean), int(area), float(score)
+        keep = top_k_indices(scores, self.config.top_k)
+        for index in keep:
+            regions[index].in_top_k = True
+        return fuse_masks(masks[keep], scores[keep], options.fusion_plus_one).astype(np.float32)
+
+
+def _resize_map(values: np.ndarray, out_size: int | tuple[int, int]) -> np.ndarray:
+    height, width = (out_size, out_size) if isinstance(out_size, int) else out_size
+    if height < 1 or width < 1:
+        raise ImageError(f"output size {out_size} is not positive")
+    return cv2.resize(values.astype(np.float32), (int(width), int(height)))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0

@@ -1,0 +1,347 @@
+"""kNN distance kernels behind the saliency prompt P^S (no torch).
+
+Features arrive as [C, P] float32 (C channels, P grid positions), each column
+L2-normalised, so cosine similarity is a matrix product and the reference's
+distance is d = 0.5 * (1 - cos) in float32.
+
+Two forms, each with a plain-numpy twin that is the definition of correct:
+
+- `knn_distance_mean`: per position, the mean of its n largest distances
+  ("farthest": the reference code, which fully sorts each row descending) or
+  its n smallest ("nearest": the paper's nearest-neighbour equation). The
+  similarity is computed in row blocks with BLAS and each block is reduced at
+  once by a numba partial selection, so memory stays at one block.
+- `multi_instance_distance`: per object mask, each position inside it gets
+  0.5 * (1 - max cosine to the positions of the other objects), the map is the
+  max over objects. Computed tile by tile, never the whole |mask| x |others|
+  matrix the reference materialises.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+MODES = ("farthest", "nearest")
+DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once
+MAX_CELLS = 64  # beyond this many distinct mask overlaps, pairs of cells cost more than they save
+_SAMPLE = 128  # values sampled per row to guess a selection threshold
+_MIN_ROW_FOR_SAMPLING = 1024  # shorter rows go straight to quickselect
+
+
+def default_exclude_self(mode: str) -> bool:
+    """The reference's "farthest" rows include the position itself (d ~ 0, never among the
+    largest unless n ~ P); the paper's nearest neighbours must skip it, or every mean holds a 0."""
+    return mode == "nearest"
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    if not isinstance(features, np.ndarray) or features.ndim != 2:
+        raise ValueError(f"features must be a [C, P] array, got {getattr(features, 'shape', type(features))}")
+    if features.shape[0] < 1 or features.shape[1] < 1:
+        raise ValueError(f"features [C, P] = {features.shape} is empty")
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not np.isfinite(features).all():
+        raise ValueError("features hold NaN or inf: the saliency CNN output is broken")
+    return features
+
+
+def _check_mode(mode: str, n: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"saliency mode must be one of {MODES}, got {mode!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (neighbours averaged) must be an integer >= 1, got {n!r}")
+
+
+def _effective_n(n: int, positions: int, exclude_self: bool) -> int:
+    """As the reference's `sorted[:, :n]`: n larger than a row averages the whole row."""
+    return min(int(n), positions - 1 if exclude_self else positions)
+
+
+# ---------------------------------------------------------------- numba kernels
+
+
+@numba.njit(cache=True)
+def _select_smallest(buf, count, k):
+    """Reorder buf[:count] so that buf[:k] holds its k smallest values.
+
+    Quickselect with branch-free Lomuto partitions (random data defeats branch
+    prediction, which dominated a Hoare version 3x over); a second pass splits
+    off the values equal to the pivot so constant rows stay linear.
+    """
+    lo = 0
+    hi = count
+    target = k - 1
+    while hi - lo > 16:
+        mid = (lo + hi - 1) >> 1
+        a = buf[lo]
+        b = buf[mid]
+        c = buf[hi - 1]
+        if a > b:
+            a, b = b, a
+        if b > c:
+            b = c
+            if a > b:
+                b = a
+        pivot = b  # median of three
+        store = lo
+        for i in range(lo, hi):  # [lo, store) < pivot
+            x = buf[i]
+            buf[i] = buf[store]
+            buf[store] = x
+            store += np.int64(x < pivot)
+        if target < store:
+            hi = store
+            continue
+        equal_end = store
+        for i in range(store, hi):  # [store, equal_end) == pivot
+            x = buf[i]
+            buf[i] = buf[equal_end]
+            buf[equal_end] = x
+            equal_end += np.int64(x <= pivot)
+        if target < equal_end:
+            return
+        lo = equal_end
+    for i in range(lo + 1, hi):  # insertion sort of the last few
+        x = buf[i]
+        j = i - 1
+        while j >= lo and buf[j] > x:
+            buf[j + 1] = buf[j]
+            j -= 1
+        buf[j + 1] = x
+
+
+@numba.njit(cache=True)
+def _row_sum_of_k_smallest_distances(row, k, sign, skip, buf, sample):
+    """Sum (float64) of the k distances 0.5 * (1 - s) whose keys sign * s are smallest.
+
+    sign = +1 picks the smallest similarities (largest distances, "farthest"),
+    sign = -1 the largest similarities ("nearest"). Index `skip` (>= 0) is left out.
+    A threshold guessed from a strided sample keeps only ~k + margin candidates
+    for the quickselect; when the guess keeps fewer than k, the whole row is used.
+    """
+    length = row.shape[0]
+    count = 0
+    if length >= _MIN_ROW_FOR_SAMPLING and k * 2 <= length:
+        stride = length // _SAMPLE
+        for t in range(_SAMPLE):
+            sample[t] = sign * row[t * stride]
+        q = k / length
+        rank = int(q * _SAMPLE + 3.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 2.0)
+        if rank < _SAMPLE:
+            _select_smallest(sample, _SAMPLE, rank + 1)
+            threshold = sample[0]
+            for t in range(1, rank + 1):
+                if sample[t] > threshold:
+                    threshold = sample[t]
+            # branch-free compaction of every key <= threshold
+            for t in range(length):
+                key = sign * row[t]
+                buf[count] = key
+                count += np.int64(key <= threshold) * np.int64(t != skip)
+            if count < k:
+                count = 0  # guess too tight: fall back to the full row
+    if count == 0:
+        for t in range(length):
+            if t != skip:
+                buf[count] = sign * row[t]
+                count += 1
+    _select_smallest(buf, count, k)
+    total = 0.0
+    for t in range(k):
+        s = sign * buf[t]  # exact: sign is +-1
+        total += np.float32(0.5) * (np.float32(1.0) - s)  # float32 as the reference computes it
+    return total
+
+
+@numba.njit(cache=True, parallel=True)
+def _block_mean_distance(sim, first_row, k, sign, exclude_self, chunks, out):
+    """out[r] = mean of the selected k distances of sim[r] (row r is position first_row + r)."""
+    rows, length = sim.shape
+    chunks = max(1, min(rows, chunks))
+    per_chunk = (rows + chunks - 1) // chunks
+    for c in numba.prange(chunks):
+        buf = np.empty(length, np.float32)
+        sample = np.empty(_SAMPLE, np.float32)
+        for r in range(c * per_chunk, min(rows, (c + 1) * per_chunk)):
+            skip = first_row + r if exclude_self else -1
+            out[r] = np.float32(_row_sum_of_k_smallest_distances(sim[r], k, sign, skip, buf, sample) / k)
+
+
+# ---------------------------------------------------------------- single object
+
+
+def knn_distance_mean(
+    features: np.ndarray,
+    n: int,
+    mode: str = "farthest",
+    exclude_self: bool | None = None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> np.ndarray:
+    """Per position, the mean of its n largest ("farthest") or n smallest ("nearest") distances.
+
+    features: [C, P] float32, columns L2-normalised. Returns [P] float32.
+    exclude_self: leave the position's own distance out (default: False for "farthest",
+    as the reference; True for "nearest"). n larger than the candidates averages all of
+    them, as the reference's slice does; with no candidate at all (P = 1 and the position
+    excluded) the mean is 0.
+    """
+    features = _check_features(features)
+    _check_mode(mode, n)
+    if exclude_self is None:
+        exclude_self = default_exclude_self(mode)
+    positions = features.shape[1]
+    out = np.zeros(positions, np.float32)
+    k = _effective_n(n, positions, exclude_self)
+    if k < 1:
+        return out
+    sign = np.float32(1.0 if mode == "farthest" else -1.0)
+    block_rows = int(max(1, min(positions, block_bytes // (4 * positions))))
+    block = np.empty((block_rows, positions), np.float32)
+    chunks = 4 * numba.get_num_threads()  # a few chunks per thread: rows differ in cost
+    for first in range(0, positions, block_rows):
+        rows = min(block_rows, positions - first)
+        sim = block[:rows]
+        np.matmul(features[:, first:first + rows].T, features, out=sim)  # BLAS, float32 as the reference
+        _block_mean_distance(sim, first, k, sign, bool(exclude_self), chunks, out[first:first + rows])
+    return out
+
+
+def knn_distance_mean_twin(
+    features: np.ndarray, n: int, mode: str = "farthest", exclude_self: bool | None = None
+) -> np.ndarray:
+    """Plain-numpy definition of `knn_distance_mean`: whole matrix, full sort (small P only)."""
+    features = _check_features(features)
+    _check_mode(mode, n)
+    if exclude_self is None:
+        exclude_self = default_exclude_self(mode)
+    positions = features.shape[1]
+    k = _effective_n(n, positions, exclude_self)
+    if k < 1:
+        return np.zeros(positions, np.float32)
+    distance = np.float32(0.5) * (np.float32(1.0) - features.T @ features)
+    if exclude_self:
+        distance = distance[~np.eye(positions, dtype=bool)].reshape(positions, positions - 1)
+    ordered = np.sort(distance, axis=1)
+    chosen = ordered[:, ::-1][:, :k] if mode == "farthest" else ordered[:, :k]
+    return chosen.astype(np.float64).mean(axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- several objects
+
+
+def _check_masks(masks: np.ndarray, positions: int) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.ndim < 2:
+        raise ValueError(f"object masks must be [M, P] or [M, h, w], got shape {masks.shape}")
+    masks = masks.reshape(masks.shape[0], int(np.prod(masks.shape[1:])))
+    if masks.shape[1] != positions:
+        raise ValueError(f"object masks cover {masks.shape[1]} positions, the feature grid has {positions}")
+    return masks > 0
+
+
+def multi_instance_distance(
+    features: np.ndarray, masks: np.ndarray, block_bytes: int = DEFAULT_BLOCK_BYTES, max_cells: int = MAX_CELLS
+) -> np.ndarray:
+    """The reference's multi-instance saliency on the feature grid.
+
+    features: [C, P] float32, columns L2-normalised; masks: [M, P] or [M, h, w], > 0 inside.
+    For each object i and position p inside it: 0.5 * (1 - max cosine between p and the
+    positions of the other objects), where positions that also lie inside object i count
+    as zero vectors (cosine 0), as the reference zeroes them before gathering. The result
+    [P] float32 is the max over objects, 0 outside every object.
+    Where the reference crashes, this returns: masks empty on the grid are dropped; with
+    fewer than two non-empty masks there is nothing to compare and the map is all 0.
+
+    Positions are grouped into cells with the same set of objects; each pair of cells is
+    multiplied once, tile by tile, and serves both sides (row max and column max), half
+    the products of the reference's per-object loop. With more than `max_cells` cells
+    (many jagged overlaps) the per-object loop is used instead.
+    """
+    features = _check_features(features)
+    masks = _check_masks(masks, features.shape[1])
+    masks = masks[masks.any(axis=1)]
+    out = np.zeros(features.shape[1], np.float32)
+    if len(masks) < 2:
+        return out
+    union = np.flatnonzero(masks.any(axis=0))
+    signatures, cell_of = np.unique(masks[:, union].T, axis=0, return_inverse=True)  # [cells, M]
+    cell_of = cell_of.reshape(-1)
+    # an object overlapped by another sees zero vectors there: its max similarity is at least 0
+    overlapped = signatures[signatures.sum(axis=1) >= 2].any(axis=0)
+    floor = np.where(overlapped, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+    tile = _tile_side(block_bytes)
+    if len(signatures) > max_cells:
+        out[union] = _per_object_scores(features, masks, floor, tile)[union]
+    else:
+        cells = [union[cell_of == c] for c in range(len(signatures))]
+        # best[c][:, t]: running max similarity of the cell's positions for its t-th object
+        best = [np.tile(floor[sig], (len(pos), 1)) for sig, pos in zip(signatures, cells)]
+        for a in range(len(cells)):
+            for b in range(a + 1, len(cells)):
+                rows_for = signatures[a] & ~signatures[b]  # objects of a that compare with b's positions
+                cols_for = signatures[b] & ~signatures[a]
+                rows_slot = rows_for[signatures[a]]  # as columns of best[a]
+                cols_slot = cols_for[signatures[b]]
+                for r0 in range(0, len(cells[a]), tile):
+                    left = np.ascontiguousarray(features[:, cells[a][r0:r0 + tile]].T)
+                    for c0 in range(0, len(cells[b]), tile):
+                        sim = left @ features[:, cells[b][c0:c0 + tile]]
+                        if rows_slot.any():
+                            part = best[a][r0:r0 + tile]
+                            part[:, rows_slot] = np.maximum(part[:, rows_slot], sim.max(axis=1)[:, None])
+                        if cols_slot.any():
+                            part = best[b][c0:c0 + tile]
+                            part[:, cols_slot] = np.maximum(part[:, cols_slot], sim.max(axis=0)[:, None])
+        for sig, pos, cell_best in zip(signatures, cells, best):
+            # max over the cell's objects of 0.5 * (1 - best) = 0.5 * (1 - min best)
+            out[pos] = np.float32(0.5) * (np.float32(1.0) - cell_best.min(axis=1))
+    inside_all = masks.all(axis=0)
+    # the reference's max over objects also sees 0 from every object a position is not in
+    np.maximum(out, 0.0, out=out, where=~inside_all)
+    return out
+
+
+def _tile_side(block_bytes: int) -> int:
+    return max(64, int(math.isqrt(max(1, block_bytes // 4))))  # square tiles of similarities
+
+
+def _per_object_scores(features: np.ndarray, masks: np.ndarray, floor: np.ndarray, tile: int) -> np.ndarray:
+    """The reference's loop: each object's positions against all other objects' positions.
+    Returns [P] scores maxed over the objects holding each position (-inf outside all)."""
+    union = masks.any(axis=0)
+    scores = np.full(features.shape[1], -np.inf, np.float32)
+    for i, inside in enumerate(masks):
+        rows = np.flatnonzero(inside)
+        cols = np.flatnonzero(union & ~inside)
+        for r0 in range(0, len(rows), tile):
+            row_idx = rows[r0:r0 + tile]
+            left = np.ascontiguousarray(features[:, row_idx].T)
+            best = np.full(len(row_idx), floor[i], np.float32)
+            for c0 in range(0, len(cols), tile):
+                np.maximum(best, (left @ features[:, cols[c0:c0 + tile]]).max(axis=1), out=best)
+            score = np.float32(0.5) * (np.float32(1.0) - best)
+            scores[row_idx] = np.maximum(scores[row_idx], score)
+    return scores
+
+
+def multi_instance_distance_twin(features: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Plain-numpy definition of `multi_instance_distance`, written as the reference does it
+    (zero the object's own positions, gather the others' features, one dense product)."""
+    features = _check_features(features)
+    masks = _check_masks(masks, features.shape[1])
+    masks = [m for m in masks if m.any()]
+    out = np.zeros(features.shape[1], np.float32)
+    if len(masks) < 2:
+        return out
+    maps = []
+    for i, inside in enumerate(masks):
+        zeroed = features.copy()
+        zeroed[:, inside] = 0.0
+        others = np.concatenate([zeroed[:, m] for j, m in enumerate(masks) if j != i], axis=1)
+        similarity = features[:, inside].T @ others
+        one = np.zeros(features.shape[1], np.float32)
+        one[inside] = np.float32(0.5) * (np.float32(1.0) - similarity.max(axis=1))
+        maps.append(one)
+    return np.max(np.stack(maps), axis=0)

@@ -1,0 +1,146 @@
+"""SAM as the reference runs it: encode the image once, then boxes -> masks.
+
+The image is given as the caller wants SAM to see it (the reference passes its
+BGR array as if it were RGB; that choice belongs to the pipeline, not here).
+Pre- and post-processing follow segment-anything's ResizeLongestSide,
+Sam.preprocess and Sam.postprocess_masks; the two graphs hold only the
+networks (see export/sam.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from .errors import EngineError, ImageError, ManifestError
+from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
+from .resize import longest_side_shape, resize_like_pil
+
+# Graph I/O names, shared with export/sam.py.
+ENCODER_INPUT = "image"
+ENCODER_OUTPUT = "image_embeddings"
+DECODER_INPUTS = ("image_embeddings", "boxes")
+DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+
+PREPROCESS_KEYS = ("image_size", "mask_size", "pixel_mean", "pixel_std", "mask_threshold")
+
+
+def upscale_mask_logits(
+    low_res: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int
+) -> np.ndarray:
+    """Sam.postprocess_masks for one [m, m] logit map: -> float32 [H, W] logits.
+
+    Bilinear to image_size, crop the padding, bilinear to the original size: both
+    steps as F.interpolate(mode="bilinear", align_corners=False), which for these
+    sizes is what cv2.INTER_LINEAR computes on float32 (half-pixel centres, edge clamp).
+    """
+    logits = np.ascontiguousarray(low_res, dtype=np.float32)
+    full = cv2.resize(logits, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    cropped = np.ascontiguousarray(full[: input_size[0], : input_size[1]])
+    height, width = original_size
+    if cropped.shape == (height, width):
+        return cropped
+    return cv2.resize(cropped, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+class Segmenter:
+    """set_image() once per image, predict_boxes() any number of times."""
+
+    def __init__(self, manifest: Manifest, make_session: Callable[[Path], Any]) -> None:
+        config = manifest.preprocess.get("sam")
+        if not isinstance(config, dict):
+            raise ManifestError(f"{manifest.engine_dir}: manifest preprocess lacks the 'sam' section")
+        missing = [key for key in PREPROCESS_KEYS if key not in config]
+        if missing:
+            raise ManifestError(f"{manifest.engine_dir}: manifest preprocess['sam'] lacks {missing}")
+        self.image_size = int(config["image_size"])
+        self.mask_size = int(config["mask_size"])
+        self.mask_threshold = float(config["mask_threshold"])
+        self.pixel_mean = np.asarray(config["pixel_mean"], dtype=np.float32)
+        self.pixel_std = np.asarray(config["pixel_std"], dtype=np.float32)
+        self.encoder = make_session(manifest.model_path(SAM_ENCODER))
+        self.decoder = make_session(manifest.model_path(SAM_DECODER))
+        self._embedding: np.ndarray | None = None
+        self._original_size: tuple[int, int] = (0, 0)
+        self._input_size: tuple[int, int] = (0, 0)
+
+    # --- image side -------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """uint8 HxWx3 -> ([1, 3, S, S] float32 normalised and padded, resized (h, w))."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ImageError(f"SAM needs a uint8 HxWx3 image, got {got}")
+        height, width = image.shape[:2]
+        if height == 0 or width == 0:
+            raise ImageError(f"SAM got an empty image of shape {image.shape}")
+        new_h, new_w = longest_side_shape(height, width, self.image_size)
+        if new_h == 0 or new_w == 0:
+            raise ImageError(f"image of {height}x{width} is too thin for SAM: it resizes to {new_h}x{new_w}")
+        resized = resize_like_pil(image, (new_h, new_w))
+        # Normalise, then pad with zeros (Sam.preprocess pads after normalising).
+        padded = np.zeros((3, self.image_size, self.image_size), dtype=np.float32)
+        padded[:, :new_h, :new_w] = ((resized.astype(np.float32) - self.pixel_mean) / self.pixel_std).transpose(2, 0, 1)
+        return padded[None], (new_h, new_w)
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Run the image encoder once; later predict_boxes() calls reuse the embedding."""
+        self._embedding = None
+        tensor, input_size = self.preprocess(image)
+        try:
+            (embedding,) = self.encoder.run([ENCODER_OUTPUT], {ENCODER_INPUT: tensor})
+        except Exception as err:
+            raise EngineError(f"{SAM_ENCODER} failed: {err}") from None
+        self._embedding = embedding
+        self._original_size = (int(image.shape[0]), int(image.shape[1]))
+        self._input_size = input_size
+
+    # --- prompt side ------------------------------------------------------
+    def transform_boxes(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """ResizeLongestSide.apply_boxes: original pixels -> the resized (pre-padding) frame, float32."""
+        (old_h, old_w), (new_h, new_w) = self._original_size, self._input_size
+        # float32 times the scale as float32, as apply_boxes_torch does on the reference's float tensors.
+        scale = np.array([new_w / old_w, new_h / old_h] * 2, dtype=np.float32)
+        return boxes_xyxy.astype(np.float32) * scale
+
+    def decode(self, boxes_input_frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder call: [n, 4] boxes in the 1024 frame -> ([n, 1, m, m] logits, [n, 1] iou)."""
+        if self._embedding is None:
+            raise EngineError("Segmenter: call set_image() before predicting masks")
+        feeds = {DECODER_INPUTS[0]: self._embedding, DECODER_INPUTS[1]: np.ascontiguousarray(boxes_input_frame, dtype=np.float32)}
+        try:
+            low_res, iou = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+        except Exception as err:
+            raise EngineError(f"{SAM_DECODER} failed on {len(boxes_input_frame)} boxes: {err}") from None
+        expected = (len(boxes_input_frame), 1, self.mask_size, self.mask_size)
+        if low_res.shape != expected:
+            raise EngineError(f"{SAM_DECODER} returned masks of shape {low_res.shape}, expected {expected}")
+        return low_res, iou
+
+    def predict_boxes(self, boxes_xyxy: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """[N, 4] xyxy boxes in original pixels -> bool masks [N, H, W] (multimask_output=False).
+
+        The decoder runs on at most `chunk` boxes at a time and each mask is upscaled
+        on its own, so memory beyond the returned masks stays bounded.
+        """
+        if self._embedding is None:
+            raise EngineError("Segmenter: call set_image() before predict_boxes()")
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise EngineError(f"Segmenter: chunk must be a positive integer, got {chunk!r}")
+        boxes = np.asarray(boxes_xyxy)
+        height, width = self._original_size
+        if boxes.size == 0 and boxes.ndim in (1, 2):
+            return np.zeros((0, height, width), dtype=bool)
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.number):
+            raise EngineError(f"Segmenter: boxes must be a numeric [N, 4] xyxy array, got {boxes.dtype} {boxes.shape}")
+        if not np.all(np.isfinite(boxes)):
+            raise EngineError("Segmenter: boxes contain NaN or infinity")
+        scaled = self.transform_boxes(boxes)
+        masks = np.empty((len(boxes), height, width), dtype=bool)
+        for start in range(0, len(boxes), int(chunk)):
+            low_res, _ = self.decode(scaled[start : start + int(chunk)])
+            for offset, logits in enumerate(low_res[:, 0]):
+                upscaled = upscale_mask_logits(logits, self._input_size, self._original_size, self.image_size)
+                masks[start + offset] = upscaled > self.mask_threshold
+        return masks

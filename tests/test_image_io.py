@@ -1,0 +1,55 @@
+import cv2
+import numpy as np
+import pytest
+
+from runtime.errors import ImageError
+from runtime.image_io import list_images, read_image, to_bgr8
+
+
+def test_layouts_become_bgr8(tmp_path):
+    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    cv2.imwrite(str(tmp_path / "g16.png"), gray16)
+    out = read_image(tmp_path / "g16.png")
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], (gray16 >> 8).astype(np.uint8))
+    bgra = np.zeros((5, 6, 4), np.uint8)
+    bgra[..., 2] = 200
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    assert read_image(tmp_path / "a.png")[0, 0].tolist() == [0, 0, 200]
+    assert to_bgr8(np.ones((4, 4), np.float32)).max() == 255
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty file"), (b"not an image at all", "not a readable image")])
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=message):
+        read_image(path)
+
+
+def test_truncated_png(tmp_path):
+    ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data.tobytes()[:200])
+    with pytest.raises(ImageError, match="cut.png"):
+        read_image(path)
+
+
+def test_tiny_huge_and_odd_shapes():
+    with pytest.raises(ImageError, match="smaller than"):
+        to_bgr8(np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(ImageError, match="unsupported shape"):
+        to_bgr8(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="megapixels"):
+        to_bgr8(np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (20000, 10000), (0, 0)))
+    with pytest.raises(ImageError, match="NaN"):
+        to_bgr8(np.full((4, 4), np.nan, np.float32))
+    with pytest.raises(ImageError, match="no such file"):
+        read_image("/nonexistent/x.png")
+
+
+def test_list_images(tmp_path):
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_images([tmp_path])] == ["a.jpg", "b.png"]
