@@ -68,7 +68,9 @@ def _install(tmp: Path, out: Path) -> Path:
     if old_manifest.is_file():
         try:
             old = json.loads(old_manifest.read_text())
-            old_files = [e["file"] for e in list(old.get("models", {}).values()) + list(old.get("files", {}).values())]
+            old_entries = list(old.get("models", {}).values()) + list(old.get("files", {}).values())
+            old_files = [e["file"] for e in old_entries]
+            old_files += [x["file"] for e in old_entries for x in e.get("external_data", [])]
         except (OSError, ValueError, KeyError, TypeError):
             old_files = []
         old_manifest.unlink()
@@ -140,6 +142,10 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         entry = model.manifest_entry()
         entry["sha256"] = mf.sha256_of(tmp / model.file)
         entry["size_bytes"] = (tmp / model.file).stat().st_size
+        # Graphs over 2 GB (SAM ViT-H) keep their weights in a side file: it is hashed and shipped too.
+        side = tmp / (model.file + ".data")
+        if side.is_file():
+            entry["external_data"] = [{"file": side.name, "sha256": mf.sha256_of(side)}]
         entries[model.name] = entry
     return {
         "format_version": mf.FORMAT_VERSION,

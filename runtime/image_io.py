@@ -72,13 +72,14 @@ def _to_uint8(image: np.ndarray, source: str) -> np.ndarray:
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders (sorted, non-recursive) into image paths; missing inputs are kept
+    """Expand files and folders (recursively, sorted) into image paths; missing inputs are kept
     so the caller reports them as per-file failures."""
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                               and not any(part.startswith(".") for part in p.relative_to(item).parts)))
         else:
             paths.append(item)
     return paths

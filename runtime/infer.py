@@ -60,8 +60,10 @@ def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.
     """Heat map over the image, with the fused regions' boxes and scores, for a person to look at."""
     if values.shape != image.shape[:2]:
         values = cv2.resize(values, (image.shape[1], image.shape[0]))
-    top = max(float(values.max()), 1e-6)
-    heat = cv2.applyColorMap(np.uint8(np.clip(values / top, 0, 1) * 255), cv2.COLORMAP_JET)
+    # Saliency-only maps have no meaningful zero (distances): show their range. Fused maps start at 0.
+    low = float(values.min()) if result.saliency_only else 0.0
+    span = max(float(values.max()) - low, 1e-6)
+    heat = cv2.applyColorMap(np.uint8(np.clip((values - low) / span, 0, 1) * 255), cv2.COLORMAP_JET)
     picture = cv2.addWeighted(image, 0.55, heat, 0.45, 0)
     for region in result.regions:
         if not region.in_top_k:
@@ -112,11 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def unique_stems(paths: list[Path]) -> dict[Path, str]:
-    """Each file's stem, prefixed by its folder when two inputs share a stem."""
+    """Each file's stem; where stems collide, folder + file name (suffix kept), then a counter."""
     counts: dict[str, int] = {}
     for path in paths:
         counts[path.stem] = counts.get(path.stem, 0) + 1
-    return {path: path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.stem}" for path in paths}
+    stems: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.name.replace('.', '_')}"
+        candidate, index = stem, 1
+        while candidate in taken:
+            candidate, index = f"{stem}_{index}", index + 1
+        taken.add(candidate)
+        stems[path] = candidate
+    return stems
 
 
 def _progress(paths: list[Path], disable: bool):

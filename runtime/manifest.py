@@ -121,6 +121,7 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
     if missing:
         raise ManifestError(f"{path}: profile {profile!r} lacks models {missing}")
     entries = list(data["models"].values()) + list(data.get("files", {}).values())
+    entries += [side for entry in data["models"].values() for side in entry.get("external_data", [])]
     for entry in entries:
         file = engine_dir / entry["file"]
         if not file.is_file():

@@ -66,7 +66,9 @@ class Pipeline:
             self.defect_prompts = config.all_defect_prompts()
             self.captions = [config.object_caption] + [p.text for p in self.defect_prompts]
             # Text side once per config: every image reuses these features.
+            start = time.perf_counter()
             self.text_features = self.detector.encode_text(self.captions)
+            self.text_ms = (time.perf_counter() - start) * 1000.0
 
     @classmethod
     def open(cls, engine_dir: str | Path, dataset: str | None = None, category: str | None = None,
@@ -88,8 +90,10 @@ class Pipeline:
     def __call__(self, image: np.ndarray, out_size: int | tuple[int, int] | None = None) -> AnomalyResult:
         if self.saliency is None:
             raise SaaError("pipeline is closed")
-        image = to_bgr8(image)
         timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with _timed(timings, "preprocess"):
+            image = to_bgr8(image)
         if self.saliency_only:
             with _timed(timings, "saliency"):
                 saliency = self._single_saliency(image)
@@ -100,6 +104,7 @@ class Pipeline:
         if out_size is not None:
             result.anomaly_map = _resize_map(result.anomaly_map, out_size)
             result.saliency_map = _resize_map(result.saliency_map, out_size)
+        timings["end_to_end"] = (time.perf_counter() - start) * 1000.0
         result.timings_ms = timings
         return result
 
@@ -111,9 +116,10 @@ class Pipeline:
         options = self.config.options
         height, width = image.shape[:2]
         notes: list[str] = []
-        with _timed(timings, "detector"):
+        with _timed(timings, "detector_image"):
             # The reference gives GroundingDINO RGB, and SAM / the CNN the BGR array as if RGB.
             image_features = self.detector.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
+        with _timed(timings, "detector_prompts"):
             detections = self.detector.detect(image_features, self.text_features)
 
         with _timed(timings, "regions"):
@@ -133,10 +139,10 @@ class Pipeline:
                 defects = [r for r, v in zip(defects, iou) if v >= options.object_iou_threshold]
 
         multi = self.config.object_count > 1
-        with _timed(timings, "sam"):
-            needs_sam = bool(defects) or (multi and len(objects) > 1)
-            if needs_sam:
+        with _timed(timings, "sam_encoder"):
+            if defects or (multi and len(objects) > 1):
                 self.segmenter.set_image(image)
+        with _timed(timings, "sam_decoder"):
             defect_masks = self._masks(defects, (height, width))
             object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
 

@@ -49,7 +49,7 @@ def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     # PIL resamples horizontally first, then vertically, rounding to 8 bits after each pass.
     if in_w != out_w:
         cols = _pil_bilinear_weights(in_w, out_w)
-        data = np.clip(np.floor(np.einsum("ow,hwc->hoc", cols, data) + 0.5), 0, 255)
+        data = np.clip(np.floor(np.einsum("ow,hwc->hoc", cols, data, optimize=True) + 0.5), 0, 255)
     if in_h != out_h:
         rows = _pil_bilinear_weights(in_h, out_h)
         data = (rows @ data.reshape(in_h, -1)).reshape(out_h, out_w, -1)

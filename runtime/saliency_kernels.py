@@ -27,6 +27,7 @@ MODES = ("farthest", "nearest")
 DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once
 MAX_CELLS = 64  # beyond this many distinct mask overlaps, pairs of cells cost more than they save
 _SAMPLE = 128  # values sampled per row to guess a selection threshold
+_SAMPLE_STEP = 2654435761  # Knuth's multiplicative hash step: sample positions spread over the whole grid
 _MIN_ROW_FOR_SAMPLING = 1024  # shorter rows go straight to quickselect
 
 
@@ -118,15 +119,15 @@ def _row_sum_of_k_smallest_distances(row, k, sign, skip, buf, sample):
 
     sign = +1 picks the smallest similarities (largest distances, "farthest"),
     sign = -1 the largest similarities ("nearest"). Index `skip` (>= 0) is left out.
-    A threshold guessed from a strided sample keeps only ~k + margin candidates
+    A threshold guessed from a scattered sample keeps only ~k + margin candidates
     for the quickselect; when the guess keeps fewer than k, the whole row is used.
     """
     length = row.shape[0]
     count = 0
     if length >= _MIN_ROW_FOR_SAMPLING and k * 2 <= length:
-        stride = length // _SAMPLE
         for t in range(_SAMPLE):
-            sample[t] = sign * row[t * stride]
+            # scattered, not strided: a stride picks a few image columns of the grid and misleads
+            sample[t] = sign * row[(t * _SAMPLE_STEP) % length]
         q = k / length
         rank = int(q * _SAMPLE + 3.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 2.0)
         if rank < _SAMPLE:

@@ -86,16 +86,19 @@ class GdinoTokenizer:
         """As the reference's tokenizer.decode(ids): special tokens kept, WordPiece joined."""
         return self._tokenizer.decode([int(i) for i in token_ids], skip_special_tokens=False)
 
-    def phrase(self, token_ids: np.ndarray, scores: np.ndarray, text_threshold: float) -> str:
-        """get_phrases_from_posmap(scores > text_threshold, ...): [CLS] and tokens >= 255 excluded."""
+    def phrase_from_mask(self, token_ids: np.ndarray, token_mask: np.ndarray) -> str:
+        """The reference's get_phrases_from_posmap: the masked tokens decoded, [CLS] and index >= 255 left out."""
         token_ids = np.asarray(token_ids)
-        scores = np.asarray(scores)
-        if scores.shape != token_ids.shape:
-            raise ValueError(f"phrase: {scores.shape[-1]} scores for {token_ids.shape[0]} tokens")
-        keep = scores > text_threshold
+        keep = np.array(token_mask, dtype=bool)  # a copy: the caller's mask stays as it was
+        if keep.shape != token_ids.shape:
+            raise ValueError(f"token mask of shape {keep.shape} for {token_ids.shape[0]} tokens")
         keep[:1] = False
         keep[PHRASE_RIGHT_INDEX:] = False
         return self.decode(token_ids[keep])
+
+    def phrase(self, token_ids: np.ndarray, scores: np.ndarray, text_threshold: float) -> str:
+        """Phrase of one query: its tokens scoring above text_threshold."""
+        return self.phrase_from_mask(token_ids, np.asarray(scores) > text_threshold)
 
 
 @dataclass(frozen=True)

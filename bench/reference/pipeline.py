@@ -20,7 +20,7 @@ from runtime.config import PromptConfig
 
 from .detector import reference_detect
 from .saliency import reference_multi_saliency, reference_single_saliency
-from .segmenter import reference_masks
+from .segmenter import ReferenceSegmenter
 
 
 def phrase_from_posmap(posmap: torch.Tensor, input_ids: list[int], tokenizer, left_idx: int = 0, right_idx: int = 255) -> str:
@@ -45,7 +45,8 @@ class ReferenceOutput:
 class ReferenceSAA:
     def __init__(self, gdino, sam, cnn, tokenizer, config: PromptConfig, short_side: int, max_side: int,
                  out_size: int | None = None) -> None:
-        self.gdino, self.sam, self.cnn, self.tokenizer = gdino, sam, cnn, tokenizer
+        self.gdino, self.cnn, self.tokenizer = gdino, cnn, tokenizer
+        self.segmenter = ReferenceSegmenter(sam)
         self.config = config
         self.short_side, self.max_side = short_side, max_side
         self.out_size = out_size
@@ -66,13 +67,15 @@ class ReferenceSAA:
         defect_boxes, defect_logits, _ = self._proposals(rgb, prompts, defect_max_area, height, width, timings)
 
         tick = time.perf_counter()
+        if object_boxes is not None or defect_boxes is not None:
+            self.segmenter.set_image(image)  # once per image, as the reference's is_sam_set flag does
         if defect_boxes is not None:
-            defect_masks = reference_masks(self.sam, image, defect_boxes)
+            defect_masks = self.segmenter.predict_boxes(defect_boxes.cpu().numpy())
         else:
             defect_masks = np.zeros((1, height, width), bool)
             defect_logits = [0.0]
         # The reference refines object boxes with SAM even when only their count matters (its cost counts).
-        object_masks = reference_masks(self.sam, image, object_boxes) if object_boxes is not None else None
+        object_masks = self.segmenter.predict_boxes(object_boxes.cpu().numpy()) if object_boxes is not None else None
         multi = self.config.object_count > 1 and object_masks is not None and len(object_masks) > 1
         timings["sam"] = (time.perf_counter() - tick) * 1000
 

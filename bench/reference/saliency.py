@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import resize, to_pil_image
 
-from runtime.manifest import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_MULTI_SIZE, SALIENCY_SINGLE_SIZE
+from runtime.manifest import IMAGENET_MEAN, IMAGENET_STD, SALIENCY_MULTI_SIZE, SALIENCY_SINGLE_SIZE, SALIENCY_STRIDE
 
 
 def _longest_side_shape(height: int, width: int, length: int) -> tuple[int, int]:
@@ -84,17 +84,20 @@ def reference_single_saliency(
 @torch.no_grad()
 def reference_multi_grid(cnn: torch.nn.Module, image: np.ndarray, object_masks: np.ndarray) -> np.ndarray:
     """The multi-instance branch of visual_saliency_calculation before its final resize (float64 grid)."""
-    resize_image = cv2.resize(image, (SALIENCY_MULTI_SIZE, SALIENCY_MULTI_SIZE))
-    features = modelinet_features(cnn, resize_image, SALIENCY_MULTI_SIZE)
-    feature_size = features.shape[2:]
+    # The authors' code fails at these two checks only after the CNN ran; failing first is cheaper.
+    feature_size = (SALIENCY_MULTI_SIZE // SALIENCY_STRIDE,) * 2
     object_masks_clone = np.asarray(object_masks).copy().astype(np.int32)
     resize_object_masks = [
-        cv2.resize(m, tuple(feature_size), interpolation=cv2.INTER_NEAREST) for m in object_masks_clone
+        cv2.resize(m, feature_size, interpolation=cv2.INTER_NEAREST) for m in object_masks_clone
     ]
     if len(resize_object_masks) < 2:
         raise ValueError("the reference crashes with fewer than two object masks (torch.cat of an empty list)")
     if any(not (m > 0).any() for m in resize_object_masks):
         raise ValueError("the reference crashes on an object mask that is empty on the feature grid (np.stack of [])")
+    resize_image = cv2.resize(image, (SALIENCY_MULTI_SIZE, SALIENCY_MULTI_SIZE))
+    features = modelinet_features(cnn, resize_image, SALIENCY_MULTI_SIZE)
+    if tuple(features.shape[2:]) != feature_size:
+        raise ValueError(f"features {tuple(features.shape)} are not on the stride-{SALIENCY_STRIDE} grid")
 
     mask_anomaly_scores = []
     for indx in range(len(resize_object_masks)):

@@ -9,16 +9,19 @@
  *    running interpreter (Py_IsInitialized) and takes the GIL with PyGILState_Ensure;
  *    no second interpreter is started.
  *  - In a plain C/C++ program it loads libpython and starts an interpreter on the first
- *    call that needs it. It uses the interpreter that built the library (shown by
- *    saa_version()); its site-packages (a venv's, if that interpreter is in a venv) are
- *    the ones searched, and the `runtime` package next to this library comes first on
- *    sys.path. Environment variables, read once at start:
- *      SAA_PYTHON     another interpreter, e.g. /opt/line/venv/bin/python: its venv's
- *                     site-packages are used. It must be the same Python minor version
- *                     as the build (rebuild with `pip install -e .` otherwise).
- *      SAA_LIBPYTHON  another libpython3.X.so to load (default: the build's).
- *      SAA_VERBOSE=1  print the interpreter, sys.prefix, site-packages and runtime
- *                     folder to stderr when the interpreter starts.
+ *    saa_open. The interpreter, first match wins:
+ *      1. $SAA_PYTHON, e.g. /opt/line/venv/bin/python;
+ *      2. the python of the environment whose site-packages holds this library
+ *         (a regular `pip install`: <prefix>/lib/python3.X/site-packages/runtime/capi);
+ *      3. the interpreter that built the library (`pip install -e .`; saa_version() names it).
+ *    Its sys.prefix, and so its site-packages (a venv's when it is a venv's python), are
+ *    computed from that path as `python` itself does. The `runtime` package beside this
+ *    library comes first on sys.path, so the Python half always matches the library.
+ *    It must be the Python minor version the library was built for (checked).
+ *    Other environment variables, read once at start:
+ *      SAA_LIBPYTHON  the libpython3.X.so to load (default: the building interpreter's).
+ *      SAA_VERBOSE=1  print the interpreter (and why it was chosen), sys.prefix,
+ *                     site-packages and runtime folder to stderr when Python starts.
  *      PYTHONPATH and the other PYTHON* variables work as for `python`.
  *    The embedded interpreter lives until the process exits (it is never finalised) and
  *    installs no signal handlers.

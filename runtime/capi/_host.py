@@ -1,0 +1,144 @@
+"""The Python half of the C ABI: libsaa.so calls these with plain integers and addresses.
+
+Nothing here may raise into C: every entry point returns (status, payload), payload being
+the result on SAA_OK and a one-line message otherwise. Status codes mirror saa.h (a test
+checks that they agree). The frame is read in place from the caller's memory and the map
+and regions are written in place into the caller's buffers: no copy through files and no
+allocation handed to the caller.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaError
+from ..pipeline import Pipeline
+from ..regions import Region
+from .abi import (E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL, E_INVALID_ARGUMENT, OK, PHRASE_CAPACITY,
+                  REGION_DTYPE)
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+DEVICES = ("cpu", "cuda")
+
+_STATUS_OF = ((ManifestError, E_ENGINES), (ConfigError, E_CONFIG), (ImageError, E_IMAGE), (EngineError, E_ENGINE))
+
+
+class _Memory:
+    """Exposes a foreign buffer to numpy without copying (and without ctypes array types,
+    whose per-length cache would grow with every new frame size)."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...] | None, typestr: str,
+                 writable: bool) -> None:
+        self.__array_interface__ = {"version": 3, "data": (address, not writable), "shape": shape,
+                                    "strides": strides, "typestr": typestr}
+
+
+def frame_view(address: int, height: int, width: int, stride: int, channels: int) -> np.ndarray:
+    """The caller's frame as a read-only uint8 array (HxW or HxWxC), rows `stride` bytes apart."""
+    if channels == 1:
+        return np.asarray(_Memory(address, (height, width), (stride, 1), "|u1", writable=False))
+    return np.asarray(_Memory(address, (height, width, channels), (stride, channels, 1), "|u1", writable=False))
+
+
+def abi_order(regions: list[Region]) -> list[Region]:
+    """saa.h's region order: fused (in_top_k) first, then the rest; each by score descending."""
+    return sorted(regions, key=lambda r: (not r.in_top_k, -r.score))
+
+
+def phrase_bytes(phrase: str) -> bytes:
+    """UTF-8, cut to fit SAA_PHRASE_CAPACITY with its NUL, never in the middle of a character."""
+    return phrase.encode("utf-8")[:PHRASE_CAPACITY - 1].decode("utf-8", "ignore").encode("utf-8")
+
+
+def fill_regions(regions: list[Region], out: np.ndarray) -> int:
+    """Write the first len(out) regions in ABI order into a REGION_DTYPE array; return the count."""
+    ordered = abi_order(regions)[:len(out)]
+    for row, region in zip(out, ordered):
+        row["box"] = region.box
+        row["score"] = region.score
+        row["mask_area"] = min(int(region.mask_area), 2**31 - 1)
+        row["prompt_index"] = region.prompt_index
+        row["in_top_k"] = int(bool(region.in_top_k))
+        row["phrase"] = phrase_bytes(region.phrase)
+    return len(ordered)
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """saa_open's config string as Pipeline.open keywords: a prompt file or DATASET/CATEGORY."""
+    path = Path(text)
+    if path.is_file() or path.suffix.lower() in CONFIG_SUFFIXES:
+        return {"config": path}
+    parts = text.split("/")
+    if len(parts) == 2 and all(p.strip() for p in parts):
+        return {"dataset": parts[0].strip(), "category": parts[1].strip()}
+    raise ConfigError(f"config {text!r} is neither a prompt file (no such file) nor DATASET/CATEGORY such as mvtec/bottle")
+
+
+def open_pipeline(engine_dir: bytes, config: bytes, device: bytes) -> tuple[int, Any]:
+    try:
+        device_name = device.decode("utf-8", "replace")
+        if device_name not in DEVICES:
+            return E_INVALID_ARGUMENT, f"device {device_name!r} (expected one of {', '.join(DEVICES)})"
+        keywords = parse_config(os.fsdecode(config))
+        return OK, Pipeline.open(os.fsdecode(engine_dir), device=device_name, **keywords)
+    except BaseException as err:  # noqa: BLE001 - nothing may unwind into C
+        return failure(err)
+
+
+def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int, channels: int, map_address: int,
+          map_height: int, map_width: int, regions_address: int, max_regions: int) -> tuple[int, Any]:
+    """Arguments were checked by saa.c (sizes positive, stride >= row, pointers non-NULL)."""
+    try:
+        image = frame_view(pixels, height, width, stride, channels)
+        same_size = (map_height, map_width) == (height, width)
+        result = pipeline(image, out_size=None if same_size else (map_height, map_width))
+        values = result.anomaly_map
+        if values.shape != (map_height, map_width):
+            return E_INTERNAL, f"pipeline returned a {values.shape} map for a {map_height}x{map_width} request"
+        np.asarray(_Memory(map_address, (map_height, map_width), None, "<f4", writable=True))[...] = values
+        if max_regions == 0:
+            return OK, 0
+        out = np.asarray(_Memory(regions_address, (max_regions * REGION_DTYPE.itemsize,), None, "|u1", writable=True))
+        return OK, fill_regions(result.regions, out.view(REGION_DTYPE))
+    except BaseException as err:  # noqa: BLE001
+        return failure(err)
+
+
+def close_pipeline(pipeline: Pipeline) -> tuple[int, Any]:
+    try:
+        pipeline.close()
+        return OK, 0
+    except BaseException as err:  # noqa: BLE001
+        return failure(err)
+
+
+def failure(err: BaseException) -> tuple[int, str]:
+    """(status, one-line message) for an exception: the runtime's errors keep their text; anything
+    else is a bug, reported with its type and where it was raised."""
+    for kind, status in _STATUS_OF:
+        if isinstance(err, kind):
+            return status, _one_line(str(err))
+    if isinstance(err, SaaError):
+        return E_INTERNAL, _one_line(str(err))
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return E_INTERNAL, _one_line(f"{type(err).__name__}: {err}{where}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "unknown error"
+
+
+def describe() -> str:
+    """Which interpreter, prefix, site-packages and runtime the library uses (SAA_VERBOSE=1)."""
+    import sysconfig
+
+    from .. import __file__ as runtime_init
+
+    return (f"Python {sys.version.split()[0]} at {sys.executable}; sys.prefix {sys.prefix}; "
+            f"site-packages {sysconfig.get_paths()['purelib']}; runtime from {Path(runtime_init).parent}")

@@ -1,0 +1,29 @@
+"""saa.h's constants on the Python side: status codes and the saa_region layout (a test
+checks them against the header)."""
+from __future__ import annotations
+
+import numpy as np
+
+ABI_VERSION = 1  # SAA_ABI_VERSION
+
+OK = 0
+E_INVALID_ARGUMENT = -1
+E_BAD_HANDLE = -2
+E_CLOSED = -3
+E_ENGINES = -4
+E_CONFIG = -5
+E_IMAGE = -6
+E_ENGINE = -7
+E_PYTHON = -8
+E_INTERNAL = -9
+
+PHRASE_CAPACITY = 64  # SAA_PHRASE_CAPACITY, NUL included
+# saa_region, field for field (96 bytes, no padding; saa.c asserts the size).
+REGION_DTYPE = np.dtype([
+    ("box", "<f4", (4,)),
+    ("score", "<f4"),
+    ("mask_area", "<i4"),
+    ("prompt_index", "<i4"),
+    ("in_top_k", "<i4"),
+    ("phrase", f"S{PHRASE_CAPACITY}"),
+])
