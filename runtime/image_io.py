@@ -14,6 +14,12 @@ import numpy as np
 from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm", ".webp")
+# Our own one-line errors replace OpenCV's decoder chatter on stderr.
+try:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+except AttributeError:  # builds without the logging module
+    pass
+
 MIN_SIDE = 2  # SAM, GroundingDINO and the saliency grid all need at least a 2x2 picture
 MAX_PIXELS = 100_000_000  # 100 MP: beyond this a line camera frame is almost surely a mistake
 

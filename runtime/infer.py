@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_outputs(result, image, out_dir, stems[path])
         except SaaError as err:
             failures.append((path, str(err)))
-            progress.write(f"failed: {err}")
+            progress.write(f"failed: {err}", file=sys.stderr)
     pipeline.close()
     print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir}", file=sys.stderr)
     return 1 if failures else 0

@@ -34,3 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+from conftest_engines import full_tiny_engine_dir, lite_engine_dir  # noqa: E402,F401  (shared session fixtures)

@@ -1,0 +1,86 @@
+"""`python -m runtime.infer` on real MTD images with the real EfficientNet-Lite0 engines."""
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from runtime import infer
+
+MINI = "tests/data/mtd-mini"
+
+
+def defect_images(data_dir):
+    return sorted(p for p in (data_dir / "mtd-mini").glob("MT_[!F]*/Imgs/*.jpg"))
+
+
+def test_lite_cli_gives_real_saliency_maps(lite_engine_dir, data_dir, tmp_path, capsys):
+    images = sorted((data_dir / "mtd-mini").glob("*/Imgs/*.jpg"))
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       *map(str, images), "--out", str(tmp_path)])
+    assert code == 0
+    assert "saliency-only" in capsys.readouterr().err
+    for image in images:
+        values = np.load(tmp_path / f"{image.stem}_map.npy")
+        picture = cv2.imread(str(image))
+        assert values.shape == picture.shape[:2] and values.dtype == np.float32 and np.isfinite(values).all()
+        report = json.loads((tmp_path / f"{image.stem}_regions.json").read_text())
+        assert report["saliency_only"] is True and report["regions"] == []
+        png = cv2.imread(str(tmp_path / f"{image.stem}_map.png"), cv2.IMREAD_UNCHANGED)
+        assert png.dtype == np.uint16 and png.max() == 65535
+        assert cv2.imread(str(tmp_path / f"{image.stem}_overlay.png")).shape == picture.shape
+    # a real map: defect pixels score higher than the rest of the tile
+    for image in defect_images(data_dir):
+        truth = cv2.imread(str(image.with_suffix(".png")), cv2.IMREAD_GRAYSCALE) > 127
+        assert roc_auc_score(truth.ravel(), np.load(tmp_path / f"{image.stem}_map.npy").ravel()) > 0.65
+
+
+def test_folder_run_reports_bad_files_and_goes_on(lite_engine_dir, data_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = defect_images(data_dir)[0]
+    shutil.copy(good, folder / "good.jpg")
+    cv2.imwrite(str(folder / "good_ppm.ppm"), cv2.imread(str(good)))  # PPM, as line-side programs write
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "empty.jpg").write_bytes(b"")
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       str(folder), str(tmp_path / "missing.png"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "broken.png: not a readable image" in err and "empty.jpg: empty file" in err and "missing.png: no such file" in err
+    assert (tmp_path / "out" / "good_map.npy").is_file() and (tmp_path / "out" / "good_ppm_map.npy").is_file()
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "good_map.npy"), np.load(tmp_path / "out" / "good_ppm_map.npy"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine-dir", "/nonexistent/engines", "--dataset", "mtd", "--category", "mtd"], "does not exist"),
+    (["--dataset", "mtd", "--category", "nope"], "no category 'nope'"),
+    (["--dataset", "mtd"], "a prompt config is needed"),
+])
+def test_bad_setup_is_one_line(lite_engine_dir, data_dir, tmp_path, capsys, args, message):
+    if "--engine-dir" not in args:
+        args = ["--engine-dir", str(lite_engine_dir), *args]
+    code = infer.main([*args, str(defect_images(data_dir)[0]), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_tampered_engine_is_refused(lite_engine_dir, data_dir, tmp_path, capsys):
+    copy = tmp_path / "engines"
+    shutil.copytree(lite_engine_dir, copy)
+    with open(copy / "saliency.onnx", "ab") as handle:
+        handle.write(b"\0")
+    code = infer.main(["--engine-dir", str(copy), "--dataset", "mtd", "--category", "mtd",
+                       str(defect_images(data_dir)[0]), "--out", str(tmp_path / "out")])
+    assert code == 2 and "fails its sha256 check" in capsys.readouterr().err
+
+
+def test_runtime_imports_no_torch():
+    code = "import sys, runtime.infer, runtime.pipeline, runtime.detector, runtime.segmenter, runtime.saliency; " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
