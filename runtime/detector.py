@@ -18,6 +18,11 @@ engine, the zero padding is what the authors' batched inference feeds too, but S
 see it, so results are close to, not equal to, the unpadded reference; when it would not fit,
 it is scaled down further to fit and then differs from the reference more (ImageFeatures.exact
 is False). Export engines whose H x W equals the resized size of your images for exact parity.
+
+Even then a few queries can differ from PyTorch: GroundingDINO keeps the 900 best-scoring image
+positions as queries, and two scores closer than float rounding (common among 900) may be
+ranked the other way, which changes those queries' outputs. Detections.query_index records the
+selection so such differences can be told apart from real ones.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
 PREPROCESS_KEY = "gdino"
 PREPROCESS_FIELDS = ("height", "width", "short_side", "max_side", "mean", "std", "max_text_len", "num_queries")
 IMAGE_OUTPUTS = ("vision_features", "vision_mask", "vision_pos", "valid_ratios")
+HEAD_OUTPUTS = ("logits", "boxes", "query_index")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Detections:
     logits: np.ndarray  # [Q, L_i] float32 sigmoid scores, L_i = the caption's tokens incl. [CLS]/[SEP]
     boxes: np.ndarray  # [Q, 4] float32 cx, cy, w, h in 0..1 of the real image
     token_ids: np.ndarray  # [L_i] int64
+    query_index: np.ndarray  # [Q] int64: the image positions the top-Q selection picked, in rank order
     tokenizer: GdinoTokenizer = field(repr=False, compare=False)
 
     def phrase_of(self, token_mask: np.ndarray) -> str:
@@ -135,9 +142,9 @@ class Detector:
             raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
     @staticmethod
-    def _run(session: Any, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(session: Any, name: str, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
         try:
-            return session.run(None, feeds)
+            return session.run(None if outputs is None else list(outputs), feeds)
         except Exception as err:
             raise EngineError(f"{name} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
@@ -209,7 +216,7 @@ class Detector:
                 "text_position_ids": encoded.position_ids[rows, :length],
                 "text_self_attention_masks": encoded.text_self_attention_masks[rows, :length, :length],
             })
-            logits, boxes = self._run(self._head, GDINO_HEAD, feeds)
+            logits, boxes, selected = self._run(self._head, GDINO_HEAD, feeds, HEAD_OUTPUTS)
             for offset, index in enumerate(range(rows.start, rows.stop)):
                 n = int(encoded.lengths[index])
                 results.append(Detections(
@@ -217,6 +224,7 @@ class Detector:
                     logits=sigmoid(logits[offset, :, :n]),
                     boxes=boxes[offset].astype(np.float32, copy=False),
                     token_ids=encoded.token_ids(index).copy(),
+                    query_index=selected[offset],
                     tokenizer=self.tokenizer,
                 ))
         return results

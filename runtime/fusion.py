@@ -5,15 +5,38 @@ import numba
 import numpy as np
 
 
+@numba.njit(cache=True, parallel=True)
+def _mask_sums_numba(saliency: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    count = masks.shape[0]
+    sums = np.zeros(count, np.float64)
+    areas = np.zeros(count, np.int64)
+    for i in numba.prange(count):
+        total = 0.0
+        area = 0
+        for p in range(saliency.shape[0]):
+            if masks[i, p]:
+                total += saliency[p]
+                area += 1
+        sums[i] = total
+        areas[i] = area
+    return sums, areas
+
+
+def mean_inside_masks_numpy(saliency: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Definition (the kernel's twin): mean saliency inside each mask [N,H,W] and its pixel count (0 -> mean 0)."""
+    if len(masks) == 0:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
+    means = np.array([saliency[m].mean(dtype=np.float64) if m.any() else 0.0 for m in masks], np.float64)
+    return means, masks.reshape(len(masks), -1).sum(axis=1).astype(np.int64)
+
+
 def mean_inside_masks(saliency: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean saliency inside each mask [N,H,W] and each mask's pixel count (0 -> mean 0)."""
     if len(masks) == 0:
         return np.zeros(0, np.float64), np.zeros(0, np.int64)
-    flat = masks.reshape(len(masks), -1)
-    areas = flat.sum(axis=1).astype(np.int64)
-    sums = flat.astype(np.float32) @ saliency.reshape(-1).astype(np.float32)
-    means = np.where(areas > 0, sums / np.maximum(areas, 1), 0.0)
-    return means.astype(np.float64), areas
+    flat = np.ascontiguousarray(masks, dtype=np.bool_).reshape(len(masks), -1)
+    sums, areas = _mask_sums_numba(np.ascontiguousarray(saliency, dtype=np.float32).reshape(-1), flat)
+    return np.where(areas > 0, sums / np.maximum(areas, 1), 0.0), areas
 
 
 def rescore(detector_scores: np.ndarray, saliency_means: np.ndarray, areas: np.ndarray, gain: float) -> np.ndarray:

@@ -88,4 +88,4 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
                                and not any(part.startswith(".") for part in p.relative_to(item).parts)))
         else:
             paths.append(item)
-    return paths
+    return list(dict.fromkeys(paths))  # a file named twice is processed once

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import manifest as mf
 from .config import PromptConfig, resolve_config
+from .decision import Thresholds, decide, image_score
 from .errors import ImageError, SaaError
 from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
 from .image_io import to_bgr8
@@ -33,9 +34,16 @@ class AnomalyResult:
     saliency_only: bool
     notes: list[str] = field(default_factory=list)  # e.g. "no object box: whole image used as the object"
     timings_ms: dict[str, float] = field(default_factory=dict)
+    pred_score: float | None = None  # max of the anomaly map at image size (runtime.decision)
+    pred_label: int | None = None  # 1 NG / 0 OK: pred_score > image threshold; None without one
+    pred_mask: np.ndarray | None = None  # bool, anomaly_map > pixel threshold; None without one
+    stream: dict[str, Any] | None = None  # what the streaming memory did with this part
 
     def regions_json(self) -> dict[str, Any]:
         return {
+            "pred_score": self.pred_score,
+            "pred_label": self.pred_label,
+            **({"stream": self.stream} if self.stream is not None else {}),
             "saliency_only": self.saliency_only,
             "notes": self.notes,
             "object_regions": [r.to_json() for r in self.object_regions],
@@ -54,6 +62,9 @@ class Pipeline:
         from .saliency import SaliencyExtractor  # imported here: numba compiles on first import
 
         self.saliency = SaliencyExtractor(manifest, make_session)
+        # Line side (runtime.lineside.attach sets them): thresholds, normal memory, streaming memory.
+        self.thresholds = Thresholds()
+        self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
         self.detector = self.segmenter = None
         self.captions: list[str] = []
@@ -73,10 +84,38 @@ class Pipeline:
     @classmethod
     def open(cls, engine_dir: str | Path, dataset: str | None = None, category: str | None = None,
              config: str | Path | None = None, device: str = "cpu", threads: int = 0,
-             options: dict[str, Any] | None = None, verify_hashes: bool = True) -> "Pipeline":
+             options: dict[str, Any] | None = None, verify_hashes: bool = True,
+             calibration: str | Path | None = None, memory: Any = None, stream_memory: int | None = None,
+             image_threshold: float | None = None, pixel_threshold: float | None = None) -> "Pipeline":
+        """calibration: file from runtime.calibrate (thresholds; refused for other engines/config/memory).
+        memory: normal memory file or NormalMemory (runtime.memory). stream_memory: capacity of a memory
+        that learns from parts judged normal (runtime.stream). image/pixel_threshold override the calibration's."""
         manifest = mf.load_manifest(engine_dir, verify_hashes=verify_hashes)
         prompt_config = resolve_config(dataset, category, config, options)
-        return cls(manifest, prompt_config, device=device, threads=threads)
+        pipeline = cls(manifest, prompt_config, device=device, threads=threads)
+        if calibration is not None or memory is not None or stream_memory is not None \
+                or image_threshold is not None or pixel_threshold is not None:
+            from .lineside import attach
+
+            attach(pipeline, calibration, memory, stream_memory, image_threshold, pixel_threshold)
+        return pipeline
+
+    def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> None:
+        """Image and pixel thresholds (None: off), in the anomaly map's units."""
+        self.thresholds = Thresholds(image, pixel).checked()
+
+    def reset_memory(self) -> None:
+        """The memory back to how it was opened (a streaming memory forgets what it learned)."""
+        if self.stream is not None:
+            self.stream.reset()
+        elif self.memory is not None:
+            self.memory.reset()
+
+    def save_memory(self, path: str | Path) -> str:
+        """Write the memory (with a stream's state) to an .npz; returns its content sha256."""
+        if self.memory is None:
+            raise SaaError("this pipeline has no memory to save (open it with memory= or stream_memory=)")
+        return self.stream.save(path) if self.stream is not None else self.memory.save(path)
 
     def close(self) -> None:
         self.detector = self.segmenter = self.saliency = None
@@ -92,27 +131,41 @@ class Pipeline:
             raise SaaError("pipeline is closed")
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        grids: list = []  # this call's memory grids (a local: calls may run in several threads)
         with _timed(timings, "preprocess"):
             image = to_bgr8(image)
         if self.saliency_only:
             with _timed(timings, "saliency"):
-                saliency = self._single_saliency(image)
+                saliency = self._single_saliency(image, grids)
             result = AnomalyResult(saliency.copy(), saliency, [], [], True,
                                    ["lite engines: saliency-only anomaly map (no GroundingDINO/SAM)"], timings)
         else:
-            result = self._full(image, timings)
+            result = self._full(image, timings, grids)
+        result.pred_score = image_score(result.anomaly_map)  # at image size, whatever out_size
+        if self.stream is not None and grids:
+            with _timed(timings, "memory_update"):
+                result.stream = self.stream.observe(result.pred_score, grids[0], result.anomaly_map,
+                                                    self.thresholds).to_json()
         if out_size is not None:
             result.anomaly_map = _resize_map(result.anomaly_map, out_size)
             result.saliency_map = _resize_map(result.saliency_map, out_size)
+        decision = decide(result.anomaly_map, self.thresholds, result.pred_score)
+        result.pred_label, result.pred_mask = decision.pred_label, decision.pred_mask
         timings["end_to_end"] = (time.perf_counter() - start) * 1000.0
         result.timings_ms = timings
         return result
 
-    def _single_saliency(self, image: np.ndarray) -> np.ndarray:
+    def _single_saliency(self, image: np.ndarray, grids: list | None = None) -> np.ndarray:
         options = self.config.options
-        return self.saliency.single_object_saliency(image, n=options.saliency_n, mode=options.saliency_mode)
+        if self.memory is None:
+            return self.saliency.single_object_saliency(image, n=options.saliency_n, mode=options.saliency_mode)
+        # With a memory: its distance map (blended with the self-similarity, runtime.memory) is P^S.
+        found = self.memory.grids(self.saliency, image, n=options.saliency_n, mode=options.saliency_mode)
+        if grids is not None:
+            grids.append(found)
+        return cv2.resize(found.grid, (image.shape[1], image.shape[0]))  # bilinear, as the saliency
 
-    def _full(self, image: np.ndarray, timings: dict[str, float]) -> AnomalyResult:
+    def _full(self, image: np.ndarray, timings: dict[str, float], grids: list | None = None) -> AnomalyResult:
         options = self.config.options
         height, width = image.shape[:2]
         notes: list[str] = []
@@ -149,10 +202,12 @@ class Pipeline:
         with _timed(timings, "saliency"):
             if multi and object_masks is not None:
                 saliency = self.saliency.multi_object_saliency(image, object_masks)
+                if self.memory is not None:
+                    saliency = self.memory.blend_map(self.saliency, image, saliency, grids)
             else:
                 if multi:
                     notes.append("fewer than two object masks: single-object saliency used")
-                saliency = self._single_saliency(image)
+                saliency = self._single_saliency(image, grids)
 
         with _timed(timings, "fusion"):
             anomaly = self._fuse(defects, defect_masks, saliency)

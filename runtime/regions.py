@@ -117,8 +117,13 @@ def select_regions(
     height, width = image_hw
     pixel_boxes = cxcywh_to_xyxy_pixels(boxes[keep], height, width) if len(keep) else np.zeros((0, 4), np.float32)
     regions = []
+    phrases: dict[bytes, str] = {}  # many boxes share a token pattern: decode each pattern once
     for row, query in enumerate(keep):
-        phrase = phrase_of(logits[query] > text_threshold)
+        above = logits[query] > text_threshold
+        key = above.tobytes()
+        if key not in phrases:
+            phrases[key] = phrase_of(above)
+        phrase = phrases[key]
         if exclude is not None and exclude in phrase:
             continue
         regions.append(Region(

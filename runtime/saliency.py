@@ -15,9 +15,17 @@ The grid map is resized to the image size with cv2's bilinear resize, as the
 reference does. Preprocessing copies the reference: cv2.resize (INTER_LINEAR) of
 the array as given (the reference passes cv2's BGR array as if it were RGB),
 mean/std on the 0..255 scale, HWC -> CHW.
+
+The one-object map has options beyond the reference (all off by default, see
+`SaliencySettings`; measured in docs/saliency-study.md): a subset of the CNN's
+layers, contrast equalisation before the CNN, reflect padding so the border
+positions do not see the CNN's zero padding, and a Gaussian blur of the grid map.
+Presets: "reference" (the code's choices) and "tuned" (the study's best, per
+backbone); `preset_settings` resolves them for a manifest.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +42,10 @@ OUTPUT_NAME = "features"  # [1, C, H/4, W/4] float32, unit length over C
 SIZE_MULTIPLE = 16  # the stride-16 layer must tile the input exactly for the nearest upsampling to line up
 
 PREPROCESS_KEYS = ("backbone", "channels", "single_size", "multi_size", "stride", "mean", "std")
+CONTRASTS = ("none", "equalize", "clahe")
+CLAHE_CLIP_LIMIT = 2.0  # OpenCV's usual values
+CLAHE_TILES = 8
+PAD_MULTIPLE = SIZE_MULTIPLE // 2  # both sides together keep the input a multiple of 16
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,17 @@ class SaliencySettings:
     single_size / multi_size: CNN input side for one / several objects; None: the
         manifest's (256 / 1024).
     block_bytes: memory for one block of similarities.
+
+    One object only (the multi-instance map stays the reference's):
+    layers: which of the manifest's CNN layers to compare (e.g. (2, 3)); their channels
+        are re-normalised to unit length, which is what exporting only those layers
+        would give. None: all (reference).
+    contrast: "equalize" / "clahe" the luminance before the CNN; "none" (reference).
+    pad: reflect-pad the resized image by this many pixels per side (a multiple of 8)
+        and crop the padding off the feature grid, so border positions are described
+        by image content instead of the CNN's zero padding. 0: none (reference).
+    blur_sigma: Gaussian sigma of a blur of the grid map, in grid cells (stride-4
+        pixels of the CNN input). 0: none (reference).
     """
 
     n: int = 400
@@ -55,6 +78,10 @@ class SaliencySettings:
     single_size: int | None = None
     multi_size: int | None = None
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    layers: tuple[int, ...] | None = None
+    contrast: str = "none"
+    pad: int = 0
+    blur_sigma: float = 0.0
 
     def checked(self) -> "SaliencySettings":
         if self.mode not in MODES:
@@ -67,7 +94,25 @@ class SaliencySettings:
                 _check_size(size, name)
         if self.block_bytes < 1 << 16:
             raise ConfigError(f"saliency block_bytes {self.block_bytes} is too small (at least 64 KiB)")
+        layers = self.layers
+        if layers is not None:
+            if isinstance(layers, (int, str)) or not all(_is_int(x) for x in layers) or len(set(layers)) != len(layers) or not layers:
+                raise ConfigError(f"saliency layers must be distinct layer numbers such as (2, 3), got {layers!r}")
+            layers = tuple(sorted(int(x) for x in layers))
+        if self.contrast not in CONTRASTS:
+            raise ConfigError(f"saliency contrast must be one of {CONTRASTS}, got {self.contrast!r}")
+        if not _is_int(self.pad) or self.pad < 0 or self.pad % PAD_MULTIPLE:
+            raise ConfigError(f"saliency pad must be a multiple of {PAD_MULTIPLE} pixels, >= 0; got {self.pad!r}")
+        sigma = self.blur_sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not 0 <= sigma < 1e3:
+            raise ConfigError(f"saliency blur_sigma must be a number of grid cells in [0, 1000), got {sigma!r}")
+        if layers != self.layers or type(sigma) is not float:
+            return replace(self, layers=layers, blur_sigma=float(sigma))
         return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_size(size: Any, what: str) -> int:
@@ -102,12 +147,43 @@ class SaliencyExtractor:
         self.stride = int(record["stride"])
         self.mean = np.asarray(record["mean"], np.float32).reshape(1, 1, 3)
         self.std = np.asarray(record["std"], np.float32).reshape(1, 1, 3)
-        self.settings = (settings or SaliencySettings()).checked()
-        self.single_size = _check_size(self.settings.single_size or int(record["single_size"]), "single_size")
-        self.multi_size = _check_size(self.settings.multi_size or int(record["multi_size"]), "multi_size")
+        self.record = record
+        self.layer_numbers = tuple(int(x) for x in record.get("layers", ()))
+        channels = manifest.models.get(mf.SALIENCY, {}).get("source", {}).get("layer_channels")
+        self.layer_channels = tuple(int(x) for x in channels) if channels else None
+        self.manifest_path = manifest.engine_dir / mf.MANIFEST_NAME
+        self._apply(settings or SaliencySettings())
         path = manifest.model_path(mf.SALIENCY)
         self.session = (make_session or _default_session)(path)
         self.path = path
+
+    def _apply(self, settings: SaliencySettings) -> None:
+        self.settings = settings.checked()
+        self.single_size = _check_size(self.settings.single_size or int(self.record["single_size"]), "single_size")
+        self.multi_size = _check_size(self.settings.multi_size or int(self.record["multi_size"]), "multi_size")
+        self.channel_index = self._channel_index(self.settings.layers)
+
+    def _channel_index(self, layers: tuple[int, ...] | None) -> np.ndarray | None:
+        """Feature channels of the chosen layers (None: all, no re-normalisation needed)."""
+        if layers is None or layers == self.layer_numbers:
+            return None
+        unknown = [x for x in layers if x not in self.layer_numbers]
+        if unknown:
+            raise ConfigError(f"saliency layers {list(unknown)} are not in the exported layers {list(self.layer_numbers)}")
+        widths = self.layer_channels
+        if widths is None or len(widths) != len(self.layer_numbers) or sum(widths) != self.channels:
+            raise ManifestError(
+                f"{self.manifest_path}: models['saliency']['source']['layer_channels'] = {widths} does not split "
+                f"the {self.channels} channels over layers {list(self.layer_numbers)}; re-export to choose layers"
+            )
+        starts = np.cumsum((0,) + widths)
+        return np.concatenate([np.arange(starts[i], starts[i + 1]) for i, x in enumerate(self.layer_numbers) if x in layers])
+
+    def with_settings(self, settings: SaliencySettings) -> "SaliencyExtractor":
+        """A second extractor with other settings sharing this one's ONNX session (cheap)."""
+        other = copy.copy(self)
+        other._apply(settings)
+        return other
 
     # ------------------------------------------------------------------ CNN
 
@@ -116,29 +192,52 @@ class SaliencyExtractor:
         _check_image(image)
         size = _check_size(size, "input size")
         resized = cv2.resize(image, (size, size))  # INTER_LINEAR, as the reference
+        return self._run(resized)
+
+    def _run(self, resized: np.ndarray) -> np.ndarray:
+        """CNN features [C, h/4, w/4] of an already resized uint8 image [h, w, 3]."""
+        height, width = resized.shape[:2]
         normalised = (resized.astype(np.float32) - self.mean) / self.std
         batch = np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
         try:
             (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         except Exception as err:  # onnxruntime raises several private exception types
-            raise EngineError(f"{self.path}: saliency CNN failed at {size}x{size} ({str(err).splitlines()[0]})") from None
-        grid = size // self.stride
-        expected = (1, self.channels, grid, grid)
+            raise EngineError(f"{self.path}: saliency CNN failed at {height}x{width} ({str(err).splitlines()[0]})") from None
+        expected = (1, self.channels, height // self.stride, width // self.stride)
         if tuple(out.shape) != expected:
             raise EngineError(f"{self.path}: features have shape {tuple(out.shape)}, the manifest promises {expected}")
         return out[0]
+
+    def single_object_features(self, image: np.ndarray) -> np.ndarray:
+        """Features [C', size/4, size/4] the one-object map compares: the settings' contrast,
+        padding and layers applied (with the defaults, exactly `features(image, single_size)`)."""
+        _check_image(image)
+        settings = self.settings
+        size, pad = self.single_size, settings.pad
+        resized = cv2.resize(adjust_contrast(image, settings.contrast), (size, size))  # INTER_LINEAR, as the reference
+        if pad:
+            resized = cv2.copyMakeBorder(resized, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+        features = self._run(resized)
+        if pad:
+            cells = pad // self.stride
+            features = features[:, cells:-cells, cells:-cells]
+        if self.channel_index is not None:
+            features = features[self.channel_index]
+            norm = np.sqrt(np.einsum("chw,chw->hw", features, features))
+            features = features / np.maximum(norm, np.float32(1e-12))  # as F.normalize
+        return np.ascontiguousarray(features, dtype=np.float32)
 
     # ------------------------------------------------------------------ one object
 
     def single_object_grid(self, image: np.ndarray, n: int | None = None, mode: str | None = None) -> np.ndarray:
         """Saliency on the feature grid [size/4, size/4] float32 (before the resize to image size)."""
         settings = self._with(n, mode)
-        features = self.features(image, self.single_size)
+        features = self.single_object_features(image)
         channels, height, width = features.shape
         scores = knn_distance_mean(
             features.reshape(channels, -1), settings.n, settings.mode, settings.exclude_self, settings.block_bytes
         )
-        return scores.reshape(height, width)
+        return smooth_grid(scores.reshape(height, width), settings.blur_sigma)
 
     def single_object_saliency(self, image: np.ndarray, n: int | None = None, mode: str | None = None) -> np.ndarray:
         """float32 [H, W] map: per position, mean of its n largest (or smallest) feature distances."""
@@ -190,6 +289,34 @@ class SaliencyExtractor:
     def _with(self, n: int | None, mode: str | None) -> SaliencySettings:
         changes = {key: value for key, value in (("n", n), ("mode", mode)) if value is not None}
         return replace(self.settings, **changes).checked() if changes else self.settings
+
+
+def adjust_contrast(image: np.ndarray, contrast: str) -> np.ndarray:
+    """Equalise the luminance of a uint8 HxWx3 image ("equalize": global histogram,
+    "clahe": contrast-limited, per tile); "none" returns it unchanged. A grey image stays grey."""
+    if contrast == "none":
+        return image
+    if contrast not in CONTRASTS:
+        raise ConfigError(f"saliency contrast must be one of {CONTRASTS}, got {contrast!r}")
+    grey = image[:, :, 0]
+    if np.array_equal(grey, image[:, :, 1]) and np.array_equal(grey, image[:, :, 2]):
+        return np.repeat(_equalise(np.ascontiguousarray(grey), contrast)[:, :, None], 3, axis=2)
+    ycrcb = cv2.cvtColor(image, cv2.COLOR_BGR2YCrCb)
+    ycrcb[:, :, 0] = _equalise(np.ascontiguousarray(ycrcb[:, :, 0]), contrast)
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR)
+
+
+def _equalise(channel: np.ndarray, contrast: str) -> np.ndarray:
+    if contrast == "equalize":
+        return cv2.equalizeHist(channel)
+    return cv2.createCLAHE(CLAHE_CLIP_LIMIT, (CLAHE_TILES, CLAHE_TILES)).apply(channel)
+
+
+def smooth_grid(grid: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a saliency grid (sigma in grid cells, reflected borders); sigma 0: unchanged."""
+    if sigma <= 0:
+        return grid
+    return cv2.GaussianBlur(grid, (0, 0), float(sigma), borderType=cv2.BORDER_REFLECT_101)
 
 
 def _check_image(image: np.ndarray) -> None:

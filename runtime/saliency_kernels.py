@@ -18,7 +18,11 @@ Two forms, each with a plain-numpy twin that is the definition of correct:
 """
 from __future__ import annotations
 
+import base64
 import math
+import os
+import threading
+from typing import Any
 
 import numba
 import numpy as np
@@ -29,6 +33,10 @@ MAX_CELLS = 64  # beyond this many distinct mask overlaps, pairs of cells cost m
 _SAMPLE = 128  # values sampled per row to guess a selection threshold
 _SAMPLE_STEP = 2654435761  # Knuth's multiplicative hash step: sample positions spread over the whole grid
 _MIN_ROW_FOR_SAMPLING = 1024  # shorter rows go straight to quickselect
+SYMMETRIC_PANEL_ROWS = 256  # rows of the similarity per BLAS call on the symmetric path
+TRIANGLE_MAX_BYTES = 96 << 20  # the symmetric path keeps the upper triangle: 34 MB for a 64x64 grid
+_GEMM_SPIN = os.environ.get("SAA_GEMM_SPIN", "0")
+_GROUP = 16  # rows selected together: an earlier panel's columns are read 64 bytes at a time
 
 
 def default_exclude_self(mode: str) -> bool:
@@ -114,6 +122,40 @@ def _select_smallest(buf, count, k):
 
 
 @numba.njit(cache=True)
+def _samples_help(k, length):
+    """Rows this long, with k at most half of them, are worth a sampled threshold."""
+    return length >= _MIN_ROW_FOR_SAMPLING and k * 2 <= length
+
+
+@numba.njit(cache=True)
+def _sample_rank(k, length):
+    """Rank in the sample whose value keeps ~k + 3 sigma of a row: too few only ~0.1% of the time."""
+    q = k / length
+    return int(q * _SAMPLE + 3.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 2.0)
+
+
+@numba.njit(cache=True)
+def _sample_threshold(sample, rank):
+    """The (rank+1)-th smallest value of sample[:_SAMPLE] (reorders sample)."""
+    _select_smallest(sample, _SAMPLE, rank + 1)
+    threshold = sample[0]
+    for t in range(1, rank + 1):
+        if sample[t] > threshold:
+            threshold = sample[t]
+    return threshold
+
+
+@numba.njit(cache=True)
+def _sum_of_k_distances(keys, k, sign):
+    """Sum (float64) of the distances 0.5 * (1 - s) of keys[:k] = sign * s."""
+    total = 0.0
+    for t in range(k):
+        s = sign * keys[t]  # exact: sign is +-1
+        total += np.float32(0.5) * (np.float32(1.0) - s)  # float32 as the reference computes it
+    return total
+
+
+@numba.njit(cache=True)
 def _row_sum_of_k_smallest_distances(row, k, sign, skip, buf, sample):
     """Sum (float64) of the k distances 0.5 * (1 - s) whose keys sign * s are smallest.
 
@@ -124,18 +166,13 @@ def _row_sum_of_k_smallest_distances(row, k, sign, skip, buf, sample):
     """
     length = row.shape[0]
     count = 0
-    if length >= _MIN_ROW_FOR_SAMPLING and k * 2 <= length:
+    if _samples_help(k, length):
         for t in range(_SAMPLE):
             # scattered, not strided: a stride picks a few image columns of the grid and misleads
             sample[t] = sign * row[(t * _SAMPLE_STEP) % length]
-        q = k / length
-        rank = int(q * _SAMPLE + 3.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 2.0)
+        rank = _sample_rank(k, length)
         if rank < _SAMPLE:
-            _select_smallest(sample, _SAMPLE, rank + 1)
-            threshold = sample[0]
-            for t in range(1, rank + 1):
-                if sample[t] > threshold:
-                    threshold = sample[t]
+            threshold = _sample_threshold(sample, rank)
             # branch-free compaction of every key <= threshold
             for t in range(length):
                 key = sign * row[t]
@@ -149,11 +186,7 @@ def _row_sum_of_k_smallest_distances(row, k, sign, skip, buf, sample):
                 buf[count] = sign * row[t]
                 count += 1
     _select_smallest(buf, count, k)
-    total = 0.0
-    for t in range(k):
-        s = sign * buf[t]  # exact: sign is +-1
-        total += np.float32(0.5) * (np.float32(1.0) - s)  # float32 as the reference computes it
-    return total
+    return _sum_of_k_distances(buf, k, sign)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -168,6 +201,94 @@ def _block_mean_distance(sim, first_row, k, sign, exclude_self, chunks, out):
         for r in range(c * per_chunk, min(rows, (c + 1) * per_chunk)):
             skip = first_row + r if exclude_self else -1
             out[r] = np.float32(_row_sum_of_k_smallest_distances(sim[r], k, sign, skip, buf, sample) / k)
+
+
+@numba.njit(cache=True, parallel=True)
+def _rows_mean_distance(sim, rows, k, sign, exclude_self, out):
+    """out[rows[i]] = mean of the selected k distances of sim[i] (sim[i] is position rows[i]'s full row)."""
+    count, length = sim.shape
+    for i in numba.prange(count):
+        buf = np.empty(length, np.float32)
+        sample = np.empty(_SAMPLE, np.float32)
+        skip = rows[i] if exclude_self else -1
+        out[rows[i]] = np.float32(_row_sum_of_k_smallest_distances(sim[i], k, sign, skip, buf, sample) / k)
+
+
+@numba.njit(cache=True)
+def _append_candidates(values, limit, sign, row, filled):
+    """Append the keys sign * values[c] <= limit to row[filled:]; return the new count.
+
+    Branch-free (the key is written, the count advances or not); past the row's capacity
+    nothing is written but counting goes on, so the caller sees the overflow.
+    """
+    capacity = row.shape[0]
+    for c in range(values.shape[0]):
+        key = sign * values[c]
+        if filled < capacity:  # false only on overflow: predicted
+            row[filled] = key
+        filled += key <= limit
+    return filled
+
+
+@numba.njit(cache=True, parallel=True)
+def _triangle_mean_distance(tri, offsets, panel_rows, sampled, k, sign, exclude_self, capacity, out, redo):
+    """out[p] for every position from the upper triangle of the similarity matrix.
+
+    tri holds panel i = S[i*R:(i+1)*R, i*R:] row-major at offsets[i] (R = panel_rows), so
+    S[p, c] for c >= the start of p's panel lies in p's own panel row, and for c before it,
+    transposed, in an earlier panel: each product was computed once and serves both rows.
+    Row p keeps the keys sign * s at most a threshold guessed from sampled[p] (its
+    similarities to _SAMPLE scattered positions) and reduces them with a quickselect. Rows
+    whose guess kept fewer than k or more than `capacity` are flagged in redo instead.
+    Rows are handled _GROUP at a time so an earlier panel's columns are read as short
+    contiguous runs (a column walk would touch one page per value).
+    """
+    positions = sampled.shape[0]
+    rank = _sample_rank(k, positions)
+    groups = (positions + _GROUP - 1) // _GROUP
+    for g in numba.prange(groups):
+        g0 = g * _GROUP
+        n = min(positions, g0 + _GROUP) - g0
+        panel = g0 // panel_rows  # panel_rows is a multiple of _GROUP: a group sits in one panel
+        first = panel * panel_rows
+        cand = np.empty((_GROUP, capacity), np.float32)
+        filled = np.zeros(_GROUP, np.int64)
+        limit = np.empty(_GROUP, np.float32)
+        sample = np.empty(_SAMPLE, np.float32)
+        flipped = np.empty((_GROUP, panel_rows), np.float32)
+        for q in range(n):
+            for t in range(_SAMPLE):
+                sample[t] = sign * sampled[g0 + q, t]
+            limit[q] = _sample_threshold(sample, rank)
+        for j in range(panel):  # columns before this panel: transposed from earlier (full) panels
+            width = positions - j * panel_rows
+            base = offsets[j] + g0 - j * panel_rows
+            if n == _GROUP:  # a constant trip count lets LLVM unroll the transpose
+                for r in range(panel_rows):
+                    start = base + r * width
+                    for q in range(_GROUP):
+                        flipped[q, r] = tri[start + q]
+            else:
+                for r in range(panel_rows):
+                    start = base + r * width
+                    for q in range(n):
+                        flipped[q, r] = tri[start + q]
+            for q in range(n):
+                filled[q] = _append_candidates(flipped[q], limit[q], sign, cand[q], filled[q])
+        width = positions - first
+        for q in range(n):
+            r = g0 + q - first  # the row in its panel; its own column there is r too
+            start = offsets[panel] + r * width
+            if exclude_self:  # two runs around the diagonal: a per-value test would double the cost
+                filled[q] = _append_candidates(tri[start:start + r], limit[q], sign, cand[q], filled[q])
+                filled[q] = _append_candidates(tri[start + r + 1:start + width], limit[q], sign, cand[q], filled[q])
+            else:
+                filled[q] = _append_candidates(tri[start:start + width], limit[q], sign, cand[q], filled[q])
+            if filled[q] < k or filled[q] > capacity:
+                redo[g0 + q] = True  # the sample misled (too few) or kept too many to hold
+            else:
+                _select_smallest(cand[q], filled[q], k)
+                out[g0 + q] = np.float32(_sum_of_k_distances(cand[q], k, sign) / k)
 
 
 # ---------------------------------------------------------------- single object
@@ -198,6 +319,8 @@ def knn_distance_mean(
     if k < 1:
         return out
     sign = np.float32(1.0 if mode == "farthest" else -1.0)
+    if _samples_help(k, positions) and 4 * _triangle_layout(positions, SYMMETRIC_PANEL_ROWS)[1] <= TRIANGLE_MAX_BYTES:
+        return _knn_symmetric(features, k, sign, bool(exclude_self), out)
     block_rows = int(max(1, min(positions, block_bytes // (4 * positions))))
     block = np.empty((block_rows, positions), np.float32)
     chunks = 4 * numba.get_num_threads()  # a few chunks per thread: rows differ in cost
@@ -206,6 +329,105 @@ def knn_distance_mean(
         sim = block[:rows]
         np.matmul(features[:, first:first + rows].T, features, out=sim)  # BLAS, float32 as the reference
         _block_mean_distance(sim, first, k, sign, bool(exclude_self), chunks, out[first:first + rows])
+    return out
+
+
+# One ONNX Gemm node, y = a @ b.T (a [m, k], b [n, k], float32, dynamic sizes), serialised with
+# onnx 1.23 (ir_version 8, opset 17); tests/test_saliency_kernels.py rebuilds and checks it. The
+# runtime may not import onnx, and 146 bytes do not need a file.
+_GEMM_ONNX = base64.b64decode(
+    "CAgSC3NhYS1ydW50aW1lOnsKHgoBYQoBYhIBeSIER2VtbSoNCgZ0cmFuc0IYAaABAhIUYV90aW1lc19iX3RyYW5zcG9zZWRaFQoBYRIQ"
+    "Cg4IARIKCgMSAW0KAxIBa1oVCgFiEhAKDggBEgoKAxIBbgoDEgFrYhUKAXkSEAoOCAESCgoDEgFtCgMSAW5CBAoAEBE="
+)
+GEMM_BACKENDS = ("onnxruntime", "numpy")
+_gemm_backend = os.environ.get("SAA_GEMM", "onnxruntime")
+_gemm_sessions: dict[int, Any] = {}
+_gemm_lock = threading.Lock()
+
+
+def _gemm_session(threads: int) -> Any:
+    """onnxruntime session for the Gemm graph, one per thread count, shared by all callers.
+
+    Its worker threads block rather than spin once a product is done: the numba pass that
+    follows needs the cores (spinning BLAS workers cost it ~2x on two cores).
+    """
+    with _gemm_lock:
+        session = _gemm_sessions.get(threads)
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", _GEMM_SPIN)
+            session = _gemm_sessions[threads] = ort.InferenceSession(_GEMM_ONNX, options, providers=["CPUExecutionProvider"])
+        return session
+
+
+def gemm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[...] = a @ b.T in float32; a [m, k] and b [n, k] C-contiguous, out [m, n] C-contiguous."""
+    if _gemm_backend == "numpy":
+        return np.matmul(a, b.T, out=out)
+    session = _gemm_session(numba.get_num_threads())
+    binding = session.io_binding()
+    binding.bind_input("a", "cpu", 0, np.float32, a.shape, a.ctypes.data)
+    binding.bind_input("b", "cpu", 0, np.float32, b.shape, b.ctypes.data)
+    binding.bind_output("y", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+    session.run_with_iobinding(binding)
+    return out
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A float32 buffer of `size` kept per thread between calls: a fresh 34 MB triangle per image
+    costs ~5 ms of page faults. Each thread has its own, so concurrent pipelines stay safe."""
+    buffer = getattr(_local, "triangle", None)
+    if buffer is None or buffer.size < size:
+        buffer = _local.triangle = np.empty(size, np.float32)
+    return buffer[:size]
+
+
+def _triangle_layout(positions: int, panel_rows: int) -> tuple[np.ndarray, int]:
+    """Start of each panel in the flat triangle buffer, and the buffer's length."""
+    firsts = np.arange(0, positions, panel_rows, dtype=np.int64)
+    sizes = np.minimum(panel_rows, positions - firsts) * (positions - firsts)
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), int(sizes.sum())
+
+
+def _knn_symmetric(
+    features: np.ndarray, k: int, sign: np.float32, exclude_self: bool, out: np.ndarray,
+    panel_rows: int = SYMMETRIC_PANEL_ROWS, capacity: int | None = None,
+) -> np.ndarray:
+    """knn_distance_mean for long rows: each similarity computed once, one parallel pass.
+
+    BLAS computes the upper triangle in panels of rows (~half the products of the full
+    matrix, and no numba work in between, so the BLAS and numba thread pools do not fight),
+    then one numba pass selects per row (see _triangle_mean_distance). Rows whose sampled
+    threshold failed are recomputed alone. Extra memory: the triangle, ~2 * P^2 bytes.
+    """
+    positions = features.shape[1]
+    if panel_rows % _GROUP:
+        raise ValueError(f"panel_rows must be a multiple of {_GROUP}, got {panel_rows}")
+    transposed = np.ascontiguousarray(features.T)
+    picks = (np.arange(_SAMPLE, dtype=np.int64) * _SAMPLE_STEP) % positions  # as the per-row sample
+    sampled = np.empty((positions, _SAMPLE), np.float32)
+    gemm_transposed(transposed, np.ascontiguousarray(transposed[picks]), sampled)
+    offsets, total = _triangle_layout(positions, panel_rows)
+    tri = _scratch(total)
+    for index, first in enumerate(range(0, positions, panel_rows)):
+        last = min(positions, first + panel_rows)
+        panel = tri[offsets[index]:offsets[index] + (last - first) * (positions - first)]
+        gemm_transposed(transposed[first:last], transposed[first:], panel.reshape(last - first, positions - first))
+    if capacity is None:
+        expected = (_sample_rank(k, positions) + 1) / _SAMPLE * positions
+        capacity = int(min(positions, 2 * expected + k))
+    redo = np.zeros(positions, np.bool_)
+    _triangle_mean_distance(tri, offsets, panel_rows, sampled, k, sign, exclude_self, max(1, capacity), out, redo)
+    rows = np.flatnonzero(redo)
+    if len(rows):
+        _rows_mean_distance(transposed[rows] @ features, rows, k, sign, exclude_self, out)
     return out
 
 

@@ -72,3 +72,19 @@ def test_select_regions_rules():
 
 def test_cxcywh_to_pixels():
     np.testing.assert_allclose(cxcywh_to_xyxy_pixels(np.array([[0.5, 0.25, 0.5, 0.5]]), 100, 200), [[50, 0, 150, 50]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(count=st.integers(0, 6), size=st.integers(1, 20), seed=st.integers(0, 10_000))
+def test_mask_means_match_twin(count, size, seed):
+    from runtime.fusion import mean_inside_masks_numpy
+
+    rng = np.random.default_rng(seed)
+    saliency = rng.random((size, size + 1), dtype=np.float32)
+    masks = rng.random((count, size, size + 1)) > 0.5
+    if count:
+        masks[-1] = False
+    got, got_areas = mean_inside_masks(saliency, masks)
+    want, want_areas = mean_inside_masks_numpy(saliency, masks)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(got_areas, want_areas)

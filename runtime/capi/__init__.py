@@ -76,7 +76,8 @@ def load_library() -> ctypes.CDLL:
         if _library is None:
             path = library_path()
             if not path.is_file():
-                raise CapiError(None, f"{path} is not built: run `pip install -e .` or `python -m runtime.capi --build`")
+                raise CapiError(None, f"{path} is not built: run `pip install -e .` "
+                                      "or `python -m runtime.capi --build`")
             try:
                 library = ctypes.CDLL(str(path))
             except OSError as err:

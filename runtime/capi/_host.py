@@ -76,7 +76,8 @@ def parse_config(text: str) -> dict[str, Any]:
     parts = text.split("/")
     if len(parts) == 2 and all(p.strip() for p in parts):
         return {"dataset": parts[0].strip(), "category": parts[1].strip()}
-    raise ConfigError(f"config {text!r} is neither a prompt file (no such file) nor DATASET/CATEGORY such as mvtec/bottle")
+    raise ConfigError(f"config {text!r} is neither a prompt file (no such file) "
+                      "nor DATASET/CATEGORY such as mvtec/bottle")
 
 
 def open_pipeline(engine_dir: bytes, config: bytes, device: bytes) -> tuple[int, Any]:

@@ -79,7 +79,8 @@ def build_library(output: Path | None = None, version: str | None = None, python
     try:
         done = subprocess.run(command, capture_output=True, text=True)
     except FileNotFoundError:
-        raise BuildError(f"C compiler {command[0]!r} not found: install gcc (or set CC) to build {LIBRARY_NAME}") from None
+        raise BuildError(f"C compiler {command[0]!r} not found: install gcc (or set CC) "
+                         f"to build {LIBRARY_NAME}") from None
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         raise BuildError(f"building {LIBRARY_NAME} failed:\n{shlex.join(command)}\n{done.stderr.strip()}")

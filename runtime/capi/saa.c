@@ -184,8 +184,8 @@ static void import_host(const char *interpreter) {
     if (!module) {
         char why[ERROR_CAPACITY / 2];
         take_python_error(why, sizeof why);
-        python_fail("cannot import %s with the Python at %s: %s (is saa-edge installed for it? see SAA_PYTHON in saa.h)",
-                    HOST_MODULE, interpreter, why);
+        python_fail("cannot import %s with the Python at %s: %s "
+                    "(is saa-edge installed for it? see SAA_PYTHON in saa.h)", HOST_MODULE, interpreter, why);
         return;
     }
     host_open = py_PyObject_GetAttrString(module, "open_pipeline");
