@@ -2,8 +2,9 @@
 
 Reports
 - growth: the slope of a least-squares line through (call, RSS) samples taken after the
-  warm-up, in bytes per call (flat is the goal: a leak of one map per call would show as
-  4 * height * width bytes/call), and the total RSS change over the soak;
+  warm-up, in bytes per call, over all samples and over the second half (allocators grow
+  in steps early on); flat is the goal: a leak of one map per call would show as
+  4 * height * width bytes/call;
 - overhead: end-to-end time per call through the ABI against the Python API on the same
   image and engines (interleaved calls, medians), and the ABI's own cost with the
   pipeline taken out (a handle whose pipeline replays one cached result: ctypes, C,
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=10, help="calls before sampling starts (arenas, caches)")
     parser.add_argument("--sample-every", type=int, default=10, help="calls between RSS samples")
     parser.add_argument("--compare-calls", type=int, default=20, help="interleaved ABI / Python API calls for timing")
+    parser.add_argument("--overhead-calls", type=int, default=200, help="calls timing the ABI without the pipeline")
     parser.add_argument("--json", help="also write the report here")
     return parser
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from runtime.image_io import read_image
     from runtime.pipeline import Pipeline
 
-    for name in ("calls", "sample_every", "compare_calls"):
+    for name in ("calls", "sample_every", "compare_calls", "overhead_calls"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     image = read_image(args.image)
@@ -134,8 +136,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         python_times.append(time.perf_counter() - start)
     abi.close()
     python.close()
-    pure_overhead = abi_overhead_us(abi_open, image, reference, calls=max(args.compare_calls, 200))
+    pure_overhead = abi_overhead_us(abi_open, image, reference, calls=args.overhead_calls)
 
+    half = len(samples_calls) // 2
     abi_ms, python_ms = statistics.median(abi_times) * 1e3, statistics.median(python_times) * 1e3
     return {
         "engine_dir": str(args.engine_dir),
@@ -145,6 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_start_mib": samples_rss[0] / 2**20,
         "rss_end_mib": samples_rss[-1] / 2**20,
         "rss_growth_bytes_per_call": growth_per_call(samples_calls, samples_rss),
+        # allocators grow in steps early on; the second half shows the steady state
+        "rss_growth_bytes_per_call_second_half": growth_per_call(samples_calls[half:], samples_rss[half:]),
         "rss_total_growth_mib": (samples_rss[-1] - samples_rss[0]) / 2**20,
         "map_bytes": int(buffer.nbytes),
         "soak_ms_per_call_median": statistics.median(call_times) * 1e3,
@@ -168,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{report['calls']} ABI calls on {report['image']} {tuple(report['image_shape'])}: "
           f"{report['soak_ms_per_call_median']:.1f} ms/call (median)")
     print(f"RSS {report['rss_start_mib']:.1f} -> {report['rss_end_mib']:.1f} MiB after warm-up: "
-          f"{report['rss_growth_bytes_per_call']:+.1f} bytes/call (least squares; one map is {report['map_bytes']} bytes)")
+          f"{report['rss_growth_bytes_per_call']:+.1f} bytes/call (least squares), "
+          f"{report['rss_growth_bytes_per_call_second_half']:+.1f} bytes/call over the second half "
+          f"(one map is {report['map_bytes']} bytes)")
     print(f"end to end: ABI {report['abi_ms_per_call_median']:.2f} ms, Python API "
           f"{report['python_api_ms_per_call_median']:.2f} ms (medians of interleaved calls, "
           f"difference {report['abi_minus_python_ms']:+.2f} ms)")

@@ -131,7 +131,8 @@ bool write_npy(const std::string &path, const std::vector<float> &values, int he
     out.write("\x93NUMPY\x01\x00", 8);
     out.write(lengthBytes, 2);
     out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(reinterpret_cast<const char *>(values.data()), static_cast<std::streamsize>(values.size() * sizeof(float)));
+    out.write(reinterpret_cast<const char *>(values.data()),
+              static_cast<std::streamsize>(values.size() * sizeof(float)));
     return static_cast<bool>(out);
 }
 

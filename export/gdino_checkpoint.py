@@ -187,8 +187,8 @@ def _short_list(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor], unknown: list[str], source: str) -> None:
-    """Copy converted weights into `model`; ExportError on any missing, unexpected or misshaped key."""
+def check_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor], unknown: list[str], source: str) -> None:
+    """ExportError unless `converted` has exactly the model's keys and shapes (tolerated keys aside)."""
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in converted and not is_tolerated_missing(k))
     unexpected = sorted(unknown + [k for k in converted if k not in expected])
@@ -204,11 +204,16 @@ def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor]
         problems.append(f"{len(unexpected)} unexpected keys: {_short_list(unexpected)}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} keys of another shape: {_short_list(wrong_shape, 3)}")
-    untied = _untied_keys(model, converted)
+    untied = _untied_keys(model, converted) if not (missing or wrong_shape) else []
     if untied:
         problems.append(f"weights the model shares differ in the checkpoint: {_short_list(untied, 3)}")
     if problems:
         raise ExportError(f"{source} does not fit this GroundingDINO model ({'; '.join(problems)})")
+
+
+def load_converted(model: torch.nn.Module, converted: Mapping[str, torch.Tensor], unknown: list[str], source: str) -> None:
+    """Copy converted weights into `model` after check_converted."""
+    check_converted(model, converted, unknown, source)
     with torch.no_grad():
         model.load_state_dict(dict(converted), strict=False)
 

@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saliency-mode", choices=["farthest", "nearest"], help="farthest: reference code; nearest: paper")
     parser.add_argument("--saliency-n", type=int, help="neighbours averaged per position (reference: 400)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    line = parser.add_argument_group("line-side decisions (docs/line-side.md)")
+    line.add_argument("--calibration", help="thresholds from `python -m runtime.calibrate` (checked against the engines)")
+    line.add_argument("--image-threshold", type=float, help="NG when the image score (map max) exceeds it")
+    line.add_argument("--pixel-threshold", type=float, help="defect mask where the map exceeds it (<stem>_mask.png)")
+    line.add_argument("--memory", help="normal memory file from `python -m runtime.memory`")
+    line.add_argument("--stream-memory", type=int, metavar="N",
+                      help="learn from parts judged normal into a memory of at most N features")
+    line.add_argument("--save-memory", help="write the memory (with the stream's state) here at the end")
     return parser
 
 
@@ -44,14 +52,19 @@ def options_from_args(args: argparse.Namespace) -> dict:
     return options
 
 
-def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem: str) -> None:
-    """<stem>_map.npy (exact), <stem>_map.png (16-bit, scaled by the JSON's png_max), overlay, regions JSON."""
+def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem: str,
+                  thresholds: dict | None = None) -> None:
+    """<stem>_map.npy (exact), <stem>_map.png (16-bit, scaled by the JSON's png_max), overlay, regions JSON,
+    and <stem>_mask.png (0/255) when a pixel threshold is set."""
     values = result.anomaly_map.astype(np.float32)
     np.save(out_dir / f"{stem}_map.npy", values)
     png_max = float(values.max()) if values.size and values.max() > 0 else 1.0
     cv2.imwrite(str(out_dir / f"{stem}_map.png"), np.round(np.clip(values / png_max, 0, 1) * 65535).astype(np.uint16))
     cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(image, values, result))
+    if result.pred_mask is not None:
+        cv2.imwrite(str(out_dir / f"{stem}_mask.png"), result.pred_mask.astype(np.uint8) * 255)
     payload = {"image": stem, "map_shape": list(values.shape), "map_max": float(values.max()), "png_max": png_max,
+               **({"thresholds": thresholds} if thresholds is not None else {}),
                **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()}}
     (out_dir / f"{stem}_regions.json").write_text(json.dumps(payload, indent=1))
 
@@ -73,6 +86,8 @@ def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.
         cv2.putText(picture, f"{region.phrase[:20]} {region.score:.2f}", (max(x0, 0), max(y0 - 3, 10)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     label = "saliency only (lite)" if result.saliency_only else f"max {values.max():.3f}"
+    if result.pred_label is not None:
+        label = f"{'NG' if result.pred_label else 'OK'} {result.pred_score:.3f}, {label}"
     cv2.putText(picture, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return picture
 
@@ -81,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         pipeline = Pipeline.open(args.engine_dir, dataset=args.dataset, category=args.category, config=args.config,
-                                 device=args.device, threads=args.threads, options=options_from_args(args))
+                                 device=args.device, threads=args.threads, options=options_from_args(args),
+                                 calibration=args.calibration, memory=args.memory, stream_memory=args.stream_memory,
+                                 image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
     except SaaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -98,19 +115,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pipeline.saliency_only:
         print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
     failures = []
+    rejected = 0
     progress = _progress(paths, disable=args.no_progress)
     stems = unique_stems(paths)
     for path in progress:
         try:
             image = read_image(path)
             result = pipeline(image, out_size=args.out_size)
-            write_outputs(result, image, out_dir, stems[path])
+            write_outputs(result, image, out_dir, stems[path], pipeline.thresholds.to_json())
+            rejected += result.pred_label or 0
         except SaaError as err:
             failures.append((path, str(err)))
             progress.write(f"failed: {err}", file=sys.stderr)
+    saved = True
+    if args.save_memory:
+        try:
+            pipeline.save_memory(args.save_memory)
+        except SaaError as err:
+            saved = False
+            print(f"error: {err}", file=sys.stderr)
     pipeline.close()
     print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir}", file=sys.stderr)
-    return 1 if failures else 0
+    if pipeline.thresholds.image is not None:
+        print(f"{rejected} NG, {len(paths) - len(failures) - rejected} OK at image threshold "
+              f"{pipeline.thresholds.image:.6g}", file=sys.stderr)
+    return 1 if failures or not saved else 0
 
 
 def unique_stems(paths: list[Path]) -> dict[Path, str]:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import cv2
 import numpy as np
 
 from . import manifest as mf
@@ -105,7 +106,7 @@ class SaliencyGrids:
     """One image's saliency on the feature grid, as the pipeline computed it with a memory."""
 
     features: np.ndarray  # [C, h, w] float32, unit length over C
-    self_grid: np.ndarray  # [h, w] zero-shot self-similarity saliency
+    self_grid: np.ndarray | None  # [h, w] zero-shot self-similarity saliency (None: not needed, blend 1)
     memory_grid: np.ndarray | None  # [h, w] distance to the nearest memory features (None: memory empty)
     grid: np.ndarray  # [h, w] the blend the pipeline used
 
@@ -252,11 +253,35 @@ class NormalMemory:
 
     def grids(self, extractor: Any, image: np.ndarray, n: int | None = None, mode: str | None = None) -> SaliencyGrids:
         """The saliency grids of one image: self-similarity, memory distance and their blend."""
+        if len(self.features) and self.settings.blend == 1.0:
+            # memory only: the self-similarity (most of the zero-shot saliency's time) is not needed
+            features = extractor.single_object_features(image)
+            memory_grid = self.distance_grid(features)
+            return SaliencyGrids(features, None, memory_grid, memory_grid)
         features, self_grid = single_object_grids(extractor, image, n, mode)
         if not len(self.features):
             return SaliencyGrids(features, self_grid, None, self_grid)
         memory_grid = self.distance_grid(features)
         return SaliencyGrids(features, self_grid, memory_grid, self.blend(self_grid, memory_grid))
+
+    def blend_map(self, extractor: Any, image: np.ndarray, saliency_map: np.ndarray,
+                  grids: list | None = None) -> np.ndarray:
+        """A saliency map at image size (the multi-object one) blended with the memory distance
+        (single-object grid, resized bilinear); appends the grids to `grids` for a stream."""
+        features = extractor.single_object_features(image)
+        height, width = image.shape[:2]
+        memory_grid, blended = None, saliency_map
+        if len(self.features):
+            memory_grid = self.distance_grid(features)
+            blended = self.blend(saliency_map, cv2.resize(memory_grid, (width, height)))
+        if grids is not None:
+            grid_size = features.shape[:0:-1]  # (w, h) for cv2
+
+            def small(values: np.ndarray) -> np.ndarray:
+                return cv2.resize(values.astype(np.float32), grid_size, interpolation=cv2.INTER_AREA)
+
+            grids.append(SaliencyGrids(features, small(saliency_map), memory_grid, small(blended)))
+        return blended
 
     def blend(self, self_grid: np.ndarray, memory_grid: np.ndarray) -> np.ndarray:
         weight = np.float32(self.settings.blend)

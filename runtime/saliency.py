@@ -291,6 +291,43 @@ class SaliencyExtractor:
         return replace(self.settings, **changes).checked() if changes else self.settings
 
 
+# ---------------------------------------------------------------- presets
+
+PRESETS = ("reference", "tuned")
+# The saliency study's best one-object setting per backbone (docs/saliency-study.md:
+# chosen on the TUNE half of MTD dev, reported on the HELD-OUT half). Backbones not
+# listed (the full profile's WideResNet50) have only the reference setting.
+TUNED: dict[str, SaliencySettings] = {
+    "efficientnet_lite0": SaliencySettings(n=400, mode="nearest", layers=(2, 3), contrast="clahe", pad=16, blur_sigma=4.0),
+}
+
+
+def default_preset(profile: str) -> str:
+    """"tuned" for lite engines (saliency-only maps, tuned on MTD); "reference" for full ones."""
+    return "tuned" if profile == "lite" else "reference"
+
+
+def preset_settings(
+    manifest: mf.Manifest, preset: str | None = None, n: int | None = None, mode: str | None = None
+) -> SaliencySettings:
+    """The one-object settings a pipeline runs: the preset (None: the profile's default), with an
+    explicit n or mode replacing the preset's. Without a tuned entry for the backbone, "tuned"
+    fails and the default falls back to "reference"."""
+    record = manifest.preprocess.get("saliency")
+    backbone = record.get("backbone") if isinstance(record, dict) else None
+    if preset is None:
+        preset = default_preset(manifest.profile)
+        if preset == "tuned" and backbone not in TUNED:
+            preset = "reference"
+    if preset not in PRESETS:
+        raise ConfigError(f"saliency preset must be one of {PRESETS}, got {preset!r}")
+    if preset == "tuned" and backbone not in TUNED:
+        raise ConfigError(f"no tuned saliency setting for backbone {backbone!r} (tuned: {sorted(TUNED)}); use 'reference'")
+    settings = TUNED[backbone] if preset == "tuned" else SaliencySettings()
+    changes = {key: value for key, value in (("n", n), ("mode", mode)) if value is not None}
+    return replace(settings, **changes).checked()
+
+
 def adjust_contrast(image: np.ndarray, contrast: str) -> np.ndarray:
     """Equalise the luminance of a uint8 HxWx3 image ("equalize": global histogram,
     "clahe": contrast-limited, per tile); "none" returns it unchanged. A grey image stays grey."""
@@ -327,4 +364,16 @@ def _check_image(image: np.ndarray) -> None:
         raise ImageError(f"saliency got an empty image {image.shape}")
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "SaliencyExtractor", "SaliencySettings"]
+__all__ = [
+    "CONTRASTS",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "PRESETS",
+    "TUNED",
+    "SaliencyExtractor",
+    "SaliencySettings",
+    "adjust_contrast",
+    "default_preset",
+    "preset_settings",
+    "smooth_grid",
+]

@@ -35,7 +35,6 @@ _SAMPLE_STEP = 2654435761  # Knuth's multiplicative hash step: sample positions 
 _MIN_ROW_FOR_SAMPLING = 1024  # shorter rows go straight to quickselect
 SYMMETRIC_PANEL_ROWS = 256  # rows of the similarity per BLAS call on the symmetric path
 TRIANGLE_MAX_BYTES = 96 << 20  # the symmetric path keeps the upper triangle: 34 MB for a 64x64 grid
-_GEMM_SPIN = os.environ.get("SAA_GEMM_SPIN", "0")
 _GROUP = 16  # rows selected together: an earlier panel's columns are read 64 bytes at a time
 
 
@@ -340,7 +339,7 @@ _GEMM_ONNX = base64.b64decode(
     "Cg4IARIKCgMSAW0KAxIBa1oVCgFiEhAKDggBEgoKAxIBbgoDEgFrYhUKAXkSEAoOCAESCgoDEgFtCgMSAW5CBAoAEBE="
 )
 GEMM_BACKENDS = ("onnxruntime", "numpy")
-_gemm_backend = os.environ.get("SAA_GEMM", "onnxruntime")
+_gemm_backend = os.environ.get("SAA_GEMM_BACKEND", "onnxruntime")  # "numpy": OpenBLAS, for comparisons
 _gemm_sessions: dict[int, Any] = {}
 _gemm_lock = threading.Lock()
 
@@ -359,7 +358,7 @@ def _gemm_session(threads: int) -> Any:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", _GEMM_SPIN)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = _gemm_sessions[threads] = ort.InferenceSession(_GEMM_ONNX, options, providers=["CPUExecutionProvider"])
         return session
 

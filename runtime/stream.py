@@ -68,6 +68,7 @@ class StreamEvent:
     serial: int  # the part's number in the stream (1-based)
     learned: int  # features added to the memory
     reason: str  # why (not) learned
+    memory_serial: int | None = None  # the image serial its features carry in memory.sources
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,9 +129,10 @@ class StreamingMemory:
             keep = self.learnable(grids, anomaly_map, thresholds).reshape(-1)
             positions = np.flatnonzero(keep)
             rows = as_rows(grids.features)[positions]
-            self.memory.add(rows, self.memory.new_serial(), positions)
+            memory_serial = self.memory.new_serial()
+            self.memory.add(rows, memory_serial, positions)
             self.learned_parts += 1
-            return StreamEvent(serial, int(len(positions)), "learned")
+            return StreamEvent(serial, int(len(positions)), "learned", memory_serial)
 
     # ------------------------------------------------------------------ state
 

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def test_library_leaves_python_to_the_host(library):
     path = str(capi.library_path())
     undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True).stdout
     assert not re.search(r"\bPy", undefined)
+    if shutil.which("readelf"):
+        needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+        assert "NEEDED" in needed and "libpython" not in needed
     exported = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     assert set(re.findall(r"\b(saa_\w+)", exported)) == {"saa_version", "saa_abi_version", "saa_open", "saa_infer",
                                                         "saa_last_error", "saa_close"}
@@ -96,13 +100,23 @@ def test_version(library):
     assert f"C ABI {abi.ABI_VERSION}" in capi.version() and "Python 3." in capi.version()
 
 
-def test_ctypes_host_reuses_the_running_interpreter(pipe, frame):
-    """After open and infer, the libpython files mapped into this process are the ones mapped before."""
+def test_ctypes_host_reuses_the_running_interpreter(pipe, frame, monkeypatch):
+    """The library calls the pipeline objects of this very interpreter (a patched method sees the
+    call, with this frame's pixels in place), and maps no further libpython into the process."""
     def mapped_libpython() -> set[str]:
         return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libpython" in line}
 
-    before = mapped_libpython()
-    pipe(frame[:64, :64])
+    before, seen = mapped_libpython(), []
+    original = Pipeline.__call__
+
+    def spy(self, image, out_size=None):
+        seen.append(image.__array_interface__["data"][0])
+        return original(self, image, out_size)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    crop = np.ascontiguousarray(frame[:64, :64])
+    pipe(crop)
+    assert seen == [crop.ctypes.data]  # zero copy: the pipeline read the caller's buffer
     assert mapped_libpython() == before
 
 
@@ -315,3 +329,33 @@ def test_threads_match_single_threaded(library, lite_engine_dir, frame):  # noqa
             for got, want in zip(run(handles), expected):
                 assert not isinstance(got, BaseException), got
                 np.testing.assert_array_equal(got, want)
+
+
+PYDLL_SCRIPT = r"""
+import ctypes, sys, threading
+import numpy as np
+from runtime import capi
+library = ctypes.PyDLL(str(capi.library_path()))  # keeps the GIL held during each call
+capi._declare(library)
+handle = ctypes.c_void_p()
+assert library.saa_open(sys.argv[1].encode(), b"mtd/mtd", b"cpu", ctypes.byref(handle)) == 0
+frame = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+maps = [np.zeros((96, 128), np.float32) for _ in range(4)]
+def work(i):
+    count = ctypes.c_int()
+    assert library.saa_infer(handle, frame.ctypes.data, 96, 128, 384, 3, maps[i].ctypes.data, 96, 128, None, 0,
+                             ctypes.byref(count)) == 0
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert all(np.array_equal(m, maps[0]) and m.max() > 0 for m in maps)
+print("ok")
+"""
+
+
+def test_gil_holding_callers_do_not_deadlock(library, lite_engine_dir):  # noqa: F811
+    """Through ctypes.PyDLL the caller holds the GIL: a thread waiting for a busy handle must
+    let the GIL go, or the thread inside the pipeline could never finish."""
+    done = subprocess.run([sys.executable, "-c", PYDLL_SCRIPT, str(lite_engine_dir)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

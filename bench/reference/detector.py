@@ -9,7 +9,9 @@ GroundingDinoForObjectDetection, whose forward is that of the authors' model.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,3 +79,36 @@ def reference_detect(
         token_type_ids=tokenized.get("token_type_ids"),
     )
     return outputs.logits.sigmoid()[0].numpy(), outputs.pred_boxes[0].numpy()
+
+
+@contextmanager
+def query_selection(force: torch.Tensor | np.ndarray | None = None, num_queries: int = 900) -> Iterator[list]:
+    """Record, or impose, GroundingDINO's top-`num_queries` query selection inside the block.
+
+    The two-stage selection (torch.topk over the encoder's scores) is discontinuous: scores
+    closer than float rounding come out in either order in two implementations, and a swapped
+    pair changes those queries' outputs. Parity checks therefore compare the selections (the
+    yielded list gets one (scores [B, S], indices [B, k]) pair per call) and, where they differ
+    on near-ties only, rerun with `force` ([B, k] positions) so the rest can be compared.
+    Works for transformers' model and the authors' (both call torch.topk with k = num_queries).
+    """
+    original = torch.topk
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forced = None if force is None else torch.as_tensor(np.asarray(force), dtype=torch.long)
+
+    def topk(input, k, dim=-1, largest=True, sorted=True):  # noqa: A002 (torch's argument names)
+        if k != num_queries:
+            return original(input, k, dim, largest, sorted)
+        if forced is None:
+            values, indices = original(input, k, dim, largest, sorted)
+        else:
+            indices = forced.to(input.device)
+            values = torch.gather(input, dim, indices)
+        calls.append((input.detach().clone(), indices.clone()))
+        return values, indices
+
+    torch.topk = topk
+    try:
+        yield calls
+    finally:
+        torch.topk = original

@@ -1,0 +1,112 @@
+"""The latency benchmark in CI size: lite engines, 2 calls, the PyTorch reference in the same run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_engines import lite_engine_dir  # noqa: F401
+
+from bench import latency as L
+
+REPO = Path(__file__).resolve().parent.parent
+TOP_KEYS = ("device", "device_name", "sam_variant", "precision", "random_weights", "end_to_end_p50_ms",
+            "end_to_end_p95_ms", "images_per_s", "speedup_vs_reference", "stages", "versions", "peak_rss_mb",
+            "load_average", "cpu_model", "reference")
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.latency", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lite_result(lite_engine_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("latency") / "result.json"
+    done = run_cli("--engine-dir", str(lite_engine_dir), "--device", "cpu", "--iters", "2", "--warmup", "1",
+                   "--reference", "--threads", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_cli_writes_the_schema_and_runs_the_reference(lite_result):
+    record, table = lite_result
+    assert all(key in record for key in TOP_KEYS), sorted(set(TOP_KEYS) - set(record))
+    assert record["device"] == "cpu" and record["profile"] == "lite" and record["precision"] == "fp32"
+    assert record["sam_variant"] is None and record["random_weights"] is False
+    assert record["iters"] == 2 and record["stages"]["end_to_end"]["n"] == 2
+    for stage in ("preprocess", "saliency", "end_to_end"):
+        stats = record["stages"][stage]
+        assert 0 <= stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+    assert record["end_to_end_p50_ms"] == record["stages"]["end_to_end"]["p50_ms"] > 0
+    assert record["images_per_s"] > 0 and record["peak_rss_mb"] > 0
+    reference = record["reference"]
+    assert reference["ran"] and reference["iters"] == 2
+    assert reference["parity_max_abs_diff"]["saliency"] < 1e-4  # the torch model rebuilt from the manifest is the engine's
+    # The runtime and the reference computed the same saliency map on the same image.
+    assert reference["map"] == "saliency" and reference["map_max_abs_diff"] < 1e-4
+    assert record["speedup_vs_reference"] > 0
+    assert record["stages"]["saliency"]["speedup"] > 0 and record["stages"]["saliency"]["reference_p50_ms"] > 0
+    assert "speed-up vs the PyTorch reference" in table and "saliency" in table
+
+
+def test_cli_names_its_file_by_device_profile_precision_and_date(lite_engine_dir, tmp_path, capsys):  # noqa: F811
+    assert L.main(["--engine-dir", str(lite_engine_dir), "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert "end to end p50" in capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert path.name == f"latency_cpu_lite_fp32_{record['created'][:10]}.json"
+    assert record["speedup_vs_reference"] is None and record["reference"] == {"ran": False}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--engine-dir", "/nonexistent/engines"), "does not exist"),
+        (("--engine-dir", "{lite}", "--iters", "0"), "--iters must be >= 1"),
+        (("--engine-dir", "{lite}", "--config", "x.yaml", "--dataset", "mvtec"), "not both"),
+        (("--engine-dir", "{lite}", "--image", "/nonexistent.png"), "no such file"),
+    ],
+)
+def test_cli_bad_input_is_one_line(lite_engine_dir, args, message, capsys):  # noqa: F811
+    assert L.main([*(a.format(lite=lite_engine_dir) for a in args), "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_summaries_and_stage_groups():
+    stats = L.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert stats["p50_ms"] == 3.0 and stats["n"] == 5 and stats["min_ms"] == 1.0
+    assert stats["p95_ms"] == pytest.approx(np.percentile([1, 2, 3, 4, 100], 95), abs=1e-3)
+    runtime = [{"detector_image": 2.0, "detector_prompts": 3.0, "end_to_end": 10.0},
+               {"detector_image": 4.0, "detector_prompts": 1.0, "end_to_end": 20.0}]
+    assert L.stage_series(runtime, ("detector_image", "detector_prompts")) == [5.0, 5.0]
+    stages = L.runtime_stages(runtime)
+    assert stages["detector"]["p50_ms"] == 5.0 and stages["detector"]["sum_of"] == ["detector_image", "detector_prompts"]
+    compared = L.compare_stages(runtime, [{"detector": 50.0, "total": 150.0}, {"detector": 50.0, "total": 150.0}])
+    assert compared["detector"]["speedup"] == 10.0 and compared["total"]["speedup"] == 10.0
+    assert "sam" not in compared  # the reference did not time it
+    with pytest.raises(L.BenchError):
+        L.summarize([])
+
+
+def test_result_path():
+    record = {"device": "cuda", "profile": "full", "sam_variant": "vit_h", "precision": "fp16", "created": "2026-01-02T03:04:05"}
+    assert L.result_path(Path("bench/results"), record).name == "latency_cuda_full-vit-h_fp16_2026-01-02.json"
+    assert L.result_path(Path("x/y.json"), record) == Path("x/y.json")
+
+
+def test_reference_rebuild_check_fails_on_other_weights(lite_engine_dir):  # noqa: F811
+    torch = pytest.importorskip("torch")
+    from bench.reference.load import ReferenceLoadError, check_parity, load_reference_models
+
+    torch.set_num_threads(1)
+    models = load_reference_models(lite_engine_dir)
+    assert check_parity(models)["saliency"] < 1e-4
+    with torch.no_grad():
+        next(models.cnn.parameters()).mul_(1.5)  # weights the engines do not hold
+    with pytest.raises(ReferenceLoadError, match="differs from saliency.onnx"):
+        check_parity(models)
