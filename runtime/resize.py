@@ -4,58 +4,102 @@ The reference resizes through PIL (torchvision's `resize` on a PIL image: biline
 with a support widened by the scale factor, i.e. antialiased when shrinking) for
 GroundingDINO and SAM. OpenCV's INTER_LINEAR does not antialias, so shrinking a
 1600-px image to 800 would feed different pixels. This module reproduces PIL's
-separable triangle filter as two small matrix products, cached per size pair.
+separable triangle filter in its own fixed-point arithmetic (a numba kernel, cached
+taps per size pair), so the bytes equal PIL's.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
+import numba
 import numpy as np
+
+PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images (32 - 8 - 2)
 
 
 @lru_cache(maxsize=64)
-def _pil_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of PIL's bilinear ("triangle") resampling weights."""
+def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's bilinear ("triangle") taps per output pixel: fixed-point weights [O, T], first input index, tap count."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # bilinear filter support is 1
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    support = 1.0 * filterscale  # the bilinear filter's support is 1, widened when shrinking (antialias)
+    width = int(np.ceil(support)) * 2 + 1
+    weights = np.zeros((out_size, width), dtype=np.int64)
+    first = np.zeros(out_size, dtype=np.int64)
+    count = np.zeros(out_size, dtype=np.int64)
     for out_index in range(out_size):
         center = (out_index + 0.5) * scale
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), in_size)
         taps = np.arange(xmin, xmax, dtype=np.float64)
-        w = 1.0 - np.abs((taps - center + 0.5) / filterscale)
-        w = np.clip(w, 0.0, None)
+        w = np.clip(1.0 - np.abs((taps - center + 0.5) / filterscale), 0.0, None)
         total = w.sum()
-        if total > 0:
-            weights[out_index, xmin:xmax] = w / total
-    return weights.astype(np.float32)
+        if total != 0.0:
+            w = w / total
+        fixed = np.where(w < 0, -0.5 + w * (1 << PRECISION_BITS), 0.5 + w * (1 << PRECISION_BITS)).astype(np.int64)
+        weights[out_index, : len(fixed)] = fixed
+        first[out_index], count[out_index] = xmin, len(fixed)
+    return weights, first, count
 
 
-def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 HxW or HxWxC image to size_hw as PIL's BILINEAR does; returns uint8.
+@numba.njit(cache=True)
+def _resample_rows_numba(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Resample axis 1 of a uint8 [H, W, C] array with PIL's fixed-point arithmetic."""
+    height, _, channels = image.shape
+    out_size = weights.shape[0]
+    out = np.empty((height, out_size, channels), np.uint8)
+    half = 1 << (PRECISION_BITS - 1)
+    for y in range(height):
+        for o in range(out_size):
+            for c in range(channels):
+                total = half
+                for t in range(count[o]):
+                    total += np.int64(image[y, first[o] + t, c]) * weights[o, t]
+                value = total >> PRECISION_BITS
+                out[y, o, c] = 0 if value < 0 else (255 if value > 255 else value)
+    return out
 
-    Equal to PIL up to its fixed-point coefficients (a difference of 1 on a few pixels).
+
+def _resample_rows_numpy(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Twin of the kernel: a dense fixed-point matrix product (integers stay exact in float64)."""
+    dense = np.zeros((weights.shape[0], image.shape[1]), np.float64)
+    for o in range(weights.shape[0]):
+        dense[o, first[o]: first[o] + count[o]] = weights[o, : count[o]]
+    total = np.einsum("ow,hwc->hoc", dense, image.astype(np.float64), optimize=True) + (1 << (PRECISION_BITS - 1))
+    return np.clip(np.floor(total / (1 << PRECISION_BITS)), 0, 255).astype(np.uint8)
+
+
+def _taps_per_output(in_size: int, out_size: int) -> int:
+    return int(np.ceil(max(in_size / out_size, 1.0))) * 2 + 1
+
+
+def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], kernel=_resample_rows_numba) -> np.ndarray:
+    """Resize a uint8 HxW or HxWxC image to size_hw exactly as PIL's Image.resize(BILINEAR) does.
+
+    Two separable passes with PIL's 22-bit fixed-point weights, rounded to 8 bits between
+    passes; the vertical pass goes first when its filter is wider (Pillow 13's order, found by
+    comparing outputs; Pillow's own C code of older releases always went horizontal first).
     """
     out_h, out_w = int(size_hw[0]), int(size_hw[1])
     in_h, in_w = image.shape[:2]
-    if (in_h, in_w) == (out_h, out_w):
-        return image.copy()
-    data = image.astype(np.float32)
-    squeeze = data.ndim == 2
-    if squeeze:
-        data = data[:, :, None]
-    # PIL resamples horizontally first, then vertically, rounding to 8 bits after each pass.
-    if in_w != out_w:
-        cols = _pil_bilinear_weights(in_w, out_w)
-        data = np.clip(np.floor(np.einsum("ow,hwc->hoc", cols, data, optimize=True) + 0.5), 0, 255)
-    if in_h != out_h:
-        rows = _pil_bilinear_weights(in_h, out_h)
-        data = (rows @ data.reshape(in_h, -1)).reshape(out_h, out_w, -1)
-        data = np.clip(np.floor(data + 0.5), 0, 255)
-    out = data.astype(np.uint8)
-    return out[:, :, 0] if squeeze else out
+    squeeze = image.ndim == 2
+    data = np.ascontiguousarray(image[:, :, None] if squeeze else image, dtype=np.uint8)
+
+    def horizontal(values: np.ndarray) -> np.ndarray:
+        return kernel(values, *_pil_bilinear_taps(values.shape[1], out_w)) if values.shape[1] != out_w else values
+
+    def vertical(values: np.ndarray) -> np.ndarray:
+        if values.shape[0] == out_h:
+            return values
+        swapped = np.ascontiguousarray(values.transpose(1, 0, 2))
+        return np.ascontiguousarray(kernel(swapped, *_pil_bilinear_taps(values.shape[0], out_h)).transpose(1, 0, 2))
+
+    if _taps_per_output(in_h, out_h) > _taps_per_output(in_w, out_w):
+        data = horizontal(vertical(data))
+    else:
+        data = vertical(horizontal(data))
+    data = data.copy() if data is image else data
+    return data[:, :, 0] if squeeze else data
 
 
 def longest_side_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
