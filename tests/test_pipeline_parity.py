@@ -1,0 +1,66 @@
+"""The main proof: the runtime's SAA+ equals the PyTorch reference algorithm on the same weights.
+
+Tiny random-weight GroundingDINO + SAM + WideResNet (full profile) and the real
+EfficientNet-Lite0 (lite profile), exported by `python -m export`, against
+bench.reference rebuilt from the manifest. Square images, so the detector's fixed
+224x224 input holds them without the extra scaling a non-square image would need.
+"""
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench.reference.load import build_reference, load_reference_models  # noqa: E402
+from runtime import manifest as mf  # noqa: E402
+from runtime.config import load_shipped_config  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+
+# Random SAM weights put many mask logits near 0: a last-bit difference flips such a pixel,
+# which changes the fused map there by up to a region's score. Allowed: this fraction of pixels.
+MAX_DIFFERING_PIXELS = 1e-3
+
+
+def square_images(data_dir):
+    bottle = cv2.imread(str(data_dir / "bottle_demo.png"))
+    tile = cv2.imread(str(data_dir / "mtd_break_exp6_num_348888.jpg"))
+    side = min(tile.shape[:2])
+    return {"mvtec bottle": bottle, "mtd tile crop": np.ascontiguousarray(tile[:side, :side])}
+
+
+@pytest.fixture(scope="module")
+def full_models(full_tiny_engine_dir):
+    torch.set_num_threads(2)
+    return load_reference_models(full_tiny_engine_dir)
+
+
+@pytest.mark.parametrize("dataset, category", [("mvtec", "bottle"), ("mtd", "mtd")])
+def test_full_pipeline_matches_reference(full_models, full_tiny_engine_dir, data_dir, dataset, category):
+    config = load_shipped_config(dataset, category)
+    reference = build_reference(full_models, config)
+    pipeline = Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
+    for name, image in square_images(data_dir).items():
+        expected = reference(image)
+        got = pipeline(image)
+        boxes = np.array([r.box for r in got.regions], np.float32).reshape(-1, 4)
+        assert len(boxes) == len(expected.defect_boxes) > 0, name  # the same boxes survive P^P, in the same order
+        np.testing.assert_allclose(boxes, expected.defect_boxes, atol=1e-2, err_msg=name)
+        # scores: detector score x exp(3 x mean saliency in the mask); mask-edge flips move the mean slightly
+        np.testing.assert_allclose([r.score for r in got.regions], expected.defect_scores, rtol=1e-3, err_msg=name)
+        assert got.object_regions and max(r.box_area for r in got.object_regions) == pytest.approx(expected.object_area, rel=1e-5)
+        np.testing.assert_allclose(got.saliency_map, expected.saliency_map, atol=1e-5, err_msg=name)
+        assert got.anomaly_map.shape == expected.anomaly_map.shape
+        differing = np.abs(got.anomaly_map - expected.anomaly_map) > 1e-4
+        assert differing.mean() < MAX_DIFFERING_PIXELS, (name, differing.mean())
+        assert expected.anomaly_map.max() > 0  # a map with regions in it, so agreement means something
+
+
+def test_lite_pipeline_matches_reference(lite_engine_dir, data_dir):
+    config = load_shipped_config("mtd", "mtd")
+    reference = build_reference(load_reference_models(lite_engine_dir), config)
+    pipeline = Pipeline(mf.load_manifest(lite_engine_dir), config)
+    image = cv2.imread(str(data_dir / "mtd_break_exp6_num_348888.jpg"))  # non-square: lite has no fixed input
+    expected = reference(image).saliency_map
+    got = pipeline(image)
+    assert got.saliency_only
+    np.testing.assert_allclose(got.anomaly_map, expected, atol=1e-5)
