@@ -64,3 +64,19 @@ def test_lite_pipeline_matches_reference(lite_engine_dir, data_dir):
     got = pipeline(image)
     assert got.saliency_only
     np.testing.assert_allclose(got.anomaly_map, expected, atol=1e-5)
+
+
+def test_no_object_box_takes_the_whole_image(full_models, full_tiny_engine_dir, data_dir):
+    """The reference crashes when no object box survives; both treat the image as the object."""
+    from runtime.config import config_from_dict
+
+    # object boxes must be smaller than 1/1000 of the image: none is
+    config = config_from_dict({"object_prompt": "tile", "object_count": 1000, "defect_prompts": ["crack"],
+                               "top_k": 5, "defect_area_ratio": 0.9})
+    image = square_images(data_dir)["mtd tile crop"]
+    got = Pipeline(mf.load_manifest(full_tiny_engine_dir), config)(image)
+    expected = build_reference(full_models, config)(image)
+    assert got.object_regions == [] and expected.object_area == 1.0
+    assert any("no object box" in note for note in got.notes)
+    assert len(got.regions) == len(expected.defect_boxes)
+    assert (np.abs(got.anomaly_map - expected.anomaly_map) > 1e-4).mean() < MAX_DIFFERING_PIXELS
