@@ -48,7 +48,8 @@ SPLIT_SEED = 0  # the tune/held-out split of a dataset is fixed
 TUNE_FRACTION = 1.0 / 3.0
 STUDY_SHOTS = (1, 4, 16)
 STUDY_SEEDS = (0, 1, 2)
-TUNE_BLENDS = (0.25, 0.5, 0.75, 1.0)
+TUNE_BLENDS = (0.5, 0.75, 1.0)
+TUNE_SIGMAS = (0.0, 1.0, 2.0)
 LATENCY_SIZES = (1024, 2048, 4096, 8192, 16384)
 TABLE_KEYS = ("pixel_max_f1", "pixel_auroc", "image_auroc")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -225,7 +226,7 @@ def run_study(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_t
             runs.setdefault(name, []).append(run_shots(pipe, test, pool, pool_in_test, shots, seed, **kwargs))
             _say(f"{name} seed {seed}: {_brief(runs[name][-1])}")
     for seed in STUDY_SEEDS:
-        runs.setdefault("stream", []).append(run_stream(pipe, test, seed, args.stream_memory, **kwargs))
+        runs.setdefault("stream", []).append(run_stream(pipe, test, seed, _capacity(args), **kwargs))
         _say(f"stream seed {seed}: {_brief(runs['stream'][-1])} guard {runs['stream'][-1]['protocol']['guard']}")
     summary = {name: _mean_spread(found) for name, found in runs.items()}
     return {"summary": summary, "table": study_table(summary), "runs": runs}
@@ -236,6 +237,7 @@ def run_tune(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_te
     """Blend sweep: the self-similarity and memory grids are computed once per (shots, seed), and
     each blend is the memory's own blend function of the two, evaluated like the pipeline's map."""
     from runtime.memory import MemorySettings, NormalMemory, single_object_grids
+    from runtime.saliency import smooth_grid
 
     options = pipe.config.options
     self_grids = {}
@@ -250,19 +252,24 @@ def run_tune(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_te
                                               ((p.name, read_image(p)) for p in chosen), MemorySettings())
             taken = set(chosen) if pool_in_test else set()
             remaining = [s for s in test if s.image_path not in taken]
-            memory_grids = {s.image_path: memory.distance_grid(pipe.saliency.single_object_features(
+            distances = {s.image_path: memory.distance_grid(pipe.saliency.single_object_features(
                 read_image(s.image_path))) for s in remaining}
-            for blend in (0.0,) + TUNE_BLENDS:
-                weighted = NormalMemory(memory.binding, MemorySettings(blend=blend), memory.features, memory.sources)
+            variants = [(0.0, 0.0)] + [(b, g) for b in TUNE_BLENDS for g in TUNE_SIGMAS]
+            for blend, sigma in variants:
+                settings = MemorySettings(blend=blend, blur_sigma=sigma)
+                weighted = NormalMemory(memory.binding, settings, memory.features, memory.sources)
+                # the memory's own steps (memory_map = blurred distances, then blend) on the cached grids
+                blurred = {path: smooth_grid(grid, sigma) for path, grid in distances.items()}
 
                 def predict(image: np.ndarray, path_of=_current_path) -> tuple[np.ndarray, None]:
                     path = path_of()
-                    grid = weighted.blend(self_grids[path], memory_grids[path])
+                    grid = weighted.blend(self_grids[path], blurred[path])
                     return cv2.resize(grid, (image.shape[1], image.shape[0])), None
 
                 metrics = ev.evaluate_category(remaining, predict, read_image=_tracking_read, **kwargs)
-                results.setdefault(f"blend {blend:g}", []).append({**metrics, "shots": shots, "seed": seed})
-                _say(f"tune {shots}-shot seed {seed} blend {blend:g}: {_brief(metrics)}")
+                name = "zero-shot" if blend == 0 else f"blend {blend:g} blur {sigma:g}"
+                results.setdefault(name, []).append({**metrics, "shots": shots, "seed": seed})
+                _say(f"tune {shots}-shot seed {seed} {name}: {_brief(metrics)}")
     summary = {name: _mean_spread(found) for name, found in results.items()}
     return {"summary": summary, "table": study_table(summary), "runs": results}
 
@@ -279,7 +286,7 @@ def _current_path() -> Path:
     return _last_path[0]
 
 
-def run_latency(pipe: Any, images: Sequence[Path], repeats: int = 5) -> dict[str, Any]:
+def run_latency(pipe: Any, images: Sequence[Path], repeats: int = 15) -> dict[str, Any]:
     """Per memory size: the saliency stage with the memory, the search alone, and one stream update."""
     from runtime.memory import MemorySettings, NormalMemory, as_rows
     from runtime.stream import StreamingMemory
@@ -348,7 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--latency", action="store_true", help="memory cost per memory size")
     parser.add_argument("--seed", type=int, default=0, help="shots draw / stream order")
     parser.add_argument("--split", default="all", choices=["all", "tune", "heldout"])
-    parser.add_argument("--stream-memory", type=int, default=4096, help="streaming memory capacity (features)")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="memory capacity in features, for --shots and --stream (default: runtime.memory's)")
     parser.add_argument("--bins", type=int, default=ev.mt.DEFAULT_BINS)
     parser.add_argument("--device", help="passed to Pipeline.open")
     return parser
@@ -364,7 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _capacity(args: argparse.Namespace) -> int:
+    from runtime.memory import DEFAULT_CAPACITY
+
+    return DEFAULT_CAPACITY if args.capacity is None else args.capacity
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from runtime.memory import MemorySettings
     from runtime.pipeline import Pipeline
 
     listed = list_samples(args.dataset, args.root, [args.category] if args.category else None)
@@ -404,9 +419,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plot = {"workdir": args.out}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.shots is not None:
-        metrics = run_shots(pipe, samples, pool, pool_in_test, args.shots, args.seed, **evaluation, **plot)
+        settings = MemorySettings(capacity=_capacity(args))
+        metrics = run_shots(pipe, samples, pool, pool_in_test, args.shots, args.seed, settings, **evaluation, **plot)
     elif args.stream:
-        metrics = run_stream(pipe, samples, args.seed, args.stream_memory, **evaluation, **plot)
+        metrics = run_stream(pipe, samples, args.seed, _capacity(args), **evaluation, **plot)
     else:
         metrics = run_zero_shot(pipe, samples, **evaluation, **plot)
     protocol = metrics.pop("protocol")

@@ -225,6 +225,20 @@ def timed_calls(fn: Callable[[], Any], count: int) -> list[Any]:
     return results
 
 
+def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """--option KEY=VALUE pairs (JSON values, else strings) for the prompt config's algorithm options."""
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from runtime.errors import SaaError
     from runtime.image_io import read_image
@@ -241,7 +255,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     try:
         image = read_image(image_path)
         pipeline = Pipeline.open(args.engine_dir, dataset=dataset, category=category, config=args.config,
-                                 device=args.device, threads=args.threads)
+                                 device=args.device, threads=args.threads, options=parse_options(args.option))
     except SaaError as err:
         raise BenchError(str(err)) from None
     manifest = pipeline.manifest
@@ -250,20 +264,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     # 1. The runtime alone: warm-up, timed calls, memory before torch is ever imported.
     call = lambda: pipeline(image)  # noqa: E731
-    timed_calls(call, args.warmup)
-    results = timed_calls(call, args.iters)
-    runtime_timings = [r.timings_ms for r in results]
-    rss_runtime = peak_rss_mb()
-    gpu_mb = gpu_memory_used_mb(os.getpid()) if args.device != "cpu" else None
-
-    # 2. The reference, alternating with the runtime so both see the same load.
     reference: dict[str, Any] = {"ran": False}
     speedup = None
     stage_ratios: dict[str, dict[str, float]] = {}
-    if args.reference:
-        reference, paired_runtime = run_reference(args, pipeline, image, call, notes)
-        stage_ratios = compare_stages(paired_runtime, reference.pop("_timings"))
-        speedup = stage_ratios["total"]["speedup"]
+    try:
+        timed_calls(call, args.warmup)
+        results = timed_calls(call, args.iters)
+        runtime_timings = [r.timings_ms for r in results]
+        rss_runtime = peak_rss_mb()
+        gpu_mb = gpu_memory_used_mb(os.getpid()) if args.device != "cpu" else None
+
+        # 2. The reference, alternating with the runtime so both see the same load.
+        if args.reference:
+            reference, paired_runtime = run_reference(args, pipeline, image, call, notes)
+            stage_ratios = compare_stages(paired_runtime, reference.pop("_timings"))
+            speedup = stage_ratios["total"]["speedup"]
+    except SaaError as err:
+        raise BenchError(f"the pipeline failed on {image_path}: {err}") from None
 
     load_after = os.getloadavg()
     e2e = summarize(stage_series(runtime_timings, ("end_to_end",)))
@@ -293,6 +310,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "precision": manifest.data.get("precision", "fp32"),
         "random_weights": manifest.random_init,
         "config": pipeline.config.name,
+        "options": parse_options(args.option),
         "image": str(image_path),
         "image_shape": list(image.shape[:2]),
         "iters": args.iters,
@@ -347,6 +365,7 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
     run_map = runtime_map.saliency_map if pipeline.saliency_only else runtime_map.anomaly_map
     diff = float(np.max(np.abs(np.asarray(ref_map, np.float64) - run_map))) if ref_map.shape == run_map.shape else None
     ref_timings = [o.timings_ms for o in ref_outputs]
+    gpu_peak = round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device != "cpu" and torch.cuda.is_available() else None
     notes.append("reference: " + "; ".join(models.notes))
     record = {
         "ran": True,
@@ -357,6 +376,7 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
         "parity_max_abs_diff": parity,
         "map_max_abs_diff": diff,
         "map": "saliency" if pipeline.saliency_only else "anomaly",
+        "gpu_memory_peak_mb": gpu_peak,  # torch's own allocator peak
         "_timings": ref_timings,
     }
     return record, paired
@@ -364,6 +384,8 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
 
 def _default_notes(manifest: Any, pipeline: Any) -> list[str]:
     notes = []
+    if pipeline.config.options.max_boxes_per_prompt is not None:
+        notes.append("max_boxes_per_prompt is a runtime option the reference ignores: a speed-up is not like for like")
     if manifest.random_init:
         notes.append("random weights: full-size architectures, timings only (no accuracy meaning)")
     if pipeline.saliency_only:
@@ -417,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=20, help="timed calls (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime, numba, BLAS and torch (0: defaults)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="algorithm option for both runtime and reference, e.g. max_boxes_per_prompt=20 (repeatable)")
     parser.add_argument("--reference", action="store_true", help="also run the PyTorch reference on the same weights and image")
     parser.add_argument("--reference-iters", type=int, default=0, help="reference calls (default: --iters)")
     parser.add_argument("--skip-parity", action="store_true", help="do not check the rebuilt torch models against the engines")

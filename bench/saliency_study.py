@@ -2,13 +2,17 @@
 
     python -m bench.saliency_study --engine-dir ENGINES --root ../shared/data/mtd-dev --out DIR
         [--results bench/results/saliency_study_mtd.json] [--seed 0] [--good-limit 150] [--threads 1]
+        [--cache DIR] [--no-guard] [--min-gain 0.5] [--n N ...] [--sigmas S ...] [--steps STEP ...]
 
 Protocol (no tuning on test data):
   * the MTD images are split by `split_samples` into a TUNE and a HELD-OUT half with a fixed seed,
     stratified by class (MT_Free, the good class, is first subsampled to --good-limit images);
-  * settings are chosen on TUNE only, by pixel max-F1 (the paper's metric; ties: pixel AUROC), one
-    factor at a time in the order of `STEPS`, keeping a change only when it beats the current best;
-    at every step the kNN choice (mode, n) and the blur are re-chosen with the new features;
+  * settings are chosen on TUNE only, by pixel max-F1 (the paper's metric), one factor at a time in
+    the order of `STEPS`, keeping a change only when it beats the current best by more than
+    --min-gain points (simpler settings win near-ties) and keeps TUNE AUPRO at least the reference's
+    (--no-guard drops that: pixel max-F1 on MTD is mostly its large "uneven" regions, and without
+    the guard the winner is a heavy blur that loses the small defects); at every step the kNN
+    choice (mode, n) and the blur are re-chosen with the new features;
   * every step's winner is then scored on both halves, with the reference setting on the same images;
   * the metrics are bench.evaluate's protocol (map -> image size -> 400x400 bilinear, min-max over the
     half, threshold-free curves on 2^18 bins). `Scorer` is that computation over cached grid maps; the
@@ -47,11 +51,15 @@ from .evaluate import METRIC_KEYS, evaluate_category, mask_to_eval_size, normali
 SEED = 0
 GOOD_LIMIT = 150  # MT_Free images kept (of 293 in mtd-dev), drawn with SEED
 N_GRID = (10, 30, 100, 200, 400, 700, 1000, 2000, 100_000)  # 100_000: every position (n >= P - 1)
-SIGMAS = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0)  # blur, in grid cells
+SIGMAS = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # blur, in grid cells (4 input pixels each)
 MODES = ("farthest", "nearest")
 REFERENCE = SaliencySettings()  # the reference code: farthest 400 at 256x256, layers 1-3, nothing else
 SELECT_KEY = "pixel_max_f1"
 TIE_KEY = "pixel_auroc"
+MIN_GAIN = 0.5  # points of TUNE pixel max-F1 a change from the current (or default) choice must earn
+# A setting must keep TUNE AUPRO at least the reference's: AUPRO weighs every defect region equally,
+# so this rules out maps that win pixels on MTD's large defects by blurring the small ones away.
+GUARD_KEY = "aupro"
 AGREEMENT_POINTS = 0.05  # study scorer vs runtime + harness, in metric points
 N_BLOCK_BYTES = 32 << 20  # similarity rows sorted at once
 
@@ -265,7 +273,7 @@ class Scorer:
         self.shapes: list[tuple[int, int]] = []
         self.gt: list[np.ndarray] = []
         self.region_weight: list[np.ndarray] = []  # 1/area of each positive pixel's region, in gt order
-        self.n_regions = 0
+        self.image_regions: list[int] = []
         for sample in self.samples:
             shape = read_image(sample.image_path).shape[:2]
             gt = mask_to_eval_size(read_mask(sample, shape))
@@ -273,7 +281,7 @@ class Scorer:
             self.shapes.append(shape)
             self.gt.append(gt)
             self.region_weight.append(weights[gt])
-            self.n_regions += count
+            self.image_regions.append(count)
         self.labels = np.array([s.label for s in self.samples], np.int64)
 
     def eval_maps(self, grids: Sequence[np.ndarray], sigma: float = 0.0) -> list[np.ndarray]:
@@ -281,14 +289,20 @@ class Scorer:
             raise ValueError(f"{len(grids)} grid maps for {len(self.samples)} images")
         return [to_eval_size(cv2.resize(smooth_grid(g, sigma), (w, h))) for g, (h, w) in zip(grids, self.shapes)]
 
-    def metrics(self, grids: Sequence[np.ndarray], sigma: float = 0.0) -> dict[str, float]:
-        """The six metrics in percent, as evaluate_category reports them."""
+    def metrics(self, grids: Sequence[np.ndarray], sigma: float = 0.0,
+                subset: Sequence[int] | None = None) -> dict[str, float]:
+        """The six metrics in percent, as evaluate_category reports them; with `subset`, over those
+        images only (normalised with the whole split's range, as in the split's evaluation)."""
         maps = self.eval_maps(grids, sigma)
         low = min(float(m.min()) for m in maps)
         high = max(float(m.max()) for m in maps)
+        chosen = range(len(maps)) if subset is None else subset
         accumulator = mt.PixelAccumulator(self.n_bins)
-        image_scores = np.empty(len(maps), np.float64)
-        for index, (values, gt, weights) in enumerate(zip(maps, self.gt, self.region_weight)):
+        image_scores = np.empty(len(chosen), np.float64)
+        n_regions = 0
+        for index, at in enumerate(chosen):
+            values, gt, weights = maps[at], self.gt[at], self.region_weight[at]
+            n_regions += self.image_regions[at]
             normalised = normalise(values, low, high)
             image_scores[index] = normalised.max()
             bins = mt.bin_index(normalised, self.n_bins)
@@ -296,24 +310,31 @@ class Scorer:
             if weights.size:
                 accumulator.pos += np.bincount(bins[gt], minlength=self.n_bins)
                 accumulator.region_weight += np.bincount(bins[gt], weights=weights, minlength=self.n_bins)
-        accumulator.n_regions = self.n_regions
+        accumulator.n_regions = n_regions
         pixel = accumulator.metrics()
-        image = mt.image_metrics(image_scores, self.labels)
+        image = mt.image_metrics(image_scores, self.labels[list(chosen)])
         return {key: 100.0 * {**pixel, **image}[key] for key in METRIC_KEYS}
 
 
 # ---- the search ------------------------------------------------------------------------------------------
 
 
-def _better(a: dict[str, float], b: dict[str, float] | None) -> bool:
+def _beats(a: dict[str, float], b: dict[str, float] | None, margin: float = 0.0) -> bool:
+    """a's SELECT_KEY exceeds b's by more than margin (margin 0: ties broken by TIE_KEY)."""
     if b is None:
         return True
-    key_a, key_b = (_finite(a[SELECT_KEY]), _finite(a[TIE_KEY])), (_finite(b[SELECT_KEY]), _finite(b[TIE_KEY]))
-    return key_a > key_b
+    gain = _finite(a[SELECT_KEY]) - _finite(b[SELECT_KEY])
+    if gain != 0 or margin > 0:
+        return gain > margin
+    return _finite(a[TIE_KEY]) > _finite(b[TIE_KEY])
 
 
 def _finite(value: float) -> float:
     return -math.inf if math.isnan(value) else value
+
+
+def _passes(result: dict[str, float], guard: float | None) -> bool:
+    return guard is None or _finite(result[GUARD_KEY]) >= guard - 1e-9
 
 
 def knn_choices(ns: Sequence[int], with_self_variants: bool) -> list[Variant]:
@@ -338,32 +359,47 @@ def variant_of(settings: SaliencySettings) -> Variant:
 
 
 def best_knn(cache: GridCache, scorer: Scorer, samples: Sequence[Sample], base: SaliencySettings,
-             variants: Sequence[Variant], sigmas: Sequence[float],
-             log: list[dict]) -> tuple[SaliencySettings, dict[str, float]]:
-    """The best (variant, sigma) on these features; every trial is appended to `log`."""
+             variants: Sequence[Variant], sigmas: Sequence[float], log: list[dict],
+             min_gain: float = MIN_GAIN,
+             guard: float | None = None) -> tuple[SaliencySettings, dict[str, float]] | None:
+    """The best (variant, sigma) on these features whose GUARD_KEY is at least `guard` (None: no
+    guard; no setting passes: None); every trial is appended to `log`. A non-default exclude_self
+    is kept only when it earns min_gain over the default."""
     grids = cache.grids("tune", samples, base)
-    best: tuple[SaliencySettings, dict[str, float]] | None = None
+    results: dict[tuple[Variant, float], dict[str, float]] = {}
+    best: tuple[Variant, float] | None = None
     for variant in variants:
         for sigma in sigmas:
-            settings = settings_for(base, variant, sigma)
             result = scorer.metrics(grids[variant], sigma)
-            log.append(_trial(settings, result, cache.extractor.single_size))
-            if best is None or _better(result, best[1]):
-                best = (settings, result)
-    assert best is not None
-    return best
+            results[(variant, sigma)] = result
+            log.append(_trial(settings_for(base, variant, sigma), result, cache.extractor.single_size))
+            if not _passes(result, guard):
+                continue
+            if best is None or _beats(result, results[best]):
+                best = (variant, sigma)
+    if best is None:
+        return None
+    (mode, n, exclude), sigma = best
+    default = ((mode, n, mode == "nearest"), sigma)
+    if default in results and _passes(results[default], guard) and not _beats(results[best], results[default], min_gain):
+        best = default
+    return settings_for(base, *best), results[best]
 
 
 def search(cache: GridCache, scorer: Scorer, tune: Sequence[Sample], steps: Sequence[Step] = STEPS,
-           ns: Sequence[int] = N_GRID, sigmas: Sequence[float] = SIGMAS,
-           progress: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
-    """Greedy, one factor at a time, on TUNE only. Returns the table rows (the reference, then each
-    step's winner) and the log of every trial."""
+           ns: Sequence[int] = N_GRID, sigmas: Sequence[float] = SIGMAS, min_gain: float = MIN_GAIN,
+           guard: bool = True, progress: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+    """Greedy, one factor at a time, on TUNE only: a step's best replaces the current setting when it
+    earns more than min_gain points (and, with `guard`, keeps TUNE GUARD_KEY at least the
+    reference's). Returns the table rows (the reference, then each step's winner) and the log of
+    every trial."""
     log: list[dict] = []
     reference_result = scorer.metrics(cache.grids("tune", tune, REFERENCE)[variant_of(REFERENCE)])
-    rows = [{"step": "reference (farthest 400, 256 px, layers 1-3)", "settings": REFERENCE, "tune": reference_result}]
+    rows = [{"step": "reference (farthest 400, 256 px, layers 1-3)", "settings": REFERENCE, "tune": reference_result,
+             "kept": True}]
     log.append(_trial(REFERENCE, reference_result, cache.extractor.single_size))
     current, current_result = REFERENCE, reference_result
+    floor = reference_result[GUARD_KEY] if guard else None
     base_size = cache.extractor.single_size
     fully_searched: set[str] = set()  # feature settings whose whole (kNN, blur) grid was tried
     for step in steps:
@@ -374,12 +410,16 @@ def search(cache: GridCache, scorer: Scorer, tune: Sequence[Sample], steps: Sequ
                 continue  # its best is already `current` or was beaten
             variants = knn_choices(ns, with_self_variants=not step.field)
             step_sigmas = (current.blur_sigma,) if not step.field else sigmas
-            settings, result = best_knn(cache, scorer, tune, alternative, variants, step_sigmas, log)
+            found = best_knn(cache, scorer, tune, alternative, variants, step_sigmas, log, min_gain, floor)
             if step.field:
                 fully_searched.add(key)
-            if _better(result, current_result):
+            if found is None:
+                continue
+            settings, result = found
+            if _beats(result, current_result, min_gain):
                 current, current_result = settings, result
-        rows.append({"step": step.name, "settings": current, "tune": current_result})
+        rows.append({"step": step.name, "settings": current, "tune": current_result,
+                     "kept": current != rows[-1]["settings"]})
         progress(f"after '{step.name}': {describe(current)} -> TUNE {SELECT_KEY} {current_result[SELECT_KEY]:.2f}")
         cache.forget({feature_key(current, cache.extractor.single_size)})
     return rows, log
@@ -395,13 +435,6 @@ def describe(settings: SaliencySettings) -> dict:
     data.pop("block_bytes")
     data["layers"] = list(settings.layers) if settings.layers else None
     return data
-
-
-def settings_from(data: dict) -> SaliencySettings:
-    data = dict(data)
-    if data.get("layers") is not None:
-        data["layers"] = tuple(data["layers"])
-    return SaliencySettings(**data).checked()
 
 
 def explore_multi_n(cache: GridCache, scorer: Scorer, tune: Sequence[Sample], best: SaliencySettings,
@@ -433,6 +466,22 @@ def score_rows(rows: list[dict], cache: GridCache, split: str, samples: Sequence
         settings = row["settings"]
         grids = cache.grids(split, samples, replace(settings, blur_sigma=0.0))
         row[split] = scorer.metrics(grids[variant_of(settings)], settings.blur_sigma)
+
+
+def per_class(rows: list[dict], cache: GridCache, split: str, samples: Sequence[Sample],
+              scorer: Scorer) -> dict[str, dict[str, dict[str, float]]]:
+    """Pixel metrics of the reference and the best row on each defect type's images of a split."""
+    types = sorted({s.defect_type for s in samples if s.label})
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, row in (("reference", rows[0]), ("best", rows[-1])):
+        settings = row["settings"]
+        grids = cache.grids(split, samples, settings)[variant_of(settings)]
+        out[name] = {}
+        for defect_type in types:
+            subset = [i for i, s in enumerate(samples) if s.defect_type == defect_type]
+            result = scorer.metrics(grids, settings.blur_sigma, subset)
+            out[name][defect_type] = {k: result[k] for k in ("pixel_max_f1", "pixel_auroc", "aupro")}
+    return out
 
 
 def runtime_check(extractor: SaliencyExtractor, settings: SaliencySettings, samples: Sequence[Sample],
@@ -484,7 +533,19 @@ def markdown_table(rows: list[dict], base_size: int) -> str:
     for row in rows:
         settings = row["settings"]
         values = [cell(row["tune"][k]) for k in TABLE_KEYS] + [cell(row["held"][k]) for k in TABLE_KEYS]
-        lines.append(f"| {row['step']} | {short(settings, base_size)} | " + " | ".join(values) + " |")
+        step = row["step"] if row.get("kept", True) else f"{row['step']}: not kept"
+        lines.append(f"| {step} | {short(settings, base_size)} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_table(classes: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
+    """HELD-OUT pixel max-F1 / AUPRO per defect type, reference vs best."""
+    held = classes["held"]
+    types = list(held["reference"])
+    lines = ["| HELD-OUT, per defect type | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    for name in ("reference", "best"):
+        for key, title in (("pixel_max_f1", "pixel max-F1"), ("aupro", "AUPRO@0.3")):
+            lines.append(f"| {name} {title} | " + " | ".join(f"{held[name][t][key]:.1f}" for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -525,9 +586,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (set OMP_NUM_THREADS for BLAS)")
     parser.add_argument("--n", type=int, nargs="+", default=list(N_GRID), help="kNN n values tried")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS), help="blur sigmas tried")
+    parser.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                        help="TUNE pixel max-F1 points a change must earn to be kept")
+    parser.add_argument("--no-guard", action="store_true",
+                        help=f"select on pixel max-F1 alone (default: TUNE {GUARD_KEY} must stay >= the reference's)")
     parser.add_argument("--steps", nargs="+", choices=[s.field or "knn" for s in STEPS],
                         help="factors varied (default: all, in the order of STEPS)")
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write DIR/cache")
+    parser.add_argument("--cache", type=Path, help="grid-map cache folder (default: OUT/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
     return parser
 
 
@@ -544,14 +610,17 @@ def run(args: argparse.Namespace) -> dict:
           f"HELD-OUT {len(held)} ({sum(s.label for s in held)} anomalous)")
     args.out.mkdir(parents=True, exist_ok=True)
     engine_id = str(manifest.models[mf.SALIENCY].get("sha256", extractor.path))
-    cache = GridCache(extractor, None if args.no_cache else args.out / "cache", ns=args.n, engine_id=engine_id)
+    folder = None if args.no_cache else args.cache or args.out / "cache"
+    cache = GridCache(extractor, folder, ns=args.n, engine_id=engine_id)
     steps = [s for s in STEPS if args.steps is None or (s.field or "knn") in args.steps]
     tune_scorer = Scorer(tune)
-    rows, log = search(cache, tune_scorer, tune, steps, args.n, args.sigmas)
+    rows, log = search(cache, tune_scorer, tune, steps, args.n, args.sigmas, args.min_gain, not args.no_guard)
     explored = explore_multi_n(cache, tune_scorer, tune, rows[-1]["settings"], args.n)
     cache.forget(set())
     held_scorer = Scorer(held)
     score_rows(rows, cache, "held", held, held_scorer)
+    classes = {"tune": per_class(rows, cache, "tune", tune, tune_scorer),
+               "held": per_class(rows, cache, "held", held, held_scorer)}
     best = rows[-1]["settings"]
 
     checks = {}
@@ -572,17 +641,19 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "protocol": {"seed": args.seed, "good_limit": args.good_limit, "select": SELECT_KEY, "tie": TIE_KEY,
+                     "min_gain": args.min_gain, "guard": None if args.no_guard else f"tune {GUARD_KEY} >= reference's",
                      "n_grid": list(args.n), "sigmas": list(args.sigmas), "steps": [asdict(s) for s in steps],
                      "eval": "bench.evaluate protocol: 400x400 bilinear, min-max over the half, 2^18 bins"},
         "engine": {"backbone": extractor.backbone, "channels": extractor.channels,
                    "layer_channels": list(extractor.layer_channels or [])},
         "split": {"tune": [str(s.image_path.relative_to(args.root)) for s in tune],
                   "held": [str(s.image_path.relative_to(args.root)) for s in held]},
-        "rows": [{"step": r["step"], "setting": short(r["settings"], base_size), "settings": r["settings"],
-                  "tune": r["tune"], "held": r["held"]} for r in rows],
+        "rows": [{"step": r["step"], "kept": r["kept"], "setting": short(r["settings"], base_size),
+                  "settings": r["settings"], "tune": r["tune"], "held": r["held"]} for r in rows],
         "best": best,
         "pixel_max_f1_ratio_best_over_reference": ratio,
         "target_2x_on_held_out": ratio["held"] >= 2.0,
+        "per_defect_type": classes,
         "runtime_check": checks,
         "cnn_knn_seconds_per_image": cache.seconds,
         "explored_multi_n": explored,
@@ -594,11 +665,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     text = _dumps(_json_safe(results)) + "\n"
     (args.out / "saliency_study_mtd.json").write_text(text)
-    (args.out / "table.md").write_text(table)
+    (args.out / "table.md").write_text(table + "\n" + per_class_table(classes))
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(text)
-    print(table)
+    print(table + "\n" + per_class_table(classes))
     print(f"best / reference pixel max-F1: TUNE x{ratio['tune']:.2f}, HELD-OUT x{ratio['held']:.2f}; "
           f"{results['seconds']:.0f} s")
     return results

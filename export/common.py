@@ -141,3 +141,205 @@ def parity_record(cases: list[dict[str, Any]], tolerance: float, provider: str =
         "cases": cases,
         "passed": True,
     }
+
+
+# ---------------------------------------------------------------------------------- precision
+
+PRECISIONS = ("fp32", "fp16")
+# Ops kept in float32 inside fp16 graphs (export-notes.md: LayerNorm overflows in fp16; softmax and
+# the deformable-attention grid_sample need fp32 inputs; the manual LayerNorm2d of SAM's neck is
+# ReduceMean/Pow/Sqrt; the saliency's L2 normalisation is ReduceL2).
+FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "InstanceNormalization", "Softmax", "GridSample",
+            "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Exp", "Log", "Erf", "TopK", "CumSum", "Range")
+# Graphs left wholly in fp32: fp16 GroundingDINO fusion/decoder loses boxes (NVIDIA/TensorRT#3413);
+# its backbone in fp16 matched fp32. The head is where the detector's fusion and decoder live.
+FP32_MODELS = ("gdino_head",)
+_PROTOBUF_LIMIT = 2_000_000_000  # a single .onnx file must stay under protobuf's 2 GB
+
+
+def convert_to_fp16(path: Path, keep_ops: Sequence[str] = FP32_OPS) -> dict[str, Any]:
+    """Rewrite the graph at `path` in float16, inputs and outputs left float32 (the runtime is unchanged).
+
+    Weights go to fp16 except those feeding `keep_ops`; casts are inserted at the boundaries.
+    A `<file>.data` side file is written only when the fp16 graph is still over 2 GB.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = Path(path)
+    side = path.with_name(path.name + ".data")
+    model = onnx.load(str(path), load_external_data=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "values truncated to fp16 range": the parity record measures the effect
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops))
+    del model
+    side.unlink(missing_ok=True)
+    if converted.ByteSize() > _PROTOBUF_LIMIT:
+        onnx.save_model(converted, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=side.name, size_threshold=1024)
+    else:
+        onnx.save_model(converted, str(path))
+    kept = sorted({node.op_type for node in converted.graph.node if node.op_type in keep_ops})
+    return {"precision": "fp16", "ops_kept_fp32": kept}
+
+
+def _run_all(path: Path, feeds: Sequence[dict[str, np.ndarray]], provider: str) -> list[list[np.ndarray]]:
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=providers)
+    return [session.run(None, case) for case in feeds]
+
+
+def fp16_parity(fp32_outputs: Sequence[Sequence[np.ndarray]], fp16_path: Path, feeds: Sequence[dict[str, np.ndarray]],
+                provider: str = "CPUExecutionProvider") -> dict[str, Any]:
+    """How far the fp16 graph is from the fp32 one on the same inputs (recorded, never raised:
+    fp16 is opt-in). Per case: max abs difference and the same relative to the largest |fp32| output."""
+    cases = []
+    for case, expected, got in zip(range(len(feeds)), fp32_outputs, _run_all(fp16_path, feeds, provider)):
+        diff = scale = 0.0
+        mismatch = 0.0
+        for a, b in zip(expected, got):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype.kind in "iub":  # indices (GroundingDINO's query selection): share of entries that differ
+                mismatch = max(mismatch, float(np.mean(a != b)))
+                continue
+            finite = np.isfinite(a) & np.isfinite(b)
+            if finite.any():
+                diff = max(diff, float(np.max(np.abs(a[finite].astype(np.float64) - b[finite]))))
+                scale = max(scale, float(np.max(np.abs(a[finite]))))
+        record = {"case": case, "max_abs_diff": diff, "relative": diff / scale if scale else 0.0}
+        if mismatch:
+            record["index_mismatch"] = mismatch
+        cases.append(record)
+    return {
+        "max_abs_diff": max((c["max_abs_diff"] for c in cases), default=0.0),
+        "relative": max((c["relative"] for c in cases), default=0.0),
+        "provider": provider,
+        "cases": cases,
+    }
+
+
+def precision_feeds(engine_dir: Path, names: Sequence[str]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Inputs to compare fp16 with fp32 on, per model: the exporters' parity inputs, and for the
+    graphs fed by another graph (SAM decoder, GroundingDINO head) that graph's fp32 outputs."""
+    from runtime import manifest as mf
+
+    engine_dir = Path(engine_dir)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+    if mf.SALIENCY in names:
+        from .saliency import parity_image
+
+        feeds[mf.SALIENCY] = [{"image": parity_image(mf.SALIENCY_SINGLE_SIZE, seed=1).numpy()}]
+    if mf.SAM_ENCODER in names:
+        from .sam import parity_boxes
+        from .sam import parity_image as sam_image
+
+        image = sam_image().numpy()
+        feeds[mf.SAM_ENCODER] = [{"image": image}]
+        (embedding,) = ort_session(engine_dir / f"{mf.SAM_ENCODER}.onnx").run(None, {"image": image})
+        feeds[mf.SAM_DECODER] = [{"image_embeddings": embedding, "boxes": parity_boxes(5, seed=11).numpy()}]
+    if mf.GDINO_IMAGE in names:
+        from runtime.text import TOKENIZER_FILE, GdinoTokenizer
+
+        from . import gdino
+
+        image_session = ort_session(engine_dir / f"{mf.GDINO_IMAGE}.onnx")
+        height, width = image_session.get_inputs()[0].shape[2:]
+        image = gdino._image_case((int(height), int(width)), seed=1)
+        text = gdino._text_case(GdinoTokenizer(engine_dir / TOKENIZER_FILE), ["defect on bottle.", "crack. black hole."])
+        feeds[mf.GDINO_IMAGE] = [{n: image[n] for n in gdino.IMAGE_INPUTS}]
+        feeds[mf.GDINO_TEXT] = [{n: text[n] for n in gdino.TEXT_INPUTS}]
+        vision = image_session.run(None, feeds[mf.GDINO_IMAGE][0])
+        (features,) = ort_session(engine_dir / f"{mf.GDINO_TEXT}.onnx").run(None, feeds[mf.GDINO_TEXT][0])
+        head = [*vision, features, text["attention_mask"], text["position_ids"], text["text_self_attention_masks"]]
+        feeds[mf.GDINO_HEAD] = [dict(zip(gdino.HEAD_INPUTS, head))]
+    return {name: cases for name, cases in feeds.items() if name in names}
+
+
+def convert_engines_fp16(engine_dir: Path, models: Sequence[ExportedModel]) -> None:
+    """`export --precision fp16`: convert each exported graph in place, recording in its manifest
+    entry what stayed fp32 (source["precision"]) and the fp16-vs-fp32 difference (parity["fp16_vs_fp32"])."""
+    engine_dir = Path(engine_dir)
+    names = [m.name for m in models]
+    feeds = precision_feeds(engine_dir, names)  # before any graph changes: chained inputs come from fp32 graphs
+    for model in models:
+        path = engine_dir / model.file
+        if model.name in FP32_MODELS:
+            model.source["precision"] = {"precision": "fp32", "why": "fp16 GroundingDINO fusion/decoder loses boxes"}
+            continue
+        cases = feeds.get(model.name, [])
+        expected = _run_all(path, cases, "CPUExecutionProvider")
+        model.source["precision"] = convert_to_fp16(path)
+        if not path.with_name(path.name + ".data").is_file():
+            model.source.pop("external_data", None)  # fp16 halved it under protobuf's 2 GB: one file now
+        try:
+            model.parity["fp16_vs_fp32"] = fp16_parity(expected, path, cases)
+        except Exception as err:  # onnxruntime lacks a CPU fp16 kernel: the graph may still run on a GPU
+            model.parity["fp16_vs_fp32"] = {"measured": False, "reason": str(err).splitlines()[0][:300]}
+
+
+# ---------------------------------------------------------------------------------- TensorRT
+
+TRT_DIR = "trt"  # native TensorRT plans, beside the ONNX graphs
+# Optimisation-profile ranges (min, opt, max) for the graphs' dynamic axes, by axis name.
+TRT_PROFILE = {"num_boxes": (1, 32, 128), "prompts": (1, 8, 32), "tokens": (2, 32, 256),
+               "height": (64, 256, 1024), "width": (64, 256, 1024)}
+
+
+def require_tensorrt() -> Any:
+    """The `tensorrt` module, or ExportError saying how to get it (checked before any export work)."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise ExportError(
+            "--trt needs TensorRT's Python package on the machine that will run the engines "
+            "(pip install tensorrt, matching its CUDA); TensorRT plans are tied to that GPU and TensorRT version. "
+            "Without --trt the ONNX engines run on onnxruntime's TensorRT execution provider (--device tensorrt)"
+        ) from None
+    return tensorrt
+
+
+def build_trt_engines(engine_dir: Path, models: Sequence[ExportedModel], fp16: bool) -> dict[str, dict[str, Any]]:
+    """Build one TensorRT plan per graph into engine_dir/trt/ (unverified here: no TensorRT in this workplace).
+
+    Returns manifest "files" entries keyed trt_<model> (file, TensorRT version, fp16), hashed by the writer.
+    GroundingDINO's grid_sample form is known to miscompile on some TensorRT versions
+    (export-notes.md): check detections on the target before trusting gdino_head's plan.
+    """
+    trt = require_tensorrt()
+    engine_dir = Path(engine_dir)
+    (engine_dir / TRT_DIR).mkdir(exist_ok=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    entries: dict[str, dict[str, Any]] = {}
+    for model in models:
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(engine_dir / model.file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ExportError(f"TensorRT cannot parse {model.file}: {errors}")
+        config = builder.create_builder_config()
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for spec in model.inputs:
+            if all(isinstance(d, int) for d in spec["shape"]):
+                continue
+            shapes = []
+            for which in range(3):
+                shape = []
+                for dim in spec["shape"]:
+                    if isinstance(dim, int):
+                        shape.append(dim)
+                    elif dim in TRT_PROFILE:
+                        shape.append(TRT_PROFILE[dim][which])
+                    else:
+                        raise ExportError(f"{model.file}: no TensorRT profile range for dynamic axis {dim!r} of {spec['name']}")
+                shapes.append(tuple(shape))
+            profile.set_shape(spec["name"], *shapes)
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise ExportError(f"TensorRT failed to build {model.file} (see the TensorRT log above)")
+        target = engine_dir / TRT_DIR / (Path(model.file).stem + ".plan")
+        target.write_bytes(bytes(plan))
+        entries[f"trt_{model.name}"] = {"file": f"{TRT_DIR}/{target.name}", "tensorrt": trt.__version__, "fp16": bool(fp16)}
+    return entries

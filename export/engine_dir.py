@@ -86,6 +86,10 @@ def _install(tmp: Path, out: Path) -> Path:
 def export_engines(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     check_target(out, args.force)
+    if getattr(args, "trt", False):
+        from .common import require_tensorrt
+
+        require_tensorrt()  # before minutes of export work
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
     try:
         manifest = _export_into(tmp, args)
@@ -135,6 +139,19 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     models += exported
     preprocess["saliency"] = saliency.preprocess_record(backbone, cnn)
 
+    # Precision and TensorRT steps run on the finished fp32 graphs (export.common).
+    precision = getattr(args, "precision", "fp32")
+    if precision == "fp16":
+        from .common import convert_engines_fp16
+
+        _log("[precision] converting to fp16, measuring fp16 vs fp32")
+        convert_engines_fp16(tmp, models)
+    if getattr(args, "trt", False):
+        from .common import build_trt_engines
+
+        _log("[TensorRT] building plans")
+        files.update(build_trt_engines(tmp, models, fp16=precision == "fp16"))
+
     for entry in files.values():
         entry["sha256"] = mf.sha256_of(tmp / entry["file"])
     entries = {}
@@ -152,7 +169,7 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         "profile": args.profile,
         "size": size,
         "random_init": bool(args.random_init),
-        "precision": "fp32",
+        "precision": precision,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "models": entries,

@@ -4,11 +4,13 @@ The saliency CNN's features at the single-object grid (64x64 for a 256x256 input
 images form a bank, reduced to at most `capacity` rows by a greedy k-center coreset. With a
 memory, the saliency prompt P^S scores each grid position by its distance to the nearest bank
 features, d = 0.5 * (1 - cos) (the saliency's own units), blended with the self-similarity
-saliency: grid = (1 - blend) * self_similarity + blend * memory_distance. The rest of SAA+
+saliency: grid = (1 - blend) * self_similarity + blend * memory_distance (the distance grid
+blurred by blur_sigma grid cells). The rest of SAA+
 (rescoring, fusion) takes that map unchanged. An empty memory gives the zero-shot map exactly.
 
-The default blend (1.0: memory distance alone once the memory holds anything) was chosen on
-the tune split of mtd-dev (bench/fewshot.py --protocol tune, docs/line-side.md).
+The defaults (blend 1.0: the memory distance alone once the memory holds anything, which also
+skips the self-similarity's cost; blur_sigma) were chosen on the tune split of mtd-dev
+(python -m bench.fewshot --tune, docs/line-side.md).
 
 A memory belongs to one saliency CNN: its file records the engine's sha256 and preprocessing,
 and loading it next to other engines is refused. Its content sha256 (features, sources and
@@ -39,8 +41,9 @@ from .saliency_kernels import knn_distance_mean
 
 FORMAT = "saa-normal-memory"
 FORMAT_VERSION = 1
-DEFAULT_CAPACITY = 4096  # one 64x64 grid; 1024..16384 measured in docs/line-side.md
+DEFAULT_CAPACITY = 1024  # chosen on the mtd-dev tune split: 1024..4096 score alike, 1024 searches 4x faster
 DEFAULT_BLEND = 1.0  # chosen on the mtd-dev tune split (docs/line-side.md)
+DEFAULT_BLUR_SIGMA = 2.0  # chosen on the mtd-dev tune split (docs/line-side.md)
 BUILD_POOL_FACTOR = 16  # building from images: reduce whenever the pool reaches 16 x capacity
 
 
@@ -53,6 +56,7 @@ class MemorySettings:
     """capacity: most features kept (the coreset's bound, and so the search's time bound).
     k: nearest bank features averaged per position.
     blend: weight of the memory distance in the saliency map (0: zero-shot, 1: memory only).
+    blur_sigma: Gaussian blur of the memory distance grid, in grid cells (0: none).
     projection: dimensions the coreset picks centres in (None: all channels).
     slack: when a memory that grows (streaming) passes its capacity it is reduced to
         capacity - slack, so the next reduction comes `slack` features later (None: capacity // 4).
@@ -61,6 +65,7 @@ class MemorySettings:
     capacity: int = DEFAULT_CAPACITY
     k: int = 1
     blend: float = DEFAULT_BLEND
+    blur_sigma: float = DEFAULT_BLUR_SIGMA
     projection: int | None = 64
     slack: int | None = None
 
@@ -74,11 +79,15 @@ class MemorySettings:
             raise ConfigError(f"memory k must be an integer >= 1, got {self.k!r}")
         if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or not 0.0 <= self.blend <= 1.0:
             raise ConfigError(f"memory blend must be a number in [0, 1], got {self.blend!r}")
+        if isinstance(self.blur_sigma, bool) or not isinstance(self.blur_sigma, (int, float)) \
+                or not 0.0 <= self.blur_sigma < 1e3:
+            raise ConfigError(f"memory blur_sigma must be a number of grid cells in [0, 1000), got {self.blur_sigma!r}")
         if self.projection is not None and not integer(self.projection, 1):
             raise ConfigError(f"memory projection must be null or an integer >= 1, got {self.projection!r}")
         if self.slack is not None and not (integer(self.slack, 0) and self.slack < self.capacity):
             raise ConfigError(f"memory slack must be null or an integer in [0, capacity), got {self.slack!r}")
-        return replace(self, capacity=int(self.capacity), k=int(self.k), blend=float(self.blend))
+        return replace(self, capacity=int(self.capacity), k=int(self.k), blend=float(self.blend),
+                       blur_sigma=float(self.blur_sigma))
 
     @property
     def low_water(self) -> int:
@@ -256,13 +265,17 @@ class NormalMemory:
         if len(self.features) and self.settings.blend == 1.0:
             # memory only: the self-similarity (most of the zero-shot saliency's time) is not needed
             features = extractor.single_object_features(image)
-            memory_grid = self.distance_grid(features)
+            memory_grid = self.memory_map(features)
             return SaliencyGrids(features, None, memory_grid, memory_grid)
         features, self_grid = single_object_grids(extractor, image, n, mode)
         if not len(self.features):
             return SaliencyGrids(features, self_grid, None, self_grid)
-        memory_grid = self.distance_grid(features)
+        memory_grid = self.memory_map(features)
         return SaliencyGrids(features, self_grid, memory_grid, self.blend(self_grid, memory_grid))
+
+    def memory_map(self, features: np.ndarray) -> np.ndarray:
+        """The memory's part of P^S: the distance grid, blurred by blur_sigma grid cells."""
+        return smooth_grid(self.distance_grid(features), self.settings.blur_sigma)
 
     def blend_map(self, extractor: Any, image: np.ndarray, saliency_map: np.ndarray,
                   grids: list | None = None) -> np.ndarray:
@@ -272,7 +285,7 @@ class NormalMemory:
         height, width = image.shape[:2]
         memory_grid, blended = None, saliency_map
         if len(self.features):
-            memory_grid = self.distance_grid(features)
+            memory_grid = self.memory_map(features)
             blended = self.blend(saliency_map, cv2.resize(memory_grid, (width, height)))
         if grids is not None:
             grid_size = features.shape[:0:-1]  # (w, h) for cv2
@@ -395,6 +408,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=1, help="nearest memory features averaged per position")
     parser.add_argument("--blend", type=float, default=DEFAULT_BLEND,
                         help="weight of the memory distance in the saliency (0: zero-shot .. 1: memory only)")
+    parser.add_argument("--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA,
+                        help="Gaussian blur of the memory distance grid, in grid cells")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0)
     return parser
@@ -402,12 +417,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .image_io import list_images, read_image
+    from .calibrate import list_parts
+    from .image_io import read_image
     from .pipeline import Pipeline
 
     try:
-        settings = MemorySettings(args.capacity, args.k, args.blend).checked()
-        paths = list_images(args.good)
+        settings = MemorySettings(args.capacity, args.k, args.blend, args.blur_sigma).checked()
+        # folders as runtime.calibrate reads them: a mask beside an image (MTD's <name>.png) is no part
+        paths = [p for item in args.good
+                 for p in ([part for part, _ in list_parts(item)] if Path(item).is_dir() else [Path(item)])]
         if not paths:
             raise ConfigError(f"no images found in {' '.join(args.good)}")
         # The pipeline's own saliency extractor: the memory gets exactly the features inference will see.

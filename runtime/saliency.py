@@ -96,7 +96,7 @@ class SaliencySettings:
             raise ConfigError(f"saliency block_bytes {self.block_bytes} is too small (at least 64 KiB)")
         layers = self.layers
         if layers is not None:
-            if isinstance(layers, (int, str)) or not all(_is_int(x) for x in layers) or len(set(layers)) != len(layers) or not layers:
+            if not isinstance(layers, (tuple, list)) or not layers or not all(_is_int(x) for x in layers) or len(set(layers)) != len(layers):
                 raise ConfigError(f"saliency layers must be distinct layer numbers such as (2, 3), got {layers!r}")
             layers = tuple(sorted(int(x) for x in layers))
         if self.contrast not in CONTRASTS:
@@ -298,7 +298,7 @@ PRESETS = ("reference", "tuned")
 # chosen on the TUNE half of MTD dev, reported on the HELD-OUT half). Backbones not
 # listed (the full profile's WideResNet50) have only the reference setting.
 TUNED: dict[str, SaliencySettings] = {
-    "efficientnet_lite0": SaliencySettings(n=400, mode="nearest", layers=(2, 3), contrast="clahe", pad=16, blur_sigma=4.0),
+    "efficientnet_lite0": SaliencySettings(n=1000, mode="nearest", layers=(3,), blur_sigma=12.0),
 }
 
 

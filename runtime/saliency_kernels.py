@@ -8,9 +8,14 @@ Two forms, each with a plain-numpy twin that is the definition of correct:
 
 - `knn_distance_mean`: per position, the mean of its n largest distances
   ("farthest": the reference code, which fully sorts each row descending) or
-  its n smallest ("nearest": the paper's nearest-neighbour equation). The
-  similarity is computed in row blocks with BLAS and each block is reduced at
-  once by a numba partial selection, so memory stays at one block.
+  its n smallest ("nearest": the paper's nearest-neighbour equation). For long
+  rows (the 64x64 grid: 4096 positions) the symmetric similarity is computed
+  once per pair (upper triangle, onnxruntime's GEMM), and one numba pass keeps,
+  per row, only the values under a threshold guessed from a sample, then
+  selects among those (`_knn_symmetric`). Short rows take the row-block path:
+  BLAS blocks, each reduced at once by a numba partial selection.
+  `knn_distance_mean_graph` is the same as one ONNX graph (similarity + TopK)
+  for onnxruntime's CUDA provider.
 - `multi_instance_distance`: per object mask, each position inside it gets
   0.5 * (1 - max cosine to the positions of the other objects), the map is the
   max over objects. Computed tile by tile, never the whole |mask| x |others|
@@ -118,6 +123,22 @@ def _select_smallest(buf, count, k):
             buf[j + 1] = buf[j]
             j -= 1
         buf[j + 1] = x
+
+
+@numba.njit(cache=True)
+def _select_smallest_near(buf, count, k, pivot):
+    """_select_smallest with a first partition around `pivot`, a guess of the k-th value:
+    one pass leaves a side of ~k values (or fewer) for the quickselect instead of all."""
+    store = 0
+    for i in range(count):  # branch-free Lomuto: [0, store) < pivot
+        x = buf[i]
+        buf[i] = buf[store]
+        buf[store] = x
+        store += np.int64(x < pivot)
+    if store >= k:
+        _select_smallest(buf, store, k)
+    elif store < count:
+        _select_smallest(buf[store:count], count - store, k - store)
 
 
 @numba.njit(cache=True)
@@ -244,6 +265,7 @@ def _triangle_mean_distance(tri, offsets, panel_rows, sampled, k, sign, exclude_
     """
     positions = sampled.shape[0]
     rank = _sample_rank(k, positions)
+    middle = min(rank, int(k / positions * _SAMPLE))
     groups = (positions + _GROUP - 1) // _GROUP
     for g in numba.prange(groups):
         g0 = g * _GROUP
@@ -253,12 +275,17 @@ def _triangle_mean_distance(tri, offsets, panel_rows, sampled, k, sign, exclude_
         cand = np.empty((_GROUP, capacity), np.float32)
         filled = np.zeros(_GROUP, np.int64)
         limit = np.empty(_GROUP, np.float32)
+        guess = np.empty(_GROUP, np.float32)  # the sample's estimate of each row's k-th key
         sample = np.empty(_SAMPLE, np.float32)
         flipped = np.empty((_GROUP, panel_rows), np.float32)
         for q in range(n):
             for t in range(_SAMPLE):
                 sample[t] = sign * sampled[g0 + q, t]
-            limit[q] = _sample_threshold(sample, rank)
+            limit[q] = _sample_threshold(sample, rank)  # leaves sample[:rank + 1] the smallest
+            _select_smallest(sample, rank + 1, middle + 1)
+            guess[q] = sample[0]
+            for t in range(1, middle + 1):
+                guess[q] = max(guess[q], sample[t])
         for j in range(panel):  # columns before this panel: transposed from earlier (full) panels
             width = positions - j * panel_rows
             base = offsets[j] + g0 - j * panel_rows
@@ -286,7 +313,7 @@ def _triangle_mean_distance(tri, offsets, panel_rows, sampled, k, sign, exclude_
             if filled[q] < k or filled[q] > capacity:
                 redo[g0 + q] = True  # the sample misled (too few) or kept too many to hold
             else:
-                _select_smallest(cand[q], filled[q], k)
+                _select_smallest_near(cand[q], filled[q], k, guess[q])
                 out[g0 + q] = np.float32(_sum_of_k_distances(cand[q], k, sign) / k)
 
 
@@ -307,6 +334,9 @@ def knn_distance_mean(
     as the reference; True for "nearest"). n larger than the candidates averages all of
     them, as the reference's slice does; with no candidate at all (P = 1 and the position
     excluded) the mean is 0.
+    block_bytes: memory for one block of similarities on the row-block path. Long rows
+    (P >= 1024, n <= P / 2) take the symmetric path, which keeps the upper triangle instead
+    (~2 P^2 bytes: 34 MB for a 64x64 grid, reused per thread) when it fits TRIANGLE_MAX_BYTES.
     """
     features = _check_features(features)
     _check_mode(mode, n)
@@ -322,11 +352,12 @@ def knn_distance_mean(
         return _knn_symmetric(features, k, sign, bool(exclude_self), out)
     block_rows = int(max(1, min(positions, block_bytes // (4 * positions))))
     block = np.empty((block_rows, positions), np.float32)
+    transposed = np.ascontiguousarray(features.T)
     chunks = 4 * numba.get_num_threads()  # a few chunks per thread: rows differ in cost
     for first in range(0, positions, block_rows):
         rows = min(block_rows, positions - first)
         sim = block[:rows]
-        np.matmul(features[:, first:first + rows].T, features, out=sim)  # BLAS, float32 as the reference
+        gemm_transposed(transposed[first:first + rows], transposed, sim)  # float32, as the reference
         _block_mean_distance(sim, first, k, sign, bool(exclude_self), chunks, out[first:first + rows])
     return out
 
@@ -427,6 +458,62 @@ def _knn_symmetric(
     rows = np.flatnonzero(redo)
     if len(rows):
         _rows_mean_distance(transposed[rows] @ features, rows, k, sign, exclude_self, out)
+    return out
+
+
+# ---------------------------------------------------------------- the same on a GPU
+
+# knn_distance_mean as one ONNX graph for onnxruntime's CUDA provider (numba stays the CPU path):
+# keys = sign * F^T F + self_penalty * I, TopK(k, smallest, unsorted), mean of 0.5 * (1 - sign * key).
+# Inputs features [C, P] float32, k [1] int64, sign [1] (+1 farthest, -1 nearest), self_penalty [1]
+# (4 puts the diagonal past every key in [-1, 1]: the position itself is never chosen; 0 keeps it).
+# Output mean_distance [P]. Serialised with onnx 1.23 (opset 17); tests rebuild and check it.
+_KNN_ONNX = base64.b64decode(
+    "CAgSC3NhYS1ydW50aW1lOsQECigKCGZlYXR1cmVzEgJmdCIJVHJhbnNwb3NlKg0KBHBlcm1AAUAAoAEHChsKAmZ0CghmZWF0dXJl"
+    "cxIDc2ltIgZNYXRNdWwKFgoDc2ltCgRzaWduEgRrZXlzIgNNdWwKEwoDc2ltEgNleWUiB0V5ZUxpa2UKIQoDZXllCgxzZWxmX3Bl"
+    "bmFsdHkSB3BlbmFsdHkiA011bAobCgRrZXlzCgdwZW5hbHR5EgVrZXlzMiIDQWRkCksKBWtleXMyCgFrEgZjaG9zZW4SBWluZGV4"
+    "IgRUb3BLKgsKBGF4aXMYAaABAioOCgdsYXJnZXN0GACgAQIqDQoGc29ydGVkGACgAQIKFgoGY2hvc2VuCgRzaWduEgFzIgNNdWwK"
+    "EQoDb25lCgFzEgJkMSIDU3ViChIKAmQxCgRoYWxmEgFkIgNNdWwKPAoBZBINbWVhbl9kaXN0YW5jZSIKUmVkdWNlTWVhbioLCgRh"
+    "eGVzQAGgAQcqDwoIa2VlcGRpbXMYAKABAhIRa25uX2Rpc3RhbmNlX21lYW4qDhABIgQAAAA/QgRoYWxmKg0QASIEAACAP0IDb25l"
+    "WisKCGZlYXR1cmVzEh8KHQgBEhkKChIIY2hhbm5lbHMKCxIJcG9zaXRpb25zWg8KAWsSCgoICAcSBAoCCAFaEgoEc2lnbhIKCggI"
+    "ARIECgIIAVoaCgxzZWxmX3BlbmFsdHkSCgoICAESBAoCCAFiJAoNbWVhbl9kaXN0YW5jZRITChEIARINCgsSCXBvc2l0aW9uc0IE"
+    "CgAQEQ=="
+)
+
+
+def knn_session(device: str = "cuda") -> Any:
+    """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
+    import onnxruntime as ort
+
+    from .sessions import providers_for, session_options
+
+    return ort.InferenceSession(_KNN_ONNX, session_options(), providers=providers_for(device))
+
+
+def knn_distance_mean_graph(
+    features: np.ndarray, n: int, mode: str = "farthest", exclude_self: bool | None = None, session: Any = None
+) -> np.ndarray:
+    """knn_distance_mean through the ONNX graph (similarity and top-n on the session's device).
+
+    The whole P x P similarity lives on the device at once (64 MB for a 64x64 grid); means are
+    summed in float32 there, so results agree with the numba path to ~1e-6, not bit for bit.
+    """
+    features = _check_features(features)
+    _check_mode(mode, n)
+    if exclude_self is None:
+        exclude_self = default_exclude_self(mode)
+    positions = features.shape[1]
+    k = _effective_n(n, positions, exclude_self)
+    if k < 1:
+        return np.zeros(positions, np.float32)
+    session = session or knn_session()
+    feeds = {
+        "features": features,
+        "k": np.array([k], np.int64),
+        "sign": np.array([1.0 if mode == "farthest" else -1.0], np.float32),
+        "self_penalty": np.array([4.0 if exclude_self else 0.0], np.float32),
+    }
+    (out,) = session.run(["mean_distance"], feeds)
     return out
 
 

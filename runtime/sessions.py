@@ -49,7 +49,9 @@ def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool =
         return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     _require("TensorrtExecutionProvider", device,
              "install onnxruntime-gpu built with TensorRT and the TensorRT libraries (libnvinfer), or use --device cuda")
-    trt_options: dict[str, Any] = {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True"}
+    trt_options: dict[str, Any] = {
+        "trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
+    }
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         trt_options.update(trt_engine_cache_path=str(cache_dir), trt_timing_cache_path=str(cache_dir))

@@ -3,7 +3,9 @@
 After each part is scored, `StreamingMemory.observe` decides whether to add its features to
 the bounded NormalMemory. What keeps defects out (the guard), in order:
 
-1. warm-up: the first `warmup` parts are only scored; their scores fill the gate's window.
+1. warm-up: nothing is learned until the gate's window holds `warmup` comparable scores. Scores
+   of the zero-shot map (memory still empty) and of the memory map have different scales, so
+   the window restarts (and so does the warm-up) when the first features are learned.
 2. image gate: a part is learned only when its pred_score is at or below the `quantile`
    (default: the median) of the last `window` scores: a line is mostly good, so a part in
    the quieter half is very likely good. With an image threshold set, its score must also be
@@ -63,7 +65,7 @@ class StreamSettings:
 
 @dataclass
 class StreamEvent:
-    """What the stream did with one part (goes to the result's notes and JSON)."""
+    """What the stream did with one part (AnomalyResult.stream and the regions JSON)."""
 
     serial: int  # the part's number in the stream (1-based)
     learned: int  # features added to the memory
@@ -84,6 +86,7 @@ class StreamingMemory:
         self.seen = 0
         self.learned_parts = 0
         self.scores: deque[float] = deque(maxlen=self.settings.window)
+        self.scale = "memory" if len(memory) else "zero-shot"  # which map the window's scores come from
 
     @classmethod
     def empty(cls, manifest: mf.Manifest, extractor: Any, capacity: int,
@@ -93,9 +96,10 @@ class StreamingMemory:
     # ------------------------------------------------------------------ the guard
 
     def gate(self, score: float, thresholds: Thresholds) -> str | None:
-        """None when the part may be learned, else the reason it may not (scores already recorded)."""
-        if self.seen <= self.settings.warmup:
-            return f"warm-up ({self.seen} of {self.settings.warmup} parts)"
+        """None when the part may be learned, else the reason it may not (the window holds earlier
+        scores of the same map, not this one)."""
+        if len(self.scores) < self.settings.warmup:
+            return f"warm-up ({len(self.scores) + 1} of {self.settings.warmup} {self.scale} scores)"
         if thresholds.image is not None and not score < thresholds.image * (1.0 - self.settings.margin):
             return "score not clearly below the image threshold"
         recent = np.asarray(self.scores, np.float64)
@@ -122,6 +126,10 @@ class StreamingMemory:
         with self._lock:
             self.seen += 1
             serial = self.seen
+            scale = "zero-shot" if grids.memory_grid is None else "memory"
+            if scale != self.scale:  # the map changed: earlier scores are not comparable
+                self.scores.clear()
+                self.scale = scale
             reason = self.gate(score, thresholds)
             self.scores.append(float(score))
             if reason is not None:
@@ -142,10 +150,11 @@ class StreamingMemory:
             self.memory.reset()
             self.seen = self.learned_parts = 0
             self.scores.clear()
+            self.scale = "memory" if len(self.memory) else "zero-shot"
 
     def state(self) -> dict[str, Any]:
         return {"format": STREAM_STATE, "settings": asdict(self.settings), "seen": self.seen,
-                "learned_parts": self.learned_parts, "scores": list(self.scores)}
+                "learned_parts": self.learned_parts, "scores": list(self.scores), "scale": self.scale}
 
     def save(self, path: str | Path) -> str:
         """Memory and stream state in one .npz; returns the memory's content sha256."""
@@ -170,6 +179,7 @@ class StreamingMemory:
         if state is not None:
             stream.seen, stream.learned_parts = int(state["seen"]), int(state["learned_parts"])
             stream.scores.extend(float(v) for v in state["scores"])
+            stream.scale = state.get("scale", stream.scale)
         return stream
 
 

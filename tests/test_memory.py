@@ -19,6 +19,7 @@ from runtime.memory import (MemoryFileError, MemorySettings, NormalMemory, Salie
 from runtime.memory_kernels import (greedy_coreset, greedy_coreset_twin, nearest_distance, nearest_distance_twin,
                                     project)
 from runtime.pipeline import Pipeline
+from runtime.saliency import smooth_grid
 from runtime.stream import StreamingMemory, StreamSettings
 
 SEARCH_TOLERANCE = 1e-6  # blocked BLAS vs one product: float32 sums of 16..176 terms may round differently
@@ -274,11 +275,14 @@ def with_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     return image, mask > 0
 
 
-def test_stream_keeps_defect_features_out(lite_engine_dir):
+@pytest.mark.parametrize("quantile", [0.5, 1.0])
+def test_stream_keeps_defect_features_out(lite_engine_dir, quantile):
     """A constructed line: good tiles with 30 % scratched ones mixed in after the warm-up. Whatever
-    the stream learns, no memory feature comes from a grid cell a scratch touches."""
+    the stream learns, no memory feature comes from a grid cell a scratch touches. With the image
+    gate wide open (quantile 1) scratched parts do get learned: the position guard alone keeps
+    their scratches out."""
     pipeline = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd", stream_memory=2048)
-    pipeline.stream.settings = StreamSettings(warmup=4, window=16).checked()
+    pipeline.stream.settings = StreamSettings(warmup=4, window=16, quantile=quantile).checked()
     rng = np.random.default_rng(0)
     grid = pipeline.saliency.single_size // pipeline.saliency.stride
     defect_cells: dict[int, np.ndarray] = {}
@@ -297,6 +301,8 @@ def test_stream_keeps_defect_features_out(lite_engine_dir):
             defect_cells[event["memory_serial"]] = np.flatnonzero(cells)
     sources = pipeline.memory.sources
     assert pipeline.stream.learned_parts >= 4 and len(pipeline.memory) > 0
+    if quantile == 1.0:
+        assert learned_defect_parts >= 1  # else the position guard was not exercised
     for serial, cells in defect_cells.items():
         learned_cells = sources[sources[:, 0] == serial, 1]
         assert not np.isin(learned_cells, cells).any()
@@ -344,7 +350,8 @@ def test_pipeline_with_memory(lite_engine_dir, data_dir, tmp_path):
     memory.save(tmp_path / "memory.npz")
     with Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd", memory=tmp_path / "memory.npz") as pipe:
         result = pipe(image)
-        expected = nearest_distance_twin(as_rows(features), memory.features).reshape(self_grid.shape)
+        expected = smooth_grid(nearest_distance_twin(as_rows(features), memory.features).reshape(self_grid.shape),
+                               memory.settings.blur_sigma)
         np.testing.assert_allclose(result.anomaly_map, cv2.resize(expected, image.shape[1::-1]), atol=1e-5)
         good_score = pipe(cv2.imread(str(goods[0]))).pred_score
         assert good_score < result.pred_score  # a good part in the memory is quieter than a cracked one
@@ -355,3 +362,32 @@ def test_pipeline_with_memory(lite_engine_dir, data_dir, tmp_path):
         **manifest["models"]["saliency"], "sha256": "0" * 64}}})
     with pytest.raises(MemoryFileError, match="built for other engines"):
         NormalMemory.load(tmp_path / "memory.npz").check_binding(other, plain.saliency, "memory.npz")
+
+
+def test_blend_map_for_several_objects(tmp_path):
+    """object_count > 1: the multi-object map (image size) is blended with the resized memory map."""
+    manifest, extractor = fake_manifest(tmp_path), FakeExtractor()
+    memory = NormalMemory.from_images(extractor, manifest, random_images(2),
+                                      MemorySettings(capacity=500, blend=0.5, blur_sigma=0.0))
+    image = random_images(1, seed=5, size=48)[0][1]
+    saliency = np.random.default_rng(0).uniform(0, 1, (48, 48)).astype(np.float32)
+    grids: list = []
+    blended = memory.blend_map(extractor, image, saliency, grids)
+    memory_grid = memory.distance_grid(extractor.single_object_features(image))
+    np.testing.assert_allclose(blended, 0.5 * saliency + 0.5 * cv2.resize(memory_grid, (48, 48)), atol=1e-6)
+    assert len(grids) == 1 and grids[0].grid.shape == (8, 8) and grids[0].features.shape == (12, 8, 8)
+    empty = NormalMemory.empty(manifest, extractor)
+    assert empty.blend_map(extractor, image, saliency) is saliency  # nothing learned yet: unchanged
+
+
+def test_memory_cli_reads_a_folder_of_good_parts(lite_engine_dir, data_dir, tmp_path, capsys):
+    from runtime import memory as memory_cli
+
+    out = tmp_path / "memory.npz"
+    code = memory_cli.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd",
+                            "--good", str(data_dir / "mtd-mini" / "MT_Free" / "Imgs"), "--capacity", "512",
+                            "--out", str(out)])
+    assert code == 0 and "512 features from 2 good images" in capsys.readouterr().err
+    loaded = NormalMemory.load(out)
+    assert sorted(loaded.images) == ["exp1_num_3786.jpg", "exp1_num_52659.jpg"]  # the .png masks are not parts
+    assert loaded.settings.capacity == 512

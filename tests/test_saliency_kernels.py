@@ -143,6 +143,113 @@ def test_knn_bad_input_fails_clearly():
         K.knn_distance_mean(broken, 3)
 
 
+# ---------------------------------------------------------------- symmetric path (long rows)
+
+
+def run_symmetric(features, n, mode, exclude_self, panel_rows=64, capacity=None):
+    positions = features.shape[1]
+    k = K._effective_n(n, positions, exclude_self)
+    out = np.zeros(positions, np.float32)
+    sign = np.float32(1.0 if mode == "farthest" else -1.0)
+    return K._knn_symmetric(features, k, sign, exclude_self, out, panel_rows=panel_rows, capacity=capacity)
+
+
+@pytest.mark.parametrize("mode", K.MODES)
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize(("positions", "panel_rows", "levels"), [(1030, 64, 0), (1200, 32, 0), (1100, 128, 3)])
+def test_symmetric_path_matches_twin(mode, exclude_self, positions, panel_rows, levels):
+    """Panels that do not divide P, a last row group shorter than 16, heavy ties (levels=3)."""
+    features = unit_features(12, positions, seed=positions, levels=levels)
+    got = run_symmetric(features, 300, mode, exclude_self, panel_rows)
+    np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, 300, mode, exclude_self), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pivot", [-2.0, 0.0, 0.3, 2.0])  # below all, inside, above all
+@pytest.mark.parametrize("levels", [0, 4])
+def test_select_smallest_near_a_guess(pivot, levels):
+    rng = np.random.default_rng(int(10 * pivot) + 20 + levels)
+    values = rng.uniform(-1, 1, 777).astype(np.float32)
+    if levels:
+        values = (np.round(values * levels) / levels).astype(np.float32)
+    for k in (1, 100, 400, 777):
+        buf = values.copy()
+        K._select_smallest_near(buf, len(buf), k, np.float32(pivot))
+        assert np.sort(buf[:k]).tolist() == np.sort(values)[:k].tolist()
+
+
+def test_symmetric_path_redoes_rows_that_overflow():
+    features = unit_features(10, 1040, seed=5)
+    twin = K.knn_distance_mean_twin(features, 200, "farthest", False)
+    # room for only a few more candidates than needed: most rows overflow and are recomputed alone
+    np.testing.assert_allclose(run_symmetric(features, 200, "farthest", False, capacity=205), twin, atol=ATOL, rtol=0)
+
+
+def test_symmetric_path_redoes_rows_the_sample_misled():
+    """Every sampled position points away from the rest: the guessed threshold keeps < k candidates."""
+    positions = 1300
+    rng = np.random.default_rng(6)
+    features = np.tile(np.array([[1.0], [0.0], [0.0]], np.float32), (1, positions))
+    features += 0.3 * rng.standard_normal(features.shape).astype(np.float32)
+    picks = (np.arange(K._SAMPLE) * K._SAMPLE_STEP) % positions
+    features[:, picks] = -np.abs(features[:, picks])
+    features /= np.linalg.norm(features, axis=0, keepdims=True)
+    got = run_symmetric(features, 400, "farthest", False)
+    np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, 400, "farthest", False), atol=ATOL, rtol=0)
+
+
+def test_knn_takes_the_symmetric_path_on_a_real_grid(monkeypatch):
+    calls = []
+    real = K._knn_symmetric
+    monkeypatch.setattr(K, "_knn_symmetric", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    features = unit_features(16, 4096, seed=8)
+    K.knn_distance_mean(features, 400)
+    assert calls
+    calls.clear()
+    K.knn_distance_mean(features[:, :500], 400)  # short rows: the row-block path
+    assert not calls
+
+
+@pytest.mark.parametrize("backend", K.GEMM_BACKENDS)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 1), (7, 130, 33), (256, 1000, 176)])
+def test_gemm_transposed(backend, m, n, k, monkeypatch):
+    monkeypatch.setattr(K, "_gemm_backend", backend)
+    rng = np.random.default_rng(m + n + k)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    out = np.full((m, n), np.nan, np.float32)
+    K.gemm_transposed(a, b, out)
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), atol=1e-4, rtol=1e-5)
+
+
+def test_embedded_gemm_graph_is_one_transposed_gemm():
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load_from_string(K._GEMM_ONNX)
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "Gemm" and [a.i for a in node.attribute if a.name == "transB"] == [1]
+    assert [i.name for i in model.graph.input] == ["a", "b"] and [o.name for o in model.graph.output] == ["y"]
+
+
+@pytest.mark.parametrize("mode", K.MODES)
+@pytest.mark.parametrize("exclude_self", [None, True, False])
+@pytest.mark.parametrize(("positions", "n"), [(300, 40), (1100, 400), (5, 50), (1, 3)])
+def test_knn_graph_matches_twin_on_the_cpu_provider(mode, exclude_self, positions, n):
+    """The GPU path's ONNX graph, run by the CPU provider here (the CUDA run waits for a GPU)."""
+    features = unit_features(16, positions, seed=positions)
+    session = K.knn_session("cpu")
+    got = K.knn_distance_mean_graph(features, n, mode, exclude_self, session=session)
+    np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, n, mode, exclude_self), atol=2e-6, rtol=0)
+
+
+def test_embedded_knn_graph_checks():
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load_from_string(K._KNN_ONNX)
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("TopK") == 1 and "EyeLike" in ops and ops[-1] == "ReduceMean"
+    top_k = next(node for node in model.graph.node if node.op_type == "TopK")
+    assert {a.name: a.i for a in top_k.attribute} == {"axis": 1, "largest": 0, "sorted": 0}
+
+
 # ---------------------------------------------------------------- multi-instance
 
 

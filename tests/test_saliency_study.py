@@ -144,11 +144,66 @@ def test_scorer_equals_the_harness(mtd_root: Path) -> None:
         scorer.metrics(grids[:-1])
 
 
+def test_scorer_subset_scores_only_those_images(mtd_root: Path) -> None:
+    samples = list_samples("mtd", mtd_root)["mtd"]
+    rng = np.random.default_rng(1)
+    grids = [rng.random((16, 16)).astype(np.float32) for _ in samples]
+    scorer = study.Scorer(samples)
+    assert scorer.metrics(grids, 1.0, subset=range(len(samples))) == scorer.metrics(grids, 1.0)
+    defects = [i for i, s in enumerate(samples) if s.label]
+    only_defects = scorer.metrics(grids, 1.0, subset=defects)
+    assert np.isnan(only_defects["image_auroc"])  # one class only
+    assert only_defects["pixel_max_f1"] >= scorer.metrics(grids, 1.0)["pixel_max_f1"]  # no good images' pixels
+
+
+# ---- selection rules ---------------------------------------------------------------------------------------
+
+
+class StubCache:
+    """Grids are just the variant; the stub scorer looks its metrics up."""
+
+    class extractor:  # noqa: N801 - stands in for the attribute
+        single_size = 256
+
+    def grids(self, split, samples, settings):
+        return {v: v for v in study.knn_choices([10, 400], True)}
+
+
+class StubScorer:
+    def __init__(self, table: dict) -> None:
+        self.table = table
+
+    def metrics(self, grids, sigma=0.0):
+        f1, aupro = self.table.get((grids, sigma), (1.0, 50.0))
+        return {"pixel_max_f1": f1, "pixel_auroc": 50.0, "image_auroc": 50.0, "aupro": aupro}
+
+
+def test_selection_prefers_defaults_on_near_ties_and_respects_the_guard() -> None:
+    near_in, near_ex = ("nearest", 400, False), ("nearest", 400, True)
+    variants = study.knn_choices([10, 400], True)
+    base = SaliencySettings()
+    # Self included is 0.3 points better than the default (excluded): below MIN_GAIN, default kept.
+    scorer = StubScorer({(near_in, 0.0): (20.3, 50.0), (near_ex, 0.0): (20.0, 50.0)})
+    settings, result = study.best_knn(StubCache(), scorer, [], base, variants, (0.0,), [])
+    assert study.variant_of(settings) == near_ex and result["pixel_max_f1"] == 20.0
+    # A clear win keeps the non-default choice.
+    scorer = StubScorer({(near_in, 0.0): (25.0, 50.0), (near_ex, 0.0): (20.0, 50.0)})
+    settings, _ = study.best_knn(StubCache(), scorer, [], base, variants, (0.0,), [])
+    assert study.variant_of(settings) == near_in
+    # The guard drops the best-F1 setting when its AUPRO falls below the floor.
+    scorer = StubScorer({(near_ex, 8.0): (30.0, 40.0), (near_ex, 2.0): (24.0, 60.0)})
+    settings, _ = study.best_knn(StubCache(), scorer, [], base, variants, (2.0, 8.0), [], guard=45.0)
+    assert settings.blur_sigma == 2.0
+    settings, _ = study.best_knn(StubCache(), scorer, [], base, variants, (2.0, 8.0), [], guard=None)
+    assert settings.blur_sigma == 8.0
+    assert study.best_knn(StubCache(), scorer, [], base, variants, (2.0, 8.0), [], guard=99.0) is None
+
+
 # ---- the runtime options the study tunes -----------------------------------------------------------------
 
 
 def test_study_grids_are_the_runtime_grids(extractor: SaliencyExtractor, mtd_root: Path, tmp_path: Path) -> None:
-    samples = list_samples("mtd", mtd_root)["mtd"][:2]
+    samples = list_samples("mtd", mtd_root)["mtd"][:1]
     cache = study.GridCache(extractor, tmp_path, ns=(30, 400), progress=False, engine_id="x")
     for settings in (study.REFERENCE,
                      SaliencySettings(n=30, mode="nearest", layers=(2, 3), contrast="clahe", pad=16, blur_sigma=2.0),
@@ -221,6 +276,8 @@ def test_contrast_equalises_the_luminance(image: np.ndarray) -> None:
     ({"layers": (2, 2)}, "layers"),
     ({"layers": "23"}, "layers"),
     ({"layers": (1.5,)}, "layers"),
+    ({"layers": 3}, "layers"),
+    ({"layers": 2.0}, "layers"),
     ({"contrast": "gamma"}, "contrast"),
     ({"pad": 4}, "pad"),
     ({"pad": -8}, "pad"),
@@ -243,6 +300,13 @@ def test_layer_choice_needs_known_layers_and_their_widths(manifest: mf.Manifest)
     SaliencyExtractor(bare)  # every layer: no widths needed
     with pytest.raises(ManifestError, match="re-export"):
         SaliencyExtractor(bare, settings=SaliencySettings(layers=(2, 3)))
+
+
+def test_tuned_preset_is_the_committed_study_result() -> None:
+    results = Path(__file__).resolve().parent.parent / "bench" / "results" / "saliency_study_mtd.json"
+    best = json.loads(results.read_text())["best"]
+    best["layers"] = tuple(best["layers"]) if best["layers"] else None
+    assert TUNED["efficientnet_lite0"] == SaliencySettings(**best).checked()
 
 
 def test_presets_follow_the_profile(manifest: mf.Manifest) -> None:

@@ -1,0 +1,94 @@
+"""Session options per device, and IO binding (DeviceRunner) checked on the CPU provider."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime import sessions as S
+from runtime.errors import EngineError
+from runtime.saliency_kernels import _GEMM_ONNX  # a one-node graph y = a @ b.T
+
+
+def gemm_session() -> ort.InferenceSession:
+    return ort.InferenceSession(_GEMM_ONNX, S.session_options(threads=1), providers=["CPUExecutionProvider"])
+
+
+def test_devices_and_missing_providers(monkeypatch):
+    assert S.providers_for("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(EngineError, match="unknown device 'gpu'"):
+        S.providers_for("gpu")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(EngineError, match="onnxruntime-gpu"):
+        S.session_factory("cuda")
+    with pytest.raises(EngineError, match="TensorRT"):
+        S.providers_for("tensorrt")
+
+
+def test_tensorrt_options_keep_caches_in_the_engines_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    (trt, trt_options), (cuda, _), cpu = S.providers_for("tensorrt", tmp_path / S.TRT_CACHE_DIR)
+    assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert trt_options["trt_fp16_enable"] == "True" and trt_options["trt_engine_cache_enable"] == "True"
+    assert trt_options["trt_engine_cache_path"] == str(tmp_path / S.TRT_CACHE_DIR) == trt_options["trt_timing_cache_path"]
+    assert (tmp_path / S.TRT_CACHE_DIR).is_dir()
+    (_, cuda_options), _ = S.providers_for("cuda", cuda_graph=True)
+    assert cuda_options["enable_cuda_graph"] == "1"
+
+
+def test_cpu_sessions_do_not_spin(tmp_path):
+    path = tmp_path / "gemm.onnx"
+    path.write_bytes(_GEMM_ONNX)
+    session = S.session_factory("cpu", threads=2)(path)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert S.session_device(session) == "cpu"
+    with pytest.raises(EngineError, match="cannot load engine"):
+        S.session_factory("cpu")(tmp_path / "missing.onnx")
+
+
+def test_device_runner_matches_run_and_chains_device_values():
+    session = gemm_session()
+    runner = S.DeviceRunner(session)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(shape).astype(np.float32) for shape in [(3, 5), (4, 5), (2, 4)])
+    (plain,) = session.run(None, {"a": a, "b": b})
+    (bound,) = runner.run(["y"], {"a": a, "b": b})
+    np.testing.assert_array_equal(bound, plain)
+    # Kept on the device: an OrtValue, fed as is to the next call (y2 = c @ y.T).
+    (kept,) = runner.run(["y"], {"a": a, "b": b}, keep=("y",))
+    assert isinstance(kept, ort.OrtValue) and tuple(kept.shape()) == (3, 4)
+    (chained,) = runner.run(["y"], {"a": c, "b": kept})
+    np.testing.assert_allclose(chained, c @ plain.T, rtol=1e-5, atol=1e-5)
+
+
+def test_device_runner_static_inputs_refuse_new_shapes():
+    runner = S.DeviceRunner(gemm_session(), static_inputs=True)
+    a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    np.testing.assert_array_equal(runner.run(["y"], {"a": a, "b": b})[0], np.full((2, 4), 3.0))
+    np.testing.assert_array_equal(runner.run(["y"], {"a": 2 * a, "b": b})[0], np.full((2, 4), 6.0))  # same buffers, new values
+    with pytest.raises(EngineError, match="differs from the first call"):
+        runner.run(["y"], {"a": np.ones((5, 3), np.float32), "b": b})
+
+
+@pytest.mark.gpu
+def test_device_runner_keeps_outputs_on_the_gpu():
+    session = ort.InferenceSession(_GEMM_ONNX, S.session_options(), providers=S.providers_for("cuda"))
+    runner = S.DeviceRunner(session)
+    a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    (kept,) = runner.run(["y"], {"a": a, "b": b}, keep=("y",))
+    assert kept.device_name().lower() == "cuda"
+    (chained,) = runner.run(["y"], {"a": np.ones((1, 4), np.float32), "b": kept})
+    np.testing.assert_array_equal(chained, np.full((1, 2), 12.0))
+
+
+@pytest.mark.gpu
+def test_knn_graph_on_the_gpu_matches_the_twin():
+    from runtime import saliency_kernels as K
+
+    rng = np.random.default_rng(0)
+    features = np.maximum(rng.standard_normal((176, 4096)), 0).astype(np.float32) + np.float32(1e-3)
+    features /= np.linalg.norm(features, axis=0, keepdims=True)
+    for mode in K.MODES:
+        got = K.knn_distance_mean_graph(features, 400, mode, session=K.knn_session("cuda"))
+        np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, 400, mode), atol=1e-5, rtol=0)
