@@ -274,6 +274,8 @@ def run_tune(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_te
     return {"summary": summary, "table": study_table(summary), "runs": results}
 
 
+# evaluate_category hands predict() the image only; the tune sweep looks its cached grids up by path,
+# so its read_image remembers which path it read last (one evaluation at a time, in order).
 _last_path: list[Path] = []
 
 

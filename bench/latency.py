@@ -138,23 +138,24 @@ def gpu_info() -> dict[str, Any]:
 
 
 def gpu_memory_used_mb(pid: int) -> float | None:
-    """GPU memory held by process `pid` (onnxruntime's arena keeps its peak), from nvidia-smi."""
+    """GPU memory held by process `pid` (onnxruntime's arena keeps its peak), from nvidia-smi; in a
+    container that hides host pids, the memory used on GPU 0 as a whole."""
     if shutil.which("nvidia-smi") is None:
         return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(pid):
-            try:
-                return float(parts[1])
-            except ValueError:
-                return None
+    queries = (["--query-compute-apps=pid,used_memory"], ["--query-gpu=index,memory.used", "-i", "0"])
+    for query, wanted in zip(queries, (str(pid), "0")):
+        try:
+            out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for line in out.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 2 and parts[0] == wanted:
+                try:
+                    return float(parts[1])
+                except ValueError:
+                    return None
     return None
 
 

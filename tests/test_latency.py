@@ -124,3 +124,15 @@ def test_cli_full_tiny_pipeline_against_the_reference(full_tiny_engine_dir, tmp_
     assert set(record["reference"]["parity_max_abs_diff"]) == {"gdino_text", "gdino_image", "gdino_head", "sam_encoder",
                                                                "sam_decoder", "saliency"}
     assert record["stages"]["detector"]["speedup"] > 0 and record["speedup_vs_reference"] > 0
+
+
+def test_gpu_facts_from_nvidia_smi(tmp_path, monkeypatch):
+    """Parsing only (a stand-in nvidia-smi): name, driver, memory per process or, hidden pids, per GPU."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\ncase "$1" in\n  --query-compute-apps*) echo "999, 10";;\n'
+                    '  --query-gpu=index*) echo "0, 1234";;\n  *) echo "NVIDIA H100 80GB HBM3, 550.54, 81559";;\nesac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    assert L.gpu_info() == {"name": "NVIDIA H100 80GB HBM3", "driver": "550.54", "memory_total_mb": 81559.0}
+    assert L.gpu_memory_used_mb(999) == 10.0
+    assert L.gpu_memory_used_mb(12345) == 1234.0  # our pid not listed (container): GPU 0 as a whole
