@@ -253,10 +253,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         dataset, category = "mvtec", "bottle"  # the default image is an MVTec bottle
     image_path = Path(args.image) if args.image else DEFAULT_IMAGE
     load_before = os.getloadavg()
+    options = parse_options(args.option)
+    if args.reference:
+        # The PyTorch reference implements the reference saliency only: compare like for like.
+        options.setdefault("saliency_preset", "reference")
     try:
         image = read_image(image_path)
         pipeline = Pipeline.open(args.engine_dir, dataset=dataset, category=category, config=args.config,
-                                 device=args.device, threads=args.threads, options=parse_options(args.option))
+                                 device=args.device, threads=args.threads, options=options)
     except SaaError as err:
         raise BenchError(str(err)) from None
     manifest = pipeline.manifest
@@ -311,7 +315,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "precision": manifest.data.get("precision", "fp32"),
         "random_weights": manifest.random_init,
         "config": pipeline.config.name,
-        "options": parse_options(args.option),
+        "options": options,
         "image": str(image_path),
         "image_shape": list(image.shape[:2]),
         "iters": args.iters,

@@ -29,8 +29,11 @@ class DefectPrompt:
 class AlgorithmOptions:
     """Choices where the reference code and the paper disagree (reference first)."""
 
-    saliency_mode: str = "farthest"  # reference sorts distances descending; paper: "nearest"
-    saliency_n: int = 400  # neighbours averaged per position
+    # One-object saliency: a preset ("reference": the code's farthest 400 at 256 px, layers 1-3;
+    # "tuned": docs/saliency-study.md), None = the profile's default (lite: tuned, full: reference).
+    saliency_preset: str | None = None
+    saliency_mode: str | None = None  # overrides the preset: "farthest" (reference code) or "nearest" (paper)
+    saliency_n: int | None = None  # overrides the preset: neighbours averaged per position (reference: 400)
     rescore_gain: float = 3.0  # reference: exp(3 * mean saliency); paper: exp(mean) -> 1.0
     fusion_plus_one: bool = True  # reference starts the weight map at 1; paper divides by sum(mask)
     object_iou_threshold: float | None = None  # paper's location rule (IoU with the object box); off in the reference
@@ -131,8 +134,10 @@ def config_from_dict(data: Any, source: str = "config") -> PromptConfig:
 
 def _validate_options(options: AlgorithmOptions, source: str) -> AlgorithmOptions:
     checks = [
-        (options.saliency_mode in ("farthest", "nearest"), "saliency_mode must be 'farthest' or 'nearest'"),
-        (isinstance(options.saliency_n, int) and options.saliency_n >= 1, "saliency_n must be an integer >= 1"),
+        (options.saliency_preset in (None, "reference", "tuned"), "saliency_preset must be null, 'reference' or 'tuned'"),
+        (options.saliency_mode in (None, "farthest", "nearest"), "saliency_mode must be 'farthest' or 'nearest'"),
+        (options.saliency_n is None or isinstance(options.saliency_n, int) and not isinstance(options.saliency_n, bool)
+         and options.saliency_n >= 1, "saliency_n must be an integer >= 1"),
         (isinstance(options.rescore_gain, (int, float)) and options.rescore_gain >= 0, "rescore_gain must be >= 0"),
         (isinstance(options.fusion_plus_one, bool), "fusion_plus_one must be true or false"),
         (options.object_iou_threshold is None or 0.0 <= options.object_iou_threshold <= 1.0,

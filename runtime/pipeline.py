@@ -59,9 +59,13 @@ class Pipeline:
         self.config = config
         self.device = device
         make_session = session_factory(device, threads)
-        from .saliency import SaliencyExtractor  # imported here: numba compiles on first import
+        from .saliency import SaliencyExtractor, preset_settings  # imported here: numba compiles on first import
 
-        self.saliency = SaliencyExtractor(manifest, make_session)
+        options = config.options
+        self.saliency = SaliencyExtractor(manifest, make_session)  # reference settings: memory, multi-object
+        # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
+        self.zero_shot_saliency = self.saliency.with_settings(
+            preset_settings(manifest, options.saliency_preset, options.saliency_n, options.saliency_mode))
         # Line side (runtime.lineside.attach sets them): thresholds, normal memory, streaming memory.
         self.thresholds = Thresholds()
         self.memory = self.stream = self.calibration = None
@@ -158,7 +162,7 @@ class Pipeline:
     def _single_saliency(self, image: np.ndarray, grids: list | None = None) -> np.ndarray:
         options = self.config.options
         if self.memory is None:
-            return self.saliency.single_object_saliency(image, n=options.saliency_n, mode=options.saliency_mode)
+            return self.zero_shot_saliency.single_object_saliency(image)
         # With a memory: its distance map (blended with the self-similarity, runtime.memory) is P^S.
         found = self.memory.grids(self.saliency, image, n=options.saliency_n, mode=options.saliency_mode)
         if grids is not None:

@@ -335,14 +335,16 @@ def test_stream_state_saves_loads_and_resets(tmp_path):
 def test_pipeline_with_memory(lite_engine_dir, data_dir, tmp_path):
     goods = sorted((data_dir / "mtd-mini" / "MT_Free" / "Imgs").glob("*.jpg"))
     defect = next((data_dir / "mtd-mini" / "MT_Crack" / "Imgs").glob("*.jpg"))
-    plain = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd")
+    # the memory path works on the reference saliency settings (the few-shot study's), not lite's tuned preset
+    reference = {"saliency_preset": "reference"}
+    plain = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd", options=reference)
     image = cv2.imread(str(defect))
     # the memory path computes the same self-similarity grid as the saliency extractor
     features, self_grid = single_object_grids(plain.saliency, image, 400, "farthest")
     np.testing.assert_array_equal(self_grid, plain.saliency.single_object_grid(image, 400, "farthest"))
     # an empty memory gives the zero-shot map exactly
     plain.memory = NormalMemory.empty(plain.manifest, plain.saliency)
-    zero_shot = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd")(image).anomaly_map
+    zero_shot = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd", options=reference)(image).anomaly_map
     np.testing.assert_array_equal(plain(image).anomaly_map, zero_shot)
 
     memory = NormalMemory.from_images(plain.saliency, plain.manifest, [(p.name, cv2.imread(str(p))) for p in goods],

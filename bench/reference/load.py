@@ -278,7 +278,8 @@ class SaliencyReference:
 
         options = self.config.options
         start = time.perf_counter()
-        saliency = reference_single_saliency(self.cnn, image, n=options.saliency_n, mode=options.saliency_mode)
+        saliency = reference_single_saliency(self.cnn, image, n=options.saliency_n or 400,
+                                                 mode=options.saliency_mode or "farthest")
         total = (time.perf_counter() - start) * 1000.0
         return _LiteOutput(saliency, {"saliency": total, "total": total})
 

@@ -83,7 +83,8 @@ class ReferenceSAA:
         if multi:
             saliency = reference_multi_saliency(self.cnn, image, object_masks)
         else:
-            saliency = reference_single_saliency(self.cnn, image, n=options.saliency_n, mode=options.saliency_mode)
+            saliency = reference_single_saliency(self.cnn, image, n=options.saliency_n or 400,
+                                                 mode=options.saliency_mode or "farthest")
         timings["saliency"] = (time.perf_counter() - tick) * 1000
 
         tick = time.perf_counter()
