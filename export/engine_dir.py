@@ -83,6 +83,15 @@ def _install(tmp: Path, out: Path) -> Path:
     return out / mf.MANIFEST_NAME
 
 
+def _weights_source(checkpoint: str | None, random_init: bool, **preset: Any) -> dict[str, Any]:
+    """How a model's weights were made, so bench.reference can rebuild the same torch model."""
+    from .checkpoints import checkpoint_record
+
+    kind = "random_init" if random_init else ("checkpoint" if checkpoint else "official")
+    return {**preset, "random_init": bool(random_init),
+            "checkpoint": checkpoint_record(Path(checkpoint) if checkpoint else None, kind)}
+
+
 def export_engines(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     check_target(out, args.force)
@@ -116,7 +125,9 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = gdino.copy_tokenizer(tmp)
         files["tokenizer"] = {"file": tokenizer.name}
         _log(f"[GroundingDINO] exporting at {args.detector_size[0]}x{args.detector_size[1]} and checking parity")
-        models += gdino.export_grounding_dino(detector, tmp, args.detector_size, tokenizer)
+        models += gdino.export_grounding_dino(detector, tmp, args.detector_size, tokenizer,
+                                              source=_weights_source(args.gdino_checkpoint, args.random_init,
+                                                                     size="tiny" if args.tiny else "swin-t", seed=0))
         preprocess["gdino"] = gdino.preprocess_record(args.detector_size, detector)
         del detector
 
@@ -124,7 +135,8 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         _log(f"[SAM {variant}] building")
         segmenter = sam.build_sam(variant, args.sam_checkpoint, args.random_init)
         _log(f"[SAM {variant}] exporting encoder and batched-box decoder, checking parity")
-        models += sam.export_sam(segmenter, tmp)
+        models += sam.export_sam(segmenter, tmp, source=_weights_source(args.sam_checkpoint, args.random_init,
+                                                                        variant=variant, seed=sam.RANDOM_INIT_SEED))
         preprocess["sam"] = sam.preprocess_record(variant)
         del segmenter
 
