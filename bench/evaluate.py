@@ -326,14 +326,19 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return per_category
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser, run_args, argv) -> int:
+    """The bench commands' shared door: parse, run, and turn a SaaError into one line and exit status 2."""
+    args = parser.parse_args(argv)
     try:
-        run(args)
+        run_args(args)
     except SaaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -365,13 +365,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except SaaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from bench.evaluate import run_cli
+
+    return run_cli(_parser(), run, argv)
 
 
 def _capacity(args: argparse.Namespace) -> int:

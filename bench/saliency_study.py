@@ -676,13 +676,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except SaaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    from bench.evaluate import run_cli
+
+    return run_cli(_parser(), run, argv)
 
 
 if __name__ == "__main__":
