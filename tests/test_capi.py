@@ -92,7 +92,8 @@ def test_library_leaves_python_to_the_host(library):
         assert "NEEDED" in needed and "libpython" not in needed
     exported = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     assert set(re.findall(r"\b(saa_\w+)", exported)) == {"saa_version", "saa_abi_version", "saa_open", "saa_infer",
-                                                        "saa_last_error", "saa_close"}
+                                                        "saa_last_error", "saa_close", "saa_set_thresholds",
+                                                        "saa_last_decision", "saa_reset_memory"}
 
 
 def test_version(library):

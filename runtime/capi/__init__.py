@@ -105,6 +105,12 @@ def _declare(library: ctypes.CDLL) -> None:
     library.saa_last_error.argtypes = [c_void_p]
     library.saa_close.restype = c_int
     library.saa_close.argtypes = [c_void_p]
+    library.saa_set_thresholds.restype = c_int
+    library.saa_set_thresholds.argtypes = [c_void_p, ctypes.c_double, ctypes.c_double]
+    library.saa_last_decision.restype = c_int
+    library.saa_last_decision.argtypes = [c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(c_int)]
+    library.saa_reset_memory.restype = c_int
+    library.saa_reset_memory.argtypes = [c_void_p]
 
 
 def version() -> str:
@@ -224,6 +230,21 @@ class CPipeline:
             raise CapiError(E_INVALID_ARGUMENT, f"map_out has shape {map_out.shape} but {what} is "
                                                 f"{expected[0]}x{expected[1]} (height x width)")
         return map_out
+
+    def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> None:
+        """Image / pixel thresholds in the map's units (None: off), as Pipeline.set_thresholds."""
+        nan = float("nan")
+        _check(self._library.saa_set_thresholds(self._handle, nan if image is None else image,
+                                                nan if pixel is None else pixel), self._handle)
+
+    def last_decision(self) -> tuple[float, int | None]:
+        """(pred_score, pred_label) of the last call; pred_label None without an image threshold."""
+        score, label = ctypes.c_float(), ctypes.c_int()
+        _check(self._library.saa_last_decision(self._handle, ctypes.byref(score), ctypes.byref(label)), self._handle)
+        return float(score.value), None if label.value < 0 else label.value
+
+    def reset_memory(self) -> None:
+        _check(self._library.saa_reset_memory(self._handle), self._handle)
 
     def close(self) -> None:
         if self._handle is not None:

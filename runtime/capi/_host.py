@@ -8,6 +8,7 @@ allocation handed to the caller.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -102,11 +103,33 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
         if values.shape != (map_height, map_width):
             return E_INTERNAL, f"pipeline returned a {values.shape} map for a {map_height}x{map_width} request"
         np.asarray(_Memory(map_address, (map_height, map_width), None, "<f4", writable=True))[...] = values
+        pipeline._capi_decision = (result.pred_score, result.pred_label)  # for saa_last_decision
         if max_regions == 0:
             return OK, 0
         out = np.asarray(_Memory(regions_address, (max_regions * REGION_DTYPE.itemsize,), None, "|u1", writable=True))
         return OK, fill_regions(result.regions, out.view(REGION_DTYPE))
     except BaseException as err:  # noqa: BLE001
+        return failure(err)
+
+
+def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: int) -> tuple[int, Any]:
+    """saa_set_thresholds / saa_last_decision / saa_reset_memory (arguments checked by saa.c)."""
+    try:
+        if command == "thresholds":
+            pipeline.set_thresholds(None if math.isnan(a) else a, None if math.isnan(b) else b)
+            return OK, 0
+        if command == "reset_memory":
+            pipeline.reset_memory()
+            return OK, 0
+        if command == "decision":
+            decision = getattr(pipeline, "_capi_decision", None)
+            if decision is None:
+                return E_INVALID_ARGUMENT, "no successful saa_infer on this handle yet"
+            score, label = decision
+            np.asarray(_Memory(out_address, (1,), None, "<f4", writable=True))[0] = score
+            return OK, -1 if label is None else int(label)
+        return E_INTERNAL, f"unknown control command {command!r}"
+    except BaseException as err:  # noqa: BLE001 - nothing may unwind into C
         return failure(err)
 
 

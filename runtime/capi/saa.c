@@ -127,7 +127,7 @@ static int check_handle(const saa_pipeline *handle, const char *function) {
 static pthread_once_t python_once = PTHREAD_ONCE_INIT;
 static int python_status = SAA_OK;
 static char python_error[ERROR_CAPACITY];
-static PyObject *host_open, *host_infer, *host_close;
+static PyObject *host_open, *host_infer, *host_close, *host_control;
 
 static void python_fail(const char *format, ...) {
     va_list args;
@@ -191,8 +191,9 @@ static void import_host(const char *interpreter) {
     host_open = py_PyObject_GetAttrString(module, "open_pipeline");
     host_infer = py_PyObject_GetAttrString(module, "infer");
     host_close = py_PyObject_GetAttrString(module, "close_pipeline");
+    host_control = py_PyObject_GetAttrString(module, "control");
     PyObject *describe = py_PyObject_GetAttrString(module, "describe");
-    if (!host_open || !host_infer || !host_close || !describe) {
+    if (!host_open || !host_infer || !host_close || !host_control || !describe) {
         py_PyErr_Clear();
         python_fail("%s lacks open_pipeline, infer, close_pipeline or describe: library and package differ in version",
                     HOST_MODULE);
@@ -515,4 +516,48 @@ SAA_API int saa_close(saa_pipeline *handle) {
     handle->closed = 1;
     pthread_mutex_unlock(&handle->call_lock);
     return SAA_OK;
+}
+
+/* One line-side command on the handle's pipeline: runtime.capi._host.control(pipeline, command, a, b, out). */
+static int control(saa_pipeline *handle, const char *function, const char *command, double a, double b, void *out,
+                   long long *number) {
+    int status = check_handle(handle, function);
+    if (status != SAA_OK)
+        return status;
+    lock_call(handle);
+    if (handle->closed) {
+        pthread_mutex_unlock(&handle->call_lock);
+        return fail(handle, SAA_E_CLOSED, "%s: the handle was closed by saa_close", function);
+    }
+    char message[ERROR_CAPACITY];
+    PyGILState_STATE gil = py_PyGILState_Ensure();
+    PyObject *reply = py_PyObject_CallFunction(host_control, "OsddK", handle->pipeline, command, a, b,
+                                               (unsigned long long)(uintptr_t)out);
+    status = unpack_reply(reply, NULL, number, message, sizeof message);
+    py_PyGILState_Release(gil);
+    pthread_mutex_unlock(&handle->call_lock);
+    if (status != SAA_OK)
+        return fail(handle, status, "%s: %s", function, message);
+    return SAA_OK;
+}
+
+SAA_API int saa_set_thresholds(saa_pipeline *handle, double image_threshold, double pixel_threshold) {
+    long long ignored = 0;
+    return control(handle, "saa_set_thresholds", "thresholds", image_threshold, pixel_threshold, NULL, &ignored);
+}
+
+SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred_label) {
+    if (!pred_score || !pred_label)
+        return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT,
+                    "saa_last_decision: pred_score or pred_label is NULL");
+    long long label = -1;
+    int status = control(handle, "saa_last_decision", "decision", 0.0, 0.0, pred_score, &label);
+    if (status == SAA_OK)
+        *pred_label = (int)label;
+    return status;
+}
+
+SAA_API int saa_reset_memory(saa_pipeline *handle) {
+    long long ignored = 0;
+    return control(handle, "saa_reset_memory", "reset_memory", 0.0, 0.0, NULL, &ignored);
 }

@@ -147,6 +147,17 @@ SAA_API const char *saa_last_error(const saa_pipeline *handle);
  */
 SAA_API int saa_close(saa_pipeline *handle);
 
+/*
+ * Line-side decisions (serialised with saa_infer on the handle).
+ * saa_set_thresholds: image and pixel thresholds in the anomaly map's units; NAN turns one off.
+ * saa_last_decision: of the handle's last successful saa_infer: pred_score (max of the map at
+ *   the image size) and pred_label (1 NG, 0 OK, -1 when no image threshold is set).
+ * saa_reset_memory: a normal / streaming memory back to how it was opened (no-op without one).
+ */
+SAA_API int saa_set_thresholds(saa_pipeline *handle, double image_threshold, double pixel_threshold);
+SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred_label);
+SAA_API int saa_reset_memory(saa_pipeline *handle);
+
 #ifdef __cplusplus
 }
 #endif
