@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from .decision import Thresholds, image_score
+from .config import add_config_arguments
 from .errors import ConfigError, ImageError, SaaError
 from .image_io import IMAGE_SUFFIXES, read_image
 
@@ -282,10 +283,7 @@ def calibrate(pipeline: Any, good: Sequence[tuple[Path, Path | None]],
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
-    parser.add_argument("--dataset", help="shipped prompt set: mvtec, visa or mtd")
-    parser.add_argument("--category", help="category within --dataset")
-    parser.add_argument("--config", help="your own prompt file (YAML or JSON)")
+    add_config_arguments(parser)
     parser.add_argument("--good", required=True, help="folder of good parts")
     parser.add_argument("--defects", help="folder of defect parts (masks beside them or in masks/)")
     parser.add_argument("--memory", help="normal memory file (runtime.memory) to calibrate with")

@@ -190,6 +190,14 @@ def load_shipped_config(dataset: str, category: str, options: dict[str, Any] | N
     return config_from_dict(data, source=f"{dataset}/{category}")
 
 
+def add_config_arguments(parser) -> None:
+    """--engine-dir and the prompt config (--dataset/--category or --config): every runtime command takes them."""
+    parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
+    parser.add_argument("--dataset", help="shipped prompt set: mvtec, visa or mtd")
+    parser.add_argument("--category", help="category within --dataset, e.g. bottle")
+    parser.add_argument("--config", help="your own prompt file (YAML or JSON)")
+
+
 def resolve_config(dataset: str | None = None, category: str | None = None, config: str | Path | None = None,
                    options: dict[str, Any] | None = None) -> PromptConfig:
     """The one entry point the CLI, Python API and C ABI share."""

@@ -13,6 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .config import add_config_arguments
 from .errors import SaaError
 from .image_io import list_images, read_image
 from .pipeline import AnomalyResult, Pipeline
@@ -21,10 +22,7 @@ from .pipeline import AnomalyResult, Pipeline
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.infer", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
-    parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
-    parser.add_argument("--dataset", help="shipped prompt set: mvtec, visa or mtd")
-    parser.add_argument("--category", help="category within --dataset, e.g. bottle")
-    parser.add_argument("--config", help="your own prompt file (YAML or JSON)")
+    add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per engine (0: onnxruntime's default)")

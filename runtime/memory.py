@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from . import manifest as mf
+from .config import add_config_arguments
 from .errors import ConfigError, SaaError
 from .memory_kernels import DEFAULT_BLOCK_BYTES, check_rows, greedy_coreset, nearest_distance, project
 from .saliency import smooth_grid
@@ -398,10 +399,7 @@ class NormalMemory:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
-    parser.add_argument("--dataset", help="shipped prompt set (as runtime.infer)")
-    parser.add_argument("--category", help="category within --dataset")
-    parser.add_argument("--config", help="your own prompt file (YAML or JSON)")
+    add_config_arguments(parser)
     parser.add_argument("--good", required=True, nargs="+", help="good images or folders of them")
     parser.add_argument("--out", required=True, help="memory file to write (.npz)")
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="most features kept")

@@ -72,6 +72,16 @@ def _effective_n(n: int, positions: int, exclude_self: bool) -> int:
     return min(int(n), positions - 1 if exclude_self else positions)
 
 
+def _knn_arguments(features: np.ndarray, n: int, mode: str, exclude_self: bool | None) -> tuple[np.ndarray, bool, int, int]:
+    """Checked features, the resolved self-exclusion, the position count and the neighbours averaged."""
+    features = _check_features(features)
+    _check_mode(mode, n)
+    if exclude_self is None:
+        exclude_self = default_exclude_self(mode)
+    positions = features.shape[1]
+    return features, exclude_self, positions, _effective_n(n, positions, exclude_self)
+
+
 # ---------------------------------------------------------------- numba kernels
 
 
@@ -338,13 +348,8 @@ def knn_distance_mean(
     (P >= 1024, n <= P / 2) take the symmetric path, which keeps the upper triangle instead
     (~2 P^2 bytes: 34 MB for a 64x64 grid, reused per thread) when it fits TRIANGLE_MAX_BYTES.
     """
-    features = _check_features(features)
-    _check_mode(mode, n)
-    if exclude_self is None:
-        exclude_self = default_exclude_self(mode)
-    positions = features.shape[1]
+    features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
     out = np.zeros(positions, np.float32)
-    k = _effective_n(n, positions, exclude_self)
     if k < 1:
         return out
     sign = np.float32(1.0 if mode == "farthest" else -1.0)
@@ -498,12 +503,7 @@ def knn_distance_mean_graph(
     The whole P x P similarity lives on the device at once (64 MB for a 64x64 grid); means are
     summed in float32 there, so results agree with the numba path to ~1e-6, not bit for bit.
     """
-    features = _check_features(features)
-    _check_mode(mode, n)
-    if exclude_self is None:
-        exclude_self = default_exclude_self(mode)
-    positions = features.shape[1]
-    k = _effective_n(n, positions, exclude_self)
+    features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
     if k < 1:
         return np.zeros(positions, np.float32)
     session = session or knn_session()
@@ -521,12 +521,7 @@ def knn_distance_mean_twin(
     features: np.ndarray, n: int, mode: str = "farthest", exclude_self: bool | None = None
 ) -> np.ndarray:
     """Plain-numpy definition of `knn_distance_mean`: whole matrix, full sort (small P only)."""
-    features = _check_features(features)
-    _check_mode(mode, n)
-    if exclude_self is None:
-        exclude_self = default_exclude_self(mode)
-    positions = features.shape[1]
-    k = _effective_n(n, positions, exclude_self)
+    features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
     if k < 1:
         return np.zeros(positions, np.float32)
     distance = np.float32(0.5) * (np.float32(1.0) - features.T @ features)
