@@ -209,7 +209,7 @@ def set_threads(threads: int) -> dict[str, Any]:
     return {"numba": numba.get_num_threads(), "blas_limited": limiter is not None, "requested": threads}
 
 
-SETTLE_S = 0.15  # longer than OpenBLAS's and OpenMP's idle spinning (~0.1 s): one side's workers never slow the other
+SETTLE_S = 0.6  # longer than torch's OpenMP workers spin after a call (0.15 s left the runtime ~30% slower in lite runs)
 
 
 def settle() -> None:
@@ -321,6 +321,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "iters": args.iters,
         "warmup": args.warmup,
         "text_ms": round(pipeline.text_ms, 3) if hasattr(pipeline, "text_ms") else None,
+        # SAM's work grows with the boxes that pass the filters (random weights: see docs/latency.md).
+        "boxes_to_sam": None if pipeline.saliency_only else len(results[-1].regions),
+        # What the export measured per graph (ONNX vs torch; fp16 vs fp32), so the figure travels with the timing.
+        "export_parity": {name: model.get("parity") for name, model in manifest.models.items()},
+        "weights_source": {name: model.get("source", {}) for name, model in manifest.models.items()},
         "end_to_end_p50_ms": e2e["p50_ms"],
         "end_to_end_p95_ms": e2e["p95_ms"],
         "end_to_end_p99_ms": e2e["p99_ms"],
@@ -330,7 +335,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "reference_stages": stage_ratios,
         "reference": reference,
         "peak_rss_mb": rss_runtime,
-        "peak_rss_mb_with_reference": peak_rss_mb() if args.reference else None,
+        "peak_rss_mb_after_paired_calls": peak_rss_mb() if args.reference else None,
         "gpu_memory_mb": gpu_mb,
         "gpu_memory_total_mb": gpu.get("memory_total_mb"),
         "notes": notes + _default_notes(manifest, pipeline),
@@ -341,47 +346,46 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, call: Callable[[], Any],
                   notes: list[str]) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Rebuild, check and time the reference; returns its record and the paired runtime timings."""
-    import torch
+    """Rebuild, check and time the reference (in its own process: bench/reference/worker.py says
+    why); returns its record and the runtime timings paired with it."""
+    from bench.reference.worker import ReferenceProcess, ReferenceProcessError
 
-    from bench.reference.load import ReferenceLoadError, build_reference, check_parity, load_reference_models
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        models = load_reference_models(args.engine_dir)
-        parity = {} if args.skip_parity else check_parity(models)
-        if args.device != "cpu":
-            models = load_reference_models(args.engine_dir, device=args.device)
-    except ReferenceLoadError as err:
+        reference = ReferenceProcess(args.engine_dir, pipeline.config, device=args.device, threads=args.threads,
+                                     check_parity=not args.skip_parity)
+    except ReferenceProcessError as err:
         raise BenchError(f"--reference: {err}") from None
-    reference = build_reference(models, pipeline.config)
     iters = args.reference_iters or args.iters
-    with torch.inference_mode():
-        timed_calls(lambda: reference(image), max(1, min(args.warmup, 2)))
-        ref_outputs, paired = [], []
-        for _ in range(iters):
-            settle()
-            paired.append(call().timings_ms)
-            settle()
-            ref_outputs.append(reference(image))
+    with reference:
+        try:
+            timed_calls(lambda: reference(image), max(1, min(args.warmup, 2)))
+            ref_outputs, paired = [], []
+            for _ in range(iters):
+                settle()
+                paired.append(call().timings_ms)
+                settle()
+                ref_outputs.append(reference(image))
+            stats = reference.stats()
+        except ReferenceProcessError as err:
+            raise BenchError(f"--reference failed: {err}") from None
     runtime_map = call()
-    ref_map = ref_outputs[-1].saliency_map if pipeline.saliency_only else ref_outputs[-1].anomaly_map
-    run_map = runtime_map.saliency_map if pipeline.saliency_only else runtime_map.anomaly_map
+    key = "saliency_map" if pipeline.saliency_only else "anomaly_map"
+    ref_map, run_map = ref_outputs[-1][key], getattr(runtime_map, key)
     diff = float(np.max(np.abs(np.asarray(ref_map, np.float64) - run_map))) if ref_map.shape == run_map.shape else None
-    ref_timings = [o.timings_ms for o in ref_outputs]
-    gpu_peak = round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device != "cpu" and torch.cuda.is_available() else None
-    notes.append("reference: " + "; ".join(models.notes))
+    ref_timings = [o["timings_ms"] for o in ref_outputs]
+    notes.append("reference: " + "; ".join(reference.ready["notes"]))
+    notes.append("reference ran in its own process (torch's and numba's OpenMP runtimes slow each other in one)")
     record = {
         "ran": True,
         "device": args.device,
         "iters": iters,
         "stages": {stage: summarize([t[stage] for t in ref_timings if stage in t])
                    for stage in REFERENCE_STAGES if any(stage in t for t in ref_timings)},
-        "parity_max_abs_diff": parity,
+        "parity_max_abs_diff": reference.ready["parity"],
         "map_max_abs_diff": diff,
         "map": "saliency" if pipeline.saliency_only else "anomaly",
-        "gpu_memory_peak_mb": gpu_peak,  # torch's own allocator peak
+        "peak_rss_mb": round(stats["peak_rss_mb"], 1),  # the reference process
+        "gpu_memory_peak_mb": None if stats["gpu_memory_peak_mb"] is None else round(stats["gpu_memory_peak_mb"], 1),
         "_timings": ref_timings,
     }
     return record, paired

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtime.sessions import DEVICES
+
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mtd_break_exp6_num_348888.jpg"
 
 
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--category", default="mtd", help="category within --dataset (default mtd)")
     parser.add_argument("--config", help="your own prompt file instead of --dataset/--category")
     parser.add_argument("--image", default=str(DEFAULT_IMAGE), help="image to segment on every call")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=list(DEVICES))
     parser.add_argument("--calls", type=int, default=1000, help="ABI calls in the soak (default 1000)")
     parser.add_argument("--warmup", type=int, default=10, help="calls before sampling starts (arenas, caches)")
     parser.add_argument("--sample-every", type=int, default=10, help="calls between RSS samples")

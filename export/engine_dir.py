@@ -92,6 +92,15 @@ def _weights_source(checkpoint: str | None, random_init: bool, **preset: Any) ->
             "checkpoint": checkpoint_record(Path(checkpoint) if checkpoint else None, kind)}
 
 
+def _gdino_damping(args: argparse.Namespace) -> dict[str, Any]:
+    """The score damping a random full-size GroundingDINO got (export.gdino.damp_scores)."""
+    if not args.random_init or args.tiny:
+        return {}
+    from .gdino import RANDOM_FULL_SIZE_DAMPING
+
+    return {"score_damping": dict(RANDOM_FULL_SIZE_DAMPING)}
+
+
 def export_engines(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     check_target(out, args.force)
@@ -122,12 +131,13 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 
         _log("[GroundingDINO] building" + (" (random weights)" if args.random_init else ""))
         detector = gdino.build_grounding_dino("tiny" if args.tiny else "swin-t", args.gdino_checkpoint, args.random_init)
-        tokenizer = gdino.copy_tokenizer(tmp)
+        tokenizer = gdino.copy_tokenizer(tmp, getattr(args, "tokenizer_zip", None))
         files["tokenizer"] = {"file": tokenizer.name}
         _log(f"[GroundingDINO] exporting at {args.detector_size[0]}x{args.detector_size[1]} and checking parity")
         models += gdino.export_grounding_dino(detector, tmp, args.detector_size, tokenizer,
                                               source=_weights_source(args.gdino_checkpoint, args.random_init,
-                                                                     size="tiny" if args.tiny else "swin-t", seed=0))
+                                                                     size="tiny" if args.tiny else "swin-t", seed=0,
+                                                                     **_gdino_damping(args)))
         preprocess["gdino"] = gdino.preprocess_record(args.detector_size, detector)
         del detector
 

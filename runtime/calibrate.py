@@ -34,6 +34,7 @@ import numpy as np
 
 from .decision import Thresholds, image_score
 from .config import add_config_arguments
+from .sessions import DEVICES
 from .errors import ConfigError, ImageError, SaaError
 from .image_io import IMAGE_SUFFIXES, read_image
 
@@ -292,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-rule", default="auto", choices=["auto", "false-reject", "max-f1"],
                         help="auto: max-f1 with --defects, else false-reject")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=list(DEVICES))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="print each image's score")
     return parser

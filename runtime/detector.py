@@ -35,12 +35,17 @@ import numpy as np
 from .errors import EngineError, ImageError, ManifestError
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .resize import resize_like_pil, shorter_side_shape
+from .sessions import runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
 
 PREPROCESS_KEY = "gdino"
 PREPROCESS_FIELDS = ("height", "width", "short_side", "max_side", "mean", "std", "max_text_len", "num_queries")
 IMAGE_OUTPUTS = ("vision_features", "vision_mask", "vision_pos", "valid_ratios")
 HEAD_OUTPUTS = ("logits", "boxes", "query_index")
+# Prompt x image positions per head run on the CPU: the fusion encoder's activations grow with
+# both and a CPU gains nothing from batching captions (tiny 224x224 engines: 1045 positions,
+# all captions at once; Swin-T at 800x800: 13294 positions, one caption per run).
+CPU_HEAD_POSITIONS = 16384
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class TextFeatures:
 class ImageFeatures:
     """One image through the image graph."""
 
-    tensors: dict[str, np.ndarray]  # the image graph's outputs by name, batch 1
+    tensors: dict[str, Any]  # the image graph's outputs by name, batch 1 (OrtValues on the GPU with IO binding)
     image_hw: tuple[int, int]  # the input image
     content_hw: tuple[int, int]  # the resized image inside the engine canvas (top-left)
     exact: bool  # content_hw is the reference's resized size (no extra scale-down to fit)
@@ -107,11 +112,16 @@ class Detector:
         manifest: Manifest,
         make_session: Callable[[Path], Any],
         max_prompts_per_run: int | None = None,
+        io_binding: bool | None = None,
     ):
         """make_session(path) -> onnxruntime.InferenceSession (the caller picks providers/threads).
 
         max_prompts_per_run bounds how many captions share one head run (memory grows with
-        prompts x image positions); None runs all captions of a detect() call together.
+        prompts x image positions). None: all captions together on a GPU; on the CPU as many
+        as keep prompts x positions within CPU_HEAD_POSITIONS (at 800x800, one caption per run:
+        measured with Swin-T, batching five cost 10 GB more and was no faster than one by one).
+        io_binding: see runtime.sessions.runner_for (None: on a GPU the image graph's outputs
+        stay there and feed the head without a round trip through the host).
         """
         config = gdino_preprocess(manifest)
         self.height, self.width = int(config["height"]), int(config["width"])
@@ -126,6 +136,7 @@ class Detector:
         self._text = self._open(make_session, manifest, GDINO_TEXT)
         self._image = self._open(make_session, manifest, GDINO_IMAGE)
         self._head = self._open(make_session, manifest, GDINO_HEAD)
+        self._runners = {id(session): runner_for(session, io_binding) for session in (self._text, self._image, self._head)}
         engine_hw = tuple(self._image.get_inputs()[0].shape[2:])
         if engine_hw != (self.height, self.width):
             raise ManifestError(
@@ -141,10 +152,9 @@ class Detector:
         except Exception as err:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
-    @staticmethod
-    def _run(session: Any, name: str, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    def _run(self, session: Any, name: str, feeds: dict[str, Any], outputs: Sequence[str], keep: Sequence[str] = ()) -> list[Any]:
         try:
-            return session.run(None if outputs is None else list(outputs), feeds)
+            return self._runners[id(session)].run(outputs, feeds, keep)
         except Exception as err:
             raise EngineError(f"{name} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
@@ -157,7 +167,7 @@ class Detector:
             "input_ids": encoded.input_ids,
             "position_ids": encoded.position_ids,
             "text_self_attention_masks": encoded.text_self_attention_masks,
-        })
+        }, [self._text.get_outputs()[0].name])
         return TextFeatures(encoded=encoded, features=features)
 
     # -- image --------------------------------------------------------------------------------
@@ -192,19 +202,26 @@ class Detector:
     def encode_image(self, image_rgb: np.ndarray) -> ImageFeatures:
         """One image through the image graph (resize, normalise, place in the engine canvas)."""
         feeds, content_hw, exact = self.preprocess(image_rgb)
-        outputs = self._run(self._image, GDINO_IMAGE, feeds)
         names = [o.name for o in self._image.get_outputs()]
+        outputs = self._run(self._image, GDINO_IMAGE, feeds, names, keep=IMAGE_OUTPUTS)
         return ImageFeatures(
             tensors=dict(zip(names, outputs)), image_hw=tuple(image_rgb.shape[:2]), content_hw=content_hw, exact=exact
         )
 
     # -- detection ----------------------------------------------------------------------------
 
+    def _auto_prompts_per_run(self, image: ImageFeatures, count: int) -> int:
+        if self._runners[id(self._head)].device != "cpu":
+            return count
+        features = image.tensors[IMAGE_OUTPUTS[0]]
+        positions = int((features.shape() if callable(features.shape) else features.shape)[1])  # OrtValue or numpy
+        return max(1, min(count, CPU_HEAD_POSITIONS // max(1, positions)))
+
     def detect(self, image: ImageFeatures, text: TextFeatures) -> list[Detections]:
         """Every caption of `text` against `image`: one Detections per caption, in order."""
         encoded = text.encoded
         count = len(encoded.captions)
-        step = self.max_prompts_per_run or count
+        step = self.max_prompts_per_run or self._auto_prompts_per_run(image, count)
         results: list[Detections] = []
         for start in range(0, count, step):
             rows = slice(start, min(count, start + step))

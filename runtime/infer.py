@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from .config import add_config_arguments
+from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import list_images, read_image
 from .pipeline import AnomalyResult, Pipeline
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=list(DEVICES))
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per engine (0: onnxruntime's default)")
     parser.add_argument("--out-size", type=int, default=None, help="square output size (default: the image's size)")
     parser.add_argument("--saliency-mode", choices=["farthest", "nearest"], help="farthest: reference code; nearest: paper")

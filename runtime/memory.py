@@ -35,6 +35,7 @@ import numpy as np
 
 from . import manifest as mf
 from .config import add_config_arguments
+from .sessions import DEVICES
 from .errors import ConfigError, SaaError
 from .memory_kernels import DEFAULT_BLOCK_BYTES, check_rows, greedy_coreset, nearest_distance, project
 from .saliency import smooth_grid
@@ -408,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="weight of the memory distance in the saliency (0: zero-shot .. 1: memory only)")
     parser.add_argument("--blur-sigma", type=float, default=DEFAULT_BLUR_SIGMA,
                         help="Gaussian blur of the memory distance grid, in grid cells")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=list(DEVICES))
     parser.add_argument("--threads", type=int, default=0)
     return parser
 

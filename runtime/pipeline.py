@@ -62,7 +62,8 @@ class Pipeline:
         from .saliency import SaliencyExtractor, preset_settings  # imported here: numba compiles on first import
 
         options = config.options
-        self.saliency = SaliencyExtractor(manifest, make_session)  # reference settings: memory, multi-object
+        # reference settings: memory, multi-object; off the CPU the one-object kNN runs on the GPU too
+        self.saliency = SaliencyExtractor(manifest, make_session, knn_device=None if device == "cpu" else "cuda")
         # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
         self.zero_shot_saliency = self.saliency.with_settings(
             preset_settings(manifest, options.saliency_preset, options.saliency_n, options.saliency_mode))

@@ -35,7 +35,8 @@ import numpy as np
 
 from . import manifest as mf
 from .errors import ConfigError, EngineError, ImageError, ManifestError
-from .saliency_kernels import DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, multi_instance_distance
+from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
+                               multi_instance_distance)
 
 INPUT_NAME = "image"  # [1, 3, H, W] float32, normalised
 OUTPUT_NAME = "features"  # [1, C, H/4, W/4] float32, unit length over C
@@ -135,7 +136,11 @@ class SaliencyExtractor:
         manifest: mf.Manifest,
         make_session: Callable[[Path], Any] | None = None,
         settings: SaliencySettings | None = None,
+        knn_device: str | None = None,
     ) -> None:
+        """knn_device: None runs the one-object kNN with the numba kernels on the host; a device
+        name ("cuda"; "cpu" in tests) runs it as one onnxruntime graph (similarity, TopK, mean)
+        there, as on a GPU pipeline the 4096 x 4096 x C product would otherwise land on the host."""
         record = manifest.preprocess.get("saliency")
         if not isinstance(record, dict):
             raise ManifestError(f"{manifest.engine_dir / mf.MANIFEST_NAME}: no preprocess['saliency'] section")
@@ -156,6 +161,7 @@ class SaliencyExtractor:
         path = manifest.model_path(mf.SALIENCY)
         self.session = (make_session or _default_session)(path)
         self.path = path
+        self.knn_session = None if knn_device is None else knn_session(knn_device)
 
     def _apply(self, settings: SaliencySettings) -> None:
         self.settings = settings.checked()
@@ -234,9 +240,11 @@ class SaliencyExtractor:
         settings = self._with(n, mode)
         features = self.single_object_features(image)
         channels, height, width = features.shape
-        scores = knn_distance_mean(
-            features.reshape(channels, -1), settings.n, settings.mode, settings.exclude_self, settings.block_bytes
-        )
+        flat = features.reshape(channels, -1)
+        if self.knn_session is not None:
+            scores = knn_distance_mean_graph(flat, settings.n, settings.mode, settings.exclude_self, self.knn_session)
+        else:
+            scores = knn_distance_mean(flat, settings.n, settings.mode, settings.exclude_self, settings.block_bytes)
         return smooth_grid(scores.reshape(height, width), settings.blur_sigma)
 
     def single_object_saliency(self, image: np.ndarray, n: int | None = None, mode: str | None = None) -> np.ndarray:

@@ -13,10 +13,13 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from .errors import EngineError, ImageError, ManifestError
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
+from .mask_graph import mask_session, upscale_masks_graph
 from .resize import longest_side_shape, resize_like_pil
+from .sessions import DeviceRunner, runner_for
 
 # Graph I/O names, shared with export/sam.py.
 ENCODER_INPUT = "image"
@@ -48,7 +51,9 @@ def upscale_mask_logits(
 class Segmenter:
     """set_image() once per image, predict_boxes() any number of times."""
 
-    def __init__(self, manifest: Manifest, make_session: Callable[[Path], Any]) -> None:
+    def __init__(self, manifest: Manifest, make_session: Callable[[Path], Any], io_binding: bool | None = None) -> None:
+        """io_binding: see runtime.sessions.runner_for (None: on a GPU the image embedding stays
+        there between the encoder and every decoder call)."""
         config = manifest.preprocess.get("sam")
         if not isinstance(config, dict):
             raise ManifestError(f"{manifest.engine_dir}: manifest preprocess lacks the 'sam' section")
@@ -62,7 +67,14 @@ class Segmenter:
         self.pixel_std = np.asarray(config["pixel_std"], dtype=np.float32)
         self.encoder = make_session(manifest.model_path(SAM_ENCODER))
         self.decoder = make_session(manifest.model_path(SAM_DECODER))
-        self._embedding: np.ndarray | None = None
+        self._encoder_runner = runner_for(self.encoder, io_binding)
+        self._decoder_runner = runner_for(self.decoder, io_binding)
+        # With IO binding (GPU) the decoder's logits stay on the device and one graph upscales all
+        # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).
+        self._mask_runner = None
+        if isinstance(self._decoder_runner, DeviceRunner):
+            self._mask_runner = DeviceRunner(mask_session(self._decoder_runner.device))
+        self._embedding: Any = None  # numpy, or an OrtValue on the device
         self._original_size: tuple[int, int] = (0, 0)
         self._input_size: tuple[int, int] = (0, 0)
 
@@ -89,7 +101,7 @@ class Segmenter:
         self._embedding = None
         tensor, input_size = self.preprocess(image)
         try:
-            (embedding,) = self.encoder.run([ENCODER_OUTPUT], {ENCODER_INPUT: tensor})
+            (embedding,) = self._encoder_runner.run([ENCODER_OUTPUT], {ENCODER_INPUT: tensor}, keep=(ENCODER_OUTPUT,))
         except Exception as err:
             raise EngineError(f"{SAM_ENCODER} failed: {err}") from None
         self._embedding = embedding
@@ -104,18 +116,22 @@ class Segmenter:
         scale = np.array([new_w / old_w, new_h / old_h] * 2, dtype=np.float32)
         return boxes_xyxy.astype(np.float32) * scale
 
-    def decode(self, boxes_input_frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder call: [n, 4] boxes in the 1024 frame -> ([n, 1, m, m] logits, [n, 1] iou)."""
+    def decode(self, boxes_input_frame: np.ndarray, keep_on_device: bool = False) -> tuple[Any, np.ndarray]:
+        """One decoder call: [n, 4] boxes in the 1024 frame -> ([n, 1, m, m] logits, [n, 1] iou).
+
+        keep_on_device: the logits come back as an OrtValue left where the decoder ran (IO binding)."""
         if self._embedding is None:
             raise EngineError("Segmenter: call set_image() before predicting masks")
         feeds = {DECODER_INPUTS[0]: self._embedding, DECODER_INPUTS[1]: np.ascontiguousarray(boxes_input_frame, dtype=np.float32)}
+        keep = DECODER_OUTPUTS[:1] if keep_on_device else ()
         try:
-            low_res, iou = self.decoder.run(list(DECODER_OUTPUTS), feeds)
+            low_res, iou = self._decoder_runner.run(DECODER_OUTPUTS, feeds, keep=keep)
         except Exception as err:
             raise EngineError(f"{SAM_DECODER} failed on {len(boxes_input_frame)} boxes: {err}") from None
         expected = (len(boxes_input_frame), 1, self.mask_size, self.mask_size)
-        if low_res.shape != expected:
-            raise EngineError(f"{SAM_DECODER} returned masks of shape {low_res.shape}, expected {expected}")
+        shape = tuple(low_res.shape()) if isinstance(low_res, ort.OrtValue) else low_res.shape
+        if shape != expected:
+            raise EngineError(f"{SAM_DECODER} returned masks of shape {shape}, expected {expected}")
         return low_res, iou
 
     def predict_boxes(self, boxes_xyxy: np.ndarray, chunk: int = 32) -> np.ndarray:
@@ -139,6 +155,11 @@ class Segmenter:
         scaled = self.transform_boxes(boxes)
         masks = np.empty((len(boxes), height, width), dtype=bool)
         for start in range(0, len(boxes), int(chunk)):
+            if self._mask_runner is not None:
+                low_res, _ = self.decode(scaled[start : start + int(chunk)], keep_on_device=True)
+                masks[start : start + int(chunk)] = upscale_masks_graph(
+                    low_res, self._input_size, self._original_size, self.image_size, self.mask_threshold, self._mask_runner)
+                continue
             low_res, _ = self.decode(scaled[start : start + int(chunk)])
             for offset, logits in enumerate(low_res[:, 0]):
                 upscaled = upscale_mask_logits(logits, self._input_size, self._original_size, self.image_size)

@@ -156,4 +156,32 @@ class DeviceRunner:
         return out
 
 
-__all__ = ["DEVICES", "DeviceRunner", "TRT_CACHE_DIR", "providers_for", "session_device", "session_factory", "session_options"]
+class PlainRunner:
+    """session.run behind DeviceRunner's interface (keep is ignored: everything comes back as numpy).
+
+    The CPU default: no binding bookkeeping, and it accepts any object with a run() method
+    (tests pass stand-ins)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.device = "cpu"
+
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, Any], keep: Sequence[str] = ()) -> list[Any]:
+        return self.session.run(list(output_names), dict(feeds))
+
+
+def runner_for(session: Any, io_binding: bool | None = None) -> DeviceRunner | PlainRunner:
+    """How a stage runs its graph. io_binding None: IO binding where the session runs on a GPU
+    (outputs named in `keep` stay there for the next graph), plain session.run on the CPU;
+    True forces IO binding (tests check the GPU code path on the CPU provider)."""
+    if io_binding is None:
+        io_binding = hasattr(session, "get_providers") and session_device(session) != "cpu"
+    return DeviceRunner(session) if io_binding else PlainRunner(session)
+
+
+def to_host(value: Any) -> np.ndarray:
+    """A numpy array from a numpy array or an OrtValue (copied from the device if it lives there)."""
+    return value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value)
+
+
+__all__ = ["DEVICES", "DeviceRunner", "PlainRunner", "runner_for", "to_host", "TRT_CACHE_DIR", "providers_for", "session_device", "session_factory", "session_options"]

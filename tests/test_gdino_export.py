@@ -241,3 +241,65 @@ def test_image_graph_is_exact_on_padded_images_at_awkward_sizes(model, tmp_path)
         np.testing.assert_array_equal(got[3], expected[3])  # valid_ratios
         np.testing.assert_allclose(got[2], expected[2], atol=1e-4)  # vision_pos
         np.testing.assert_allclose(got[0], expected[0], atol=1e-3)
+
+
+def _token_logits(model, seed: int = 0) -> torch.Tensor:
+    image = torch.from_numpy(np.random.default_rng(seed).normal(size=(1, 3, 224, 224)).astype(np.float32))
+    ids = torch.tensor([[101, 2304, 2006, 5835, 1012, 102]])  # "[CLS] defect on bottle. [SEP]"
+    with torch.no_grad():
+        out = model(pixel_values=image, input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits[0, :, 1:5]
+
+
+def test_damp_scores_shrinks_and_lowers_the_token_logits():
+    # A plain transformers-initialised model (what random full-size exports start from) at tiny size.
+    torch.manual_seed(0)
+    plain = G.GroundingDinoForObjectDetection(G.grounding_dino_config("tiny")).eval()
+    damped = G.GroundingDinoForObjectDetection(G.grounding_dino_config("tiny")).eval()
+    damped.load_state_dict(plain.state_dict())
+    G.damp_scores(damped, shift=2.0, gain=0.5)
+    before, after = _token_logits(plain), _token_logits(damped)
+    assert after.mean() < before.mean() - 3.0  # shifted down by about shift^2
+    assert after.std() < 0.75 * before.std()   # spread scaled by about gain
+    assert (after.sigmoid() > 0.1).float().mean() < (before.sigmoid() > 0.1).float().mean()
+
+
+def test_random_swin_t_is_damped_and_the_reference_insists_on_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from bench.reference import load as L
+    from runtime import manifest as mf
+
+    built = {}
+    monkeypatch.setattr(G, "GroundingDinoForObjectDetection", lambda config: SimpleNamespace(eval=lambda: "model"))
+    monkeypatch.setattr(G, "damp_scores", lambda model, **kw: built.setdefault("damping", kw))
+    assert G.build_grounding_dino("swin-t", random_init=True) == "model"
+    assert built["damping"] == G.RANDOM_FULL_SIZE_DAMPING
+
+    # An engines dir exported before the damping existed cannot be rebuilt as the same weights.
+    old = SimpleNamespace(random_init=True, data={"size": "full"},
+                          models={mf.GDINO_IMAGE: {"source": {"size": "swin-t", "random_init": True, "seed": 0}}})
+    with pytest.raises(L.ReferenceLoadError, match="re-export"):
+        L.load_gdino(old)
+
+
+@pytest.mark.skipif(G.MultiScaleDeformableAttention is None, reason="this transformers inlines deformable attention")
+def test_levelwise_deformable_attention_equals_transformers(model):
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(12, 10), (6, 5), (3, 3), (2, 2)]
+    batch, heads, head_dim, queries, levels, points = 2, 4, 8, 37, len(shapes), 4
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator)
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * 1.2 - 0.1  # some outside
+    weights = torch.rand(batch, queries, heads, levels, points, generator=generator)
+    shape_tensor = torch.tensor(shapes)
+    start = torch.cat([torch.zeros(1, dtype=torch.long), (shape_tensor[:, 0] * shape_tensor[:, 1]).cumsum(0)[:-1]])
+    args = (value, shape_tensor, shapes, start, locations, weights, 64)
+    expected = G.MultiScaleDeformableAttention()(*args)
+    got = G.LevelwiseDeformableAttention()(*args)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    originals = [m for m in model.modules() if type(m) is G.MultiScaleDeformableAttention]
+    assert originals  # the tiny model has them in encoder and decoder
+    with G.levelwise_deformable_attention(model):
+        assert all(type(m) is G.LevelwiseDeformableAttention for m in originals)
+    assert all(type(m) is G.MultiScaleDeformableAttention for m in originals)

@@ -111,6 +111,26 @@ def test_reference_rebuild_check_fails_on_other_weights(lite_engine_dir):
         check_parity(models)
 
 
+def test_reference_process_runs_apart_and_reports_failures(lite_engine_dir, tmp_path):
+    import os
+
+    from bench.reference.worker import ReferenceProcess, ReferenceProcessError
+    from runtime.config import resolve_config
+    from runtime.image_io import read_image
+
+    config = resolve_config("mvtec", "bottle", None, None)
+    image = read_image(Path(__file__).resolve().parent / "data" / "bottle_demo.png")
+    with ReferenceProcess(lite_engine_dir, config, threads=1) as reference:
+        assert reference.ready["parity"]["saliency"] < 1e-4
+        out = reference(image)
+        assert out["saliency_map"].shape == image.shape[:2] and out["timings_ms"]["total"] > 0
+        stats = reference.stats()
+        assert reference._process.pid != os.getpid() and 100 < stats["peak_rss_mb"] < 20000
+    assert reference._process.poll() is not None  # stopped on leaving the block
+    with pytest.raises(ReferenceProcessError, match="manifest"):
+        ReferenceProcess(tmp_path / "no-engines", config, threads=1)
+
+
 @pytest.mark.slow
 def test_cli_full_tiny_pipeline_against_the_reference(full_tiny_engine_dir, tmp_path):
     out = tmp_path / "full.json"

@@ -113,6 +113,14 @@ def load_gdino(manifest: mf.Manifest) -> torch.nn.Module:
     seed = int(source.get("seed", DEFAULT_SEED))
     random_init = bool(source.get("random_init", manifest.random_init))
     if random_init:
+        if size != "tiny":
+            from export.gdino import RANDOM_FULL_SIZE_DAMPING
+
+            if source.get("score_damping") != RANDOM_FULL_SIZE_DAMPING:
+                raise ReferenceLoadError(
+                    f"gdino: this random-weight export records score damping {source.get('score_damping')}, this code "
+                    f"builds {RANDOM_FULL_SIZE_DAMPING}: re-export the engines with this version (python -m export ...)"
+                )
         return build_grounding_dino(size, random_init=True, seed=seed).eval()
     return build_grounding_dino(size, _checkpoint_path(source, "gdino")).eval()
 

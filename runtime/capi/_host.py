@@ -20,11 +20,11 @@ import numpy as np
 from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaError
 from ..pipeline import Pipeline
 from ..regions import Region
+from ..sessions import DEVICES
 from .abi import (E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL, E_INVALID_ARGUMENT, OK, PHRASE_CAPACITY,
                   REGION_DTYPE)
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-DEVICES = ("cpu", "cuda")
 
 _STATUS_OF = ((ManifestError, E_ENGINES), (ConfigError, E_CONFIG), (ImageError, E_IMAGE), (EngineError, E_ENGINE))
 

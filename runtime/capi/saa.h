@@ -106,7 +106,7 @@ SAA_API int saa_abi_version(void);
  *               "mtd/mtd"), or the path of the user's prompt file (an existing file,
  *               or a name ending in .json, .yaml or .yml), as the CLI's --dataset
  *               --category / --config.
- *   device      "cpu" or "cuda"; NULL means "cpu".
+ *   device      "cpu", "cuda" or "tensorrt"; NULL means "cpu".
  *   handle      receives the handle, or NULL on failure.
  * Slow (seconds: engines load, Python may start); do it once per line, not per frame.
  */

@@ -1,0 +1,120 @@
+"""SAM's mask post-processing (Sam.postprocess_masks, then the threshold) as one ONNX graph.
+
+runtime/segmenter.py upscales each box's mask with cv2 on the CPU, ~2 ms a box; on a GPU
+that loop would outweigh the networks. This graph does the same for all boxes at once on the
+session's device, and can take the decoder's `low_res_masks` still on the device (an OrtValue
+from DeviceRunner.run(..., keep=("low_res_masks",))).
+
+Graph `_MASK_UPSCALE_ONNX` (opset 17, no onnx import here: tests/test_mask_graph.py rebuilds it
+with the onnx package and checks these bytes):
+  inputs  low_res_masks float32 [n, 1, m, m]
+          sizes int64 [5] = (image_size, input_h, input_w, height, width)
+          threshold float32 [1]
+  output  masks bool [n, height, width]
+  Resize(linear, half_pixel) to image_size^2 -> Slice [:input_h, :input_w]
+  -> Resize(linear, half_pixel) to height x width -> Squeeze channel -> Greater threshold.
+Opset-17 Resize has no antialias and clamps source coordinates at the edges, so each step is
+F.interpolate(bilinear, align_corners=False), as the reference, and cv2.INTER_LINEAR, as
+segmenter.upscale_mask_logits. Logits agree with cv2 to ~6e-5 on unit-noise logits (each
+computes the source coordinate in float32, ~1000 px wide: ulp 6e-5 px); masks differ only
+where a logit is that close to the threshold.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+from .errors import EngineError
+
+GRAPH_INPUTS = ("low_res_masks", "sizes", "threshold")
+GRAPH_OUTPUT = "masks"
+
+_MASK_UPSCALE_ONNX = base64.b64decode(
+    "CAgSC3NhYS1ydW50aW1lOrsHCj8KDWxvd19yZXNfbWFza3MSDWJhdGNoX2NoYW5uZWwiBVNoYXBlKgoKA2VuZBgCoAECKgwKBXN0"
+    "YXJ0GACgAQIKJAoFc2l6ZXMKA2F0MAoDYXQxEgppbWFnZV9zaXplIgVTbGljZQoiCgVzaXplcwoDYXQxCgNhdDMSCGlucHV0X2h3"
+    "IgVTbGljZQolCgVzaXplcwoDYXQzCgNhdDUSC29yaWdpbmFsX2h3IgVTbGljZQpKCg1iYXRjaF9jaGFubmVsCgppbWFnZV9zaXpl"
+    "CgppbWFnZV9zaXplEgxwYWRkZWRfc2hhcGUiBkNvbmNhdCoLCgRheGlzGACgAQIKQQoNYmF0Y2hfY2hhbm5lbAoLb3JpZ2luYWxf"
+    "aHcSDm9yaWdpbmFsX3NoYXBlIgZDb25jYXQqCwoEYXhpcxgAoAECCnUKDWxvd19yZXNfbWFza3MKAAoACgxwYWRkZWRfc2hhcGUS"
+    "BnBhZGRlZCIGUmVzaXplKi8KHmNvb3JkaW5hdGVfdHJhbnNmb3JtYXRpb25fbW9kZSIKaGFsZl9waXhlbKABAyoRCgRtb2RlIgZs"
+    "aW5lYXKgAQMKMwoGcGFkZGVkCgZ6ZXJvczIKCGlucHV0X2h3CgdheGVzX2h3Egdjcm9wcGVkIgVTbGljZQpzCgdjcm9wcGVkCgAK"
+    "AAoOb3JpZ2luYWxfc2hhcGUSCHVwc2NhbGVkIgZSZXNpemUqLwoeY29vcmRpbmF0ZV90cmFuc2Zvcm1hdGlvbl9tb2RlIgpoYWxm"
+    "X3BpeGVsoAEDKhEKBG1vZGUiBmxpbmVhcqABAwopCgh1cHNjYWxlZAoMYXhpc19jaGFubmVsEgZsb2dpdHMiB1NxdWVlemUKIwoG"
+    "bG9naXRzCgl0aHJlc2hvbGQSBW1hc2tzIgdHcmVhdGVyEhBzYW1fbWFza191cHNjYWxlKgwIARAHOgEAQgNhdDAqDAgBEAc6AQFC"
+    "A2F0MSoMCAEQBzoBA0IDYXQzKgwIARAHOgEFQgNhdDUqEAgCEAc6AgAAQgZ6ZXJvczIqEQgCEAc6AgIDQgdheGVzX2h3KhUIARAH"
+    "OgEBQgxheGlzX2NoYW5uZWxaKgoNbG93X3Jlc19tYXNrcxIZChcIARITCgMSAW4KAggBCgMSAW0KAxIBbVoTCgVzaXplcxIKCggI"
+    "BxIECgIIBVoXCgl0aHJlc2hvbGQSCgoICAESBAoCCAFiJwoFbWFza3MSHgocCAkSGAoDEgFuCggSBmhlaWdodAoHEgV3aWR0aEIE"
+    "CgAQEQ=="
+)
+
+
+def mask_session(device: str = "cuda") -> Any:
+    """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here)."""
+    import onnxruntime as ort
+
+    from .sessions import providers_for, session_options
+
+    return ort.InferenceSession(_MASK_UPSCALE_ONNX, session_options(), providers=providers_for(device))
+
+
+def _shape_and_type(low_res: Any) -> tuple[tuple[int, ...], str]:
+    """Shape and element type of a numpy array or an onnxruntime OrtValue (wherever it lives)."""
+    if isinstance(low_res, np.ndarray):
+        return low_res.shape, "float" if low_res.dtype == np.float32 else str(low_res.dtype)
+    if hasattr(low_res, "shape") and hasattr(low_res, "data_type") and callable(low_res.shape):
+        kind = low_res.data_type()  # "tensor(float)"
+        return tuple(int(d) for d in low_res.shape()), kind[len("tensor("):-1] if kind.startswith("tensor(") else kind
+    raise EngineError(f"mask upscaling needs a numpy array or an OrtValue, got {type(low_res).__name__}")
+
+
+def _pair(name: str, value: Any) -> tuple[int, int]:
+    try:
+        first, second = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise EngineError(f"mask upscaling: {name} must be (height, width), got {value!r}") from None
+    return first, second
+
+
+def upscale_masks_graph(
+    low_res: Any,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    image_size: int,
+    mask_threshold: float,
+    runner: Any,
+) -> np.ndarray:
+    """Decoder logits [n, 1, m, m] -> bool masks [n, H, W] at `original_size`, all boxes in one run.
+
+    low_res: numpy float32 array or an OrtValue the decoder left on the device. input_size:
+    (h, w) of the image resized into the image_size x image_size frame before padding.
+    runner: a runtime.sessions.DeviceRunner over mask_session(). n == 0 returns an empty
+    [0, H, W] without running the graph.
+    """
+    shape, kind = _shape_and_type(low_res)
+    if len(shape) != 4 or shape[1] != 1 or shape[2] != shape[3] or shape[2] < 1:
+        raise EngineError(f"mask upscaling needs decoder logits of shape [n, 1, m, m], got {list(shape)}")
+    input_h, input_w = _pair("input_size", input_size)
+    height, width = _pair("original_size", original_size)
+    image_size = int(image_size)
+    if not (1 <= input_h <= image_size and 1 <= input_w <= image_size):
+        raise EngineError(f"mask upscaling: input_size {input_h}x{input_w} must fit in image_size {image_size}")
+    if height < 1 or width < 1:
+        raise EngineError(f"mask upscaling: original_size {height}x{width} is empty")
+    if shape[0] == 0:
+        return np.zeros((0, height, width), dtype=bool)
+    if isinstance(low_res, np.ndarray):
+        low_res = np.ascontiguousarray(low_res, dtype=np.float32)
+    elif kind != "float":
+        raise EngineError(f"mask upscaling needs float32 logits, got an OrtValue of {kind}")
+    import onnxruntime as ort
+
+    # Host OrtValues: Resize and Slice read their sizes on the host on every provider (a numpy feed
+    # would go to the GPU and back); the threshold is 4 bytes either way.
+    sizes = ort.OrtValue.ortvalue_from_numpy(np.array([image_size, input_h, input_w, height, width], np.int64))
+    threshold = ort.OrtValue.ortvalue_from_numpy(np.array([mask_threshold], np.float32))
+    (masks,) = runner.run([GRAPH_OUTPUT], dict(zip(GRAPH_INPUTS, (low_res, sizes, threshold))))
+    return masks
+
+
+__all__ = ["GRAPH_INPUTS", "GRAPH_OUTPUT", "mask_session", "upscale_masks_graph"]

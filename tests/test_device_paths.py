@@ -1,0 +1,114 @@
+"""The GPU code paths, run on onnxruntime's CPU provider: same answers as the CPU paths.
+
+On a GPU the pipeline binds graph outputs to the device (GroundingDINO image features ->
+head, SAM embedding -> decoder) and runs the one-object kNN as an onnxruntime graph. No GPU
+is in reach here, so these tests force those paths on the CPU provider and check that they
+give what the default CPU paths give; what only a GPU can show (speed, CUDA numerics) is in
+docs/latency.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime import manifest as mf
+from runtime.detector import Detector
+from runtime.image_io import read_image
+from runtime.saliency import SaliencyExtractor
+from runtime.segmenter import Segmenter, upscale_mask_logits
+from runtime.sessions import DeviceRunner, PlainRunner, runner_for, session_factory, to_host
+
+BOTTLE = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
+CAPTIONS = ["bottle,", "defect on bottle", "crack. black hole."]
+
+
+@pytest.fixture(scope="module")
+def full_tiny(full_tiny_engine_dir) -> mf.Manifest:
+    return mf.load_manifest(full_tiny_engine_dir)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return read_image(BOTTLE)
+
+
+def test_runner_choice_follows_the_session_device(full_tiny):
+    session = session_factory("cpu", threads=1)(full_tiny.model_path(mf.SAM_DECODER))
+    assert isinstance(runner_for(session), PlainRunner)  # CPU sessions: plain run
+    assert isinstance(runner_for(session, io_binding=True), DeviceRunner)
+
+    class StandIn:  # objects with run() only (tests' fakes) get the plain runner
+        def run(self, names, feeds):
+            return [len(feeds)]
+
+    assert runner_for(StandIn()).run(["x"], {"a": 1}, keep=("x",)) == [1]
+    assert to_host(ort.OrtValue.ortvalue_from_numpy(np.arange(3.0))).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_detector_with_io_binding_equals_plain_runs(full_tiny, image):
+    make = session_factory("cpu", threads=1)
+    plain, bound = Detector(full_tiny, make), Detector(full_tiny, make, io_binding=True)
+    rgb = np.ascontiguousarray(image[:, :, ::-1])
+    features = bound.encode_image(rgb)
+    assert all(isinstance(value, ort.OrtValue) for value in features.tensors.values())  # stayed "on the device"
+    expected = plain.detect(plain.encode_image(rgb), plain.encode_text(CAPTIONS))
+    got = bound.detect(features, bound.encode_text(CAPTIONS))
+    assert len(got) == len(expected) == len(CAPTIONS)
+    for ours, theirs in zip(got, expected):
+        np.testing.assert_array_equal(ours.logits, theirs.logits)
+        np.testing.assert_array_equal(ours.boxes, theirs.boxes)
+        np.testing.assert_array_equal(ours.query_index, theirs.query_index)
+
+
+def test_segmenter_with_io_binding_equals_plain_runs(full_tiny, image):
+    make = session_factory("cpu", threads=1)
+    plain, bound = Segmenter(full_tiny, make), Segmenter(full_tiny, make, io_binding=True)
+    plain.set_image(image)
+    bound.set_image(image)
+    assert isinstance(bound._embedding, ort.OrtValue) and bound._mask_runner is not None
+    height, width = image.shape[:2]
+    boxes = np.array([[10, 20, 300, 400], [0, 0, width - 1, height - 1], [500, 100, 880, 700]], np.float32)
+    expected, got = plain.predict_boxes(boxes, chunk=2), bound.predict_boxes(boxes, chunk=2)
+    assert got.shape == expected.shape and got.dtype == bool
+    # The bound path upscales in runtime.mask_graph (onnxruntime Resize), the plain one with cv2:
+    # the same bilinear steps, so masks differ only where a logit sits within ~1e-4 of 0.
+    low_res, _ = plain.decode(plain.transform_boxes(boxes))
+    logits = np.stack([upscale_mask_logits(m, plain._input_size, plain._original_size, plain.image_size) for m in low_res[:, 0]])
+    differ = got != expected
+    assert np.abs(logits[differ]).max(initial=0.0) < 1e-4
+    assert differ.mean() < 1e-4 and expected.any() and (~expected).any()
+
+
+@pytest.mark.parametrize("preset", ["reference", "tuned"])
+def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, preset):
+    from runtime.saliency import preset_settings
+
+    manifest = mf.load_manifest(lite_engine_dir)
+    settings = preset_settings(manifest, preset)
+    make = session_factory("cpu", threads=1)
+    host = SaliencyExtractor(manifest, make, settings)
+    graph = SaliencyExtractor(manifest, make, settings, knn_device="cpu")
+    assert host.knn_session is None and graph.knn_session is not None
+    expected, got = host.single_object_saliency(image), graph.single_object_saliency(image)
+    # The graph sums its means in float32 in another order: agreement to rounding, not bits.
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+    assert graph.with_settings(settings).knn_session is graph.knn_session  # shared, like the CNN session
+
+
+def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
+    from runtime.detector import CPU_HEAD_POSITIONS, ImageFeatures
+
+    detector = Detector(full_tiny, session_factory("cpu", threads=1))
+
+    def features(positions: int) -> ImageFeatures:
+        return ImageFeatures({"vision_features": np.zeros((1, positions, 1), np.float32)}, (1, 1), (1, 1), True)
+
+    assert detector._auto_prompts_per_run(features(1045), 5) == 5          # tiny engines: all at once
+    assert detector._auto_prompts_per_run(features(13294), 5) == 1         # Swin-T at 800x800: one by one
+    assert detector._auto_prompts_per_run(features(CPU_HEAD_POSITIONS // 3), 5) == 3
+    bound = Detector(full_tiny, session_factory("cpu", threads=1), io_binding=True)  # OrtValue features
+    on_device = bound.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
+    assert bound._auto_prompts_per_run(on_device, 5) == 5
