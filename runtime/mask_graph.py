@@ -51,11 +51,9 @@ _MASK_UPSCALE_ONNX = base64.b64decode(
 
 def mask_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here)."""
-    import onnxruntime as ort
+    from .sessions import embedded_graph_session
 
-    from .sessions import providers_for, session_options
-
-    return ort.InferenceSession(_MASK_UPSCALE_ONNX, session_options(), providers=providers_for(device))
+    return embedded_graph_session(_MASK_UPSCALE_ONNX, device)
 
 
 def _shape_and_type(low_res: Any) -> tuple[tuple[int, ...], str]:

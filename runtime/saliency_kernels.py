@@ -488,11 +488,9 @@ _KNN_ONNX = base64.b64decode(
 
 def knn_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
-    import onnxruntime as ort
+    from .sessions import embedded_graph_session
 
-    from .sessions import providers_for, session_options
-
-    return ort.InferenceSession(_KNN_ONNX, session_options(), providers=providers_for(device))
+    return embedded_graph_session(_KNN_ONNX, device)
 
 
 def knn_distance_mean_graph(

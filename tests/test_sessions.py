@@ -92,3 +92,17 @@ def test_knn_graph_on_the_gpu_matches_the_twin():
     for mode in K.MODES:
         got = K.knn_distance_mean_graph(features, 400, mode, session=K.knn_session("cuda"))
         np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, 400, mode), atol=1e-5, rtol=0)
+
+
+def test_cpu_sessions_share_one_arena(tmp_path):
+    path = tmp_path / "gemm.onnx"
+    path.write_bytes(_GEMM_ONNX)
+    make = S.session_factory("cpu", threads=1)
+    first, second = make(path), make(path)
+    assert S._shared_cpu_arena  # registered once for the process
+    for session in (first, second):
+        entries = session.get_session_options().get_session_config_entry("session.use_env_allocators")
+        assert entries == "1"
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (out,) = second.run(None, {i.name: a for i in second.get_inputs()})
+    np.testing.assert_allclose(out, a @ a.T)
