@@ -167,10 +167,18 @@ def convert_to_fp16(path: Path, keep_ops: Sequence[str] = FP32_OPS) -> dict[str,
 
     path = Path(path)
     side = path.with_name(path.name + ".data")
-    model = onnx.load(str(path), load_external_data=True)
+    # Shape inference on the file, not in memory: a graph over 2 GB (SAM ViT-H's encoder) cannot
+    # be serialised whole, which the converter's own in-memory inference would try.
+    inferred = path.with_name(path.stem + ".shapes.onnx")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=True)  # external data resolves beside `path`
+    finally:
+        inferred.unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "values truncated to fp16 range": the parity record measures the effect
-        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops))
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops),
+                                             disable_shape_infer=True)
     del model
     side.unlink(missing_ok=True)
     if converted.ByteSize() > _PROTOBUF_LIMIT:
