@@ -9,7 +9,8 @@ encoded once per config (Pipeline.text_ms) and reported apart. With --reference 
 models are rebuilt from the manifest (bench/reference/load.py), checked against the ONNX
 graphs, and the reference algorithm runs on the same image, alternating with the runtime
 so that both see the same machine load; the speed-up is reference p50 / runtime p50.
-torch is imported only with --reference, after the runtime's memory was measured.
+The reference runs in a process of its own (bench/reference/worker.py); torch is never
+imported in this one.
 """
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ def set_threads(threads: int) -> dict[str, Any]:
     return {"numba": numba.get_num_threads(), "blas_limited": limiter is not None, "requested": threads}
 
 
-SETTLE_S = 0.6  # longer than torch's OpenMP workers spin after a call (0.15 s left the runtime ~30% slower in lite runs)
+SETTLE_S = 0.6  # past the other side's idle thread-pool spinning (0.15 s left lite runtime calls 30% slower; 2 s gained nothing more)
 
 
 def settle() -> None:
