@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import types
 from pathlib import Path
 
@@ -37,6 +36,8 @@ from export.gdino_checkpoint import (
     load_official_checkpoint,
     read_official_state_dict,
 )
+
+from official_gdino import official_groundingdino  # tests/official_gdino.py
 
 DATA = Path(__file__).parent / "data"
 KEY_FIXTURE = DATA / "gdino_official_keys.json"
@@ -70,24 +71,13 @@ VARIANTS = {
 
 def _import_official():
     """The authors' model classes (skip when groundingdino-py is not installed)."""
-    pytest.importorskip("groundingdino")
-    stubbed = []
-    try:
-        import pycocotools.mask  # noqa: F401  (imported by the package's visualizer only)
-    except ImportError:
-        for name in ("pycocotools", "pycocotools.mask"):
-            sys.modules[name] = types.ModuleType(name)
-            stubbed.append(name)
-    try:
+    with official_groundingdino():
         import groundingdino.util.get_tokenlizer as get_tokenlizer
         from groundingdino.models.GroundingDINO import groundingdino
         from groundingdino.models.GroundingDINO.backbone.backbone import Joiner
         from groundingdino.models.GroundingDINO.backbone.position_encoding import build_position_encoding
         from groundingdino.models.GroundingDINO.backbone.swin_transformer import build_swin_transformer
         from groundingdino.models.GroundingDINO.transformer import build_transformer
-    finally:
-        for name in stubbed:
-            del sys.modules[name]
     return get_tokenlizer, groundingdino, Joiner, build_position_encoding, build_swin_transformer, build_transformer
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from bench.reference.detector import load_reference_tokenizer, reference_caption
 from export.gdino import copy_tokenizer
 from runtime.errors import ConfigError, ManifestError
 from runtime.text import GdinoTokenizer, encode_captions, normalize_caption, sub_sentence_mask
+
+from official_gdino import official_groundingdino  # tests/official_gdino.py
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,19 +141,8 @@ def test_long_caption_is_cut_after_masking_like_the_reference(tok, hf_tok):
 
 def _official_generate_masks():
     """The authors' function from the groundingdino package (skipped when not installed)."""
-    pytest.importorskip("groundingdino")
-    stubbed = []
-    try:
-        import pycocotools.mask  # noqa: F401  (the package's visualizer imports it)
-    except ImportError:
-        for name in ("pycocotools", "pycocotools.mask"):
-            sys.modules[name] = types.ModuleType(name)
-            stubbed.append(name)
-    try:
+    with official_groundingdino():
         from groundingdino.models.GroundingDINO.bertwarper import generate_masks_with_special_tokens_and_transfer_map as official
-    finally:
-        for name in stubbed:
-            del sys.modules[name]
     return official
 
 
