@@ -39,7 +39,10 @@ not change a softmax's value (only rounding).
 The exporter traces small wrappers around the transformers modules (`GdinoTextEncoder`,
 `GdinoImageEncoder`, `GdinoHead`); the glue code between those modules follows
 `GroundingDinoModel.forward`, and `export_grounding_dino` checks each graph against it with
-onnxruntime before returning. The top-900 query selection is discontinuous: two encoder
+onnxruntime before returning. The head is traced with two attention modules swapped for
+cheaper forms of the same sums (`export.gdino_forms`: the fusion layer's image projections
+folded into the text side, the deformable attention's grid arithmetic folded into its offset
+Linear); the check runs transformers' own modules. The top-900 query selection is discontinuous: two encoder
 scores closer than float rounding may be ranked either way by PyTorch and onnxruntime (or by
 two CPUs), which changes those queries' outputs; the head's parity check accepts exactly that
 case (see `_head_parity`), and it can make a few queries differ from the reference too.
@@ -49,9 +52,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -73,11 +75,7 @@ from runtime.manifest import (
 from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
-
-try:  # transformers' stateless deformable-attention module (recent releases); older ones inline it
-    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
-except ImportError:  # pragma: no cover - depends on the installed transformers
-    MultiScaleDeformableAttention = None
+from .gdino_forms import trace_forms
 
 SIZES = ("swin-t", "tiny")
 
@@ -557,45 +555,6 @@ def _set_static_dims(path: Path, dims: dict[str, dict[int, int]]) -> None:
     onnx.checker.check_model(str(path))
 
 
-class LevelwiseDeformableAttention(nn.Module):
-    """transformers' MultiScaleDeformableAttention with the attention-weighted sum taken per level.
-
-    The original stacks every level's sampled values ([batch*heads, head_dim, queries,
-    levels*points]: 218 MB per caption and encoder layer for Swin-T at 800x800) and then weights
-    and sums them; weighting each level's samples as they come skips that copy (CPU, measured:
-    the stack alone was 0.2 s of a caption's 3.8 s). Same terms, summed per level then over
-    levels: equal to rounding. Used only while tracing (levelwise_deformable_attention)."""
-
-    def forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
-                sampling_locations, attention_weights, im2col_step):
-        batch_size, _, num_heads, hidden_dim = value.shape
-        _, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
-        value_list = value.split([height * width for height, width in value_spatial_shapes_list], dim=1)
-        sampling_grids = 2 * sampling_locations - 1
-        weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels, num_points)
-        output = None
-        for level_id, (height, width) in enumerate(value_spatial_shapes_list):
-            value_l = value_list[level_id].flatten(2).transpose(1, 2).reshape(batch_size * num_heads, hidden_dim, height, width)
-            grid_l = sampling_grids[:, :, :, level_id].transpose(1, 2).flatten(0, 1)
-            sampled = nn.functional.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-            term = (sampled * weights[:, :, :, level_id]).sum(-1)
-            output = term if output is None else output + term
-        return output.view(batch_size, num_heads * hidden_dim, num_queries).transpose(1, 2).contiguous()
-
-
-@contextmanager
-def levelwise_deformable_attention(model: nn.Module) -> Iterator[None]:
-    """Inside the block every MultiScaleDeformableAttention of `model` runs LevelwiseDeformableAttention."""
-    swapped = [m for m in model.modules() if MultiScaleDeformableAttention is not None and type(m) is MultiScaleDeformableAttention]
-    for module in swapped:
-        module.__class__ = LevelwiseDeformableAttention
-    try:
-        yield
-    finally:
-        for module in swapped:
-            module.__class__ = MultiScaleDeformableAttention
-
-
 def export_grounding_dino(
     model: GroundingDinoForObjectDetection,
     out_dir: Path,
@@ -650,8 +609,8 @@ def export_grounding_dino(
         return [*vision, features, text["attention_mask"], text["position_ids"], text["text_self_attention_masks"]]
 
     trace_head = head_feeds(trace_text, trace_image)
-    # Traced with the level-wise weighted sum; checked below against transformers' own forward.
-    with levelwise_deformable_attention(model):
+    # Traced with the cheaper forms of export.gdino_forms; checked below against transformers' own forward.
+    with trace_forms(model):
         export_onnx(
             head_module, tuple(torch.from_numpy(a) for a in trace_head), files[GDINO_HEAD], HEAD_INPUTS, HEAD_OUTPUTS,
             {"text_features": token_axes, "text_token_mask": token_axes, "text_position_ids": token_axes,

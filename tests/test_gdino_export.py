@@ -6,6 +6,7 @@ when it should. The split's glue code is checked against transformers' full forw
 """
 from __future__ import annotations
 
+import copy
 import json
 import zipfile
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from export import gdino as G
+from export import gdino_forms as F
 from export.common import ExportError, ParityError
 from runtime.manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT
 from runtime.text import GdinoTokenizer, encode_captions
@@ -283,23 +285,68 @@ def test_random_swin_t_is_damped_and_the_reference_insists_on_it(monkeypatch):
         L.load_gdino(old)
 
 
-@pytest.mark.skipif(G.MultiScaleDeformableAttention is None, reason="this transformers inlines deformable attention")
-def test_levelwise_deformable_attention_equals_transformers(model):
+@pytest.mark.parametrize("coordinates", [2, 4])
+def test_folded_deformable_attention_equals_transformers(model, coordinates):
+    """Encoder form (point references, padded positions) and decoder form (box references)."""
+    attention = copy.deepcopy(model.model.encoder.layers[0].deformable_layer.self_attn if coordinates == 2
+                              else model.model.decoder.layers[0].encoder_attn)
     generator = torch.Generator().manual_seed(3)
-    shapes = [(12, 10), (6, 5), (3, 3), (2, 2)]
-    batch, heads, head_dim, queries, levels, points = 2, 4, 8, 37, len(shapes), 4
-    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=generator)
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * 1.2 - 0.1  # some outside
-    weights = torch.rand(batch, queries, heads, levels, points, generator=generator)
+    with torch.no_grad():  # offsets large enough to sample across cells and outside the map
+        attention.sampling_offsets.weight.mul_(20)
+        attention.sampling_offsets.bias.copy_(torch.randn(attention.sampling_offsets.bias.shape, generator=generator) * 3)
+    shapes = [(12, 10), (6, 5), (3, 3), (2, 2)][:attention.n_levels]
     shape_tensor = torch.tensor(shapes)
     start = torch.cat([torch.zeros(1, dtype=torch.long), (shape_tensor[:, 0] * shape_tensor[:, 1]).cumsum(0)[:-1]])
-    args = (value, shape_tensor, shapes, start, locations, weights, 64)
-    expected = G.MultiScaleDeformableAttention()(*args)
-    got = G.LevelwiseDeformableAttention()(*args)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    batch, queries, positions = 2, 37, sum(h * w for h, w in shapes)
+    hidden = torch.randn(batch, queries, attention.d_model, generator=generator)
+    memory = torch.randn(batch, positions, attention.d_model, generator=generator)
+    position = torch.randn(batch, queries, attention.d_model, generator=generator)
+    mask = torch.ones(batch, positions, dtype=torch.bool)
+    mask[1, start[1] - 20:start[1]] = False  # padding (False) in the first level of prompt 1
+    references = torch.rand(batch, queries, attention.n_levels, coordinates, generator=generator)
+    kwargs = dict(hidden_states=hidden, attention_mask=mask, encoder_hidden_states=memory, position_embeddings=position,
+                  reference_points=references, spatial_shapes=shape_tensor, spatial_shapes_list=shapes, level_start_index=start)
+    with torch.no_grad():
+        expected = attention(**kwargs)
+        with F.trace_forms(attention):
+            assert type(attention) is F.FoldedDeformableAttention
+            got = attention(**kwargs)
+    assert type(attention) is F.GroundingDinoMultiscaleDeformableAttention
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-6)
 
-    originals = [m for m in model.modules() if type(m) is G.MultiScaleDeformableAttention]
-    assert originals  # the tiny model has them in encoder and decoder
-    with G.levelwise_deformable_attention(model):
-        assert all(type(m) is G.LevelwiseDeformableAttention for m in originals)
-    assert all(type(m) is G.MultiScaleDeformableAttention for m in originals)
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reassociated_bi_attention_equals_transformers(model, masked):
+    """The folded image-text attention gives transformers' outputs and weights, masks included."""
+    attention = copy.deepcopy(model.model.encoder.layers[0].fusion_layer.attn)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # large random biases, so that a dropped bias term shows
+        for linear in (attention.vision_proj, attention.values_vision_proj, attention.out_vision_proj, attention.text_proj):
+            linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator))
+    batch, positions, tokens, dim = 2, 50, 7, attention.vision_dim
+    vision = torch.randn(batch, positions, dim, generator=generator)
+    text = torch.randn(batch, tokens, dim, generator=generator)
+    vision_mask = text_mask = None
+    if masked:  # True = padding: the last image positions of prompt 1, the last tokens of prompt 0
+        vision_mask = torch.zeros(batch, positions, dtype=torch.bool)
+        vision_mask[1, -9:] = True
+        text_mask = torch.zeros(batch, tokens, dtype=torch.bool)
+        text_mask[0, -3:] = True
+    with torch.no_grad():
+        expected = attention(vision, text, vision_mask, text_mask)
+        with F.trace_forms(attention):
+            assert type(attention) is F.ReassociatedBiAttention
+            got = attention(vision, text, vision_mask, text_mask)
+    assert type(attention) is F.GroundingDinoBiMultiHeadAttention
+    for (got_out, got_weights), (want_out, want_weights) in zip(got, expected):
+        torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_weights, want_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_trace_forms_swap_every_module_and_restore_it(model):
+    originals = {m: type(m) for m in model.modules() if type(m) in F.TRACE_FORMS}
+    assert set(originals.values()) == set(F.TRACE_FORMS)  # the tiny model has each kind
+    with F.trace_forms(model):
+        assert all(type(m) is F.TRACE_FORMS[kind] for m, kind in originals.items())
+    assert all(type(m) is kind for m, kind in originals.items())

@@ -220,6 +220,15 @@ def test_gemm_transposed(backend, m, n, k, monkeypatch):
     np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_session_accepts_its_affinities(threads, monkeypatch):
+    """onnxruntime refuses a session whose affinity string does not give one entry per worker."""
+    monkeypatch.setattr(K, "_gemm_sessions", {})
+    session = K._gemm_session(threads)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(session.run(None, {"a": a, "b": a})[0], a @ a.T)
+
+
 def test_embedded_gemm_graph_is_one_transposed_gemm():
     onnx = pytest.importorskip("onnx")
     model = onnx.load_from_string(K._GEMM_ONNX)

@@ -47,6 +47,30 @@ def test_cpu_sessions_do_not_spin(tmp_path):
         S.session_factory("cpu")(tmp_path / "missing.onnx")
 
 
+@pytest.mark.parametrize(("threads", "cpus", "expected"), [
+    (2, {0, 1}, "2"),  # the one worker on the second CPU (onnxruntime counts from 1)
+    (4, {4, 5, 6, 7}, "6;7;8"),  # a restricted set (taskset): the workers on all but its first CPU
+    (3, {4, 5, 6, 7}, None),  # fewer threads than CPUs: the OS spreads them
+    (2, {3}, None),  # more threads than CPUs
+    (1, {0}, None),  # no worker thread
+])
+def test_workers_are_pinned_only_when_the_threads_take_every_cpu(threads, cpus, expected):
+    assert S.worker_affinities(threads, cpus) == expected
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sessions_accept_their_affinities(threads, tmp_path, monkeypatch):
+    """onnxruntime refuses a session whose affinity string does not give one entry per worker."""
+    path = tmp_path / "gemm.onnx"
+    path.write_bytes(_GEMM_ONNX)
+    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
+    session = S.session_factory("cpu", threads=threads)(path)
+    entry = session.get_session_options().get_session_config_entry("session.intra_op_thread_affinities") if threads > 1 else None
+    assert entry == S.worker_affinities(threads, set(range(threads)))
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(session.run(None, {"a": a, "b": a})[0], a @ a.T)
+
+
 def test_device_runner_matches_run_and_chains_device_values():
     session = gemm_session()
     runner = S.DeviceRunner(session)
