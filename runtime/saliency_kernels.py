@@ -384,24 +384,19 @@ def _gemm_session(threads: int) -> Any:
     """onnxruntime session for the Gemm graph, one per thread count, shared by all callers.
 
     Its worker threads block rather than spin once a product is done: the numba pass that
-    follows needs the cores (spinning BLAS workers cost it ~2x on two cores). When it takes
-    every CPU, they are pinned (sessions.worker_affinities: unpinned, the 16 panel products of
-    a 64x64 grid took 40-44 ms instead of 18-19 ms after the reference had run).
+    follows needs the cores (spinning BLAS workers cost it ~2x on two cores). The options are
+    the runtime's CPU session options, so the workers are pinned when they take every CPU
+    (sessions.worker_affinities: unpinned, the 16 panel products of a 64x64 grid took
+    40-44 ms instead of 18-19 ms after the reference had run).
     """
     with _gemm_lock:
         session = _gemm_sessions.get(threads)
         if session is None:
             import onnxruntime as ort
 
-            from .sessions import worker_affinities
+            from .sessions import session_options
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            affinities = worker_affinities(threads)
-            if affinities:
-                options.add_session_config_entry("session.intra_op_thread_affinities", affinities)
+            options = session_options(threads, spinning=False)
             session = _gemm_sessions[threads] = ort.InferenceSession(_GEMM_ONNX, options, providers=["CPUExecutionProvider"])
         return session
 

@@ -221,12 +221,16 @@ def test_gemm_transposed(backend, m, n, k, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_gemm_session_accepts_its_affinities(threads, monkeypatch):
-    """onnxruntime refuses a session whose affinity string does not give one entry per worker."""
+def test_gemm_session_blocks_between_runs_and_pins_its_workers(threads, monkeypatch):
+    from runtime.sessions import worker_affinities
+
     monkeypatch.setattr(K, "_gemm_sessions", {})
-    session = K._gemm_session(threads)
-    a = np.arange(6, dtype=np.float32).reshape(2, 3)
-    np.testing.assert_allclose(session.run(None, {"a": a, "b": a})[0], a @ a.T)
+    monkeypatch.setattr(K.os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
+    options = K._gemm_session(threads).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == threads
+    if threads > 1:  # the runtime's rule: the workers pinned when the threads take every CPU
+        assert options.get_session_config_entry("session.intra_op_thread_affinities") == worker_affinities(threads)
 
 
 def test_embedded_gemm_graph_is_one_transposed_gemm():
