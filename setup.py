@@ -58,7 +58,7 @@ setup(
     version=VERSION,
     description="Zero-shot industrial anomaly segmentation (SAA+) on ONNX Runtime",
     packages=find_packages(include=["runtime", "runtime.*", "export", "export.*", "bench", "bench.*"]),
-    package_data={"runtime": ["data/prompts/*.json", "capi/*.h", "capi/*.c"]},
+    package_data={"runtime": ["data/prompts/*.json", "data/graphs/*.onnx", "capi/*.h", "capi/*.c"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={"export": EXPORT, "test": TEST, "all": EXPORT + TEST},

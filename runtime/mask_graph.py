@@ -3,10 +3,10 @@
 runtime/segmenter.py upscales each box's mask with cv2 on the CPU, ~2 ms a box; on a GPU
 that loop would outweigh the networks. This graph does the same for all boxes at once on the
 session's device, and can take the decoder's `low_res_masks` still on the device (an OrtValue
-from DeviceRunner.run(..., keep=("low_res_masks",))).
+from DeviceRunner.run(..., keep=("low_res_masks",))) and leave its masks there
+(runtime/mask_fusion.py scores and fuses them without bringing them to the host).
 
-Graph `_MASK_UPSCALE_ONNX` (opset 17, no onnx import here: tests/test_mask_graph.py rebuilds it
-with the onnx package and checks these bytes):
+The graph is runtime/data/graphs/mask_upscale.onnx, built by export/builtin_graphs.py:
   inputs  low_res_masks float32 [n, 1, m, m]
           sizes int64 [5] = (image_size, input_h, input_w, height, width)
           threshold float32 [1]
@@ -21,7 +21,6 @@ where a logit is that close to the threshold.
 """
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import numpy as np
@@ -31,29 +30,12 @@ from .errors import EngineError
 GRAPH_INPUTS = ("low_res_masks", "sizes", "threshold")
 GRAPH_OUTPUT = "masks"
 
-_MASK_UPSCALE_ONNX = base64.b64decode(
-    "CAgSC3NhYS1ydW50aW1lOrsHCj8KDWxvd19yZXNfbWFza3MSDWJhdGNoX2NoYW5uZWwiBVNoYXBlKgoKA2VuZBgCoAECKgwKBXN0"
-    "YXJ0GACgAQIKJAoFc2l6ZXMKA2F0MAoDYXQxEgppbWFnZV9zaXplIgVTbGljZQoiCgVzaXplcwoDYXQxCgNhdDMSCGlucHV0X2h3"
-    "IgVTbGljZQolCgVzaXplcwoDYXQzCgNhdDUSC29yaWdpbmFsX2h3IgVTbGljZQpKCg1iYXRjaF9jaGFubmVsCgppbWFnZV9zaXpl"
-    "CgppbWFnZV9zaXplEgxwYWRkZWRfc2hhcGUiBkNvbmNhdCoLCgRheGlzGACgAQIKQQoNYmF0Y2hfY2hhbm5lbAoLb3JpZ2luYWxf"
-    "aHcSDm9yaWdpbmFsX3NoYXBlIgZDb25jYXQqCwoEYXhpcxgAoAECCnUKDWxvd19yZXNfbWFza3MKAAoACgxwYWRkZWRfc2hhcGUS"
-    "BnBhZGRlZCIGUmVzaXplKi8KHmNvb3JkaW5hdGVfdHJhbnNmb3JtYXRpb25fbW9kZSIKaGFsZl9waXhlbKABAyoRCgRtb2RlIgZs"
-    "aW5lYXKgAQMKMwoGcGFkZGVkCgZ6ZXJvczIKCGlucHV0X2h3CgdheGVzX2h3Egdjcm9wcGVkIgVTbGljZQpzCgdjcm9wcGVkCgAK"
-    "AAoOb3JpZ2luYWxfc2hhcGUSCHVwc2NhbGVkIgZSZXNpemUqLwoeY29vcmRpbmF0ZV90cmFuc2Zvcm1hdGlvbl9tb2RlIgpoYWxm"
-    "X3BpeGVsoAEDKhEKBG1vZGUiBmxpbmVhcqABAwopCgh1cHNjYWxlZAoMYXhpc19jaGFubmVsEgZsb2dpdHMiB1NxdWVlemUKIwoG"
-    "bG9naXRzCgl0aHJlc2hvbGQSBW1hc2tzIgdHcmVhdGVyEhBzYW1fbWFza191cHNjYWxlKgwIARAHOgEAQgNhdDAqDAgBEAc6AQFC"
-    "A2F0MSoMCAEQBzoBA0IDYXQzKgwIARAHOgEFQgNhdDUqEAgCEAc6AgAAQgZ6ZXJvczIqEQgCEAc6AgIDQgdheGVzX2h3KhUIARAH"
-    "OgEBQgxheGlzX2NoYW5uZWxaKgoNbG93X3Jlc19tYXNrcxIZChcIARITCgMSAW4KAggBCgMSAW0KAxIBbVoTCgVzaXplcxIKCggI"
-    "BxIECgIIBVoXCgl0aHJlc2hvbGQSCgoICAESBAoCCAFiJwoFbWFza3MSHgocCAkSGAoDEgFuCggSBmhlaWdodAoHEgV3aWR0aEIE"
-    "CgAQEQ=="
-)
-
 
 def mask_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here)."""
-    from .sessions import embedded_graph_session
+    from .sessions import builtin_graph_session
 
-    return embedded_graph_session(_MASK_UPSCALE_ONNX, device)
+    return builtin_graph_session("mask_upscale", device)
 
 
 def _shape_and_type(low_res: Any) -> tuple[tuple[int, ...], str]:
@@ -81,12 +63,14 @@ def upscale_masks_graph(
     image_size: int,
     mask_threshold: float,
     runner: Any,
-) -> np.ndarray:
+    keep_on_device: bool = False,
+) -> Any:
     """Decoder logits [n, 1, m, m] -> bool masks [n, H, W] at `original_size`, all boxes in one run.
 
     low_res: numpy float32 array or an OrtValue the decoder left on the device. input_size:
     (h, w) of the image resized into the image_size x image_size frame before padding.
-    runner: a runtime.sessions.DeviceRunner over mask_session(). n == 0 returns an empty
+    runner: a runtime.sessions.DeviceRunner over mask_session(). keep_on_device: return the
+    masks as an OrtValue left on the runner's device. n == 0 returns an empty numpy
     [0, H, W] without running the graph.
     """
     shape, kind = _shape_and_type(low_res)
@@ -111,7 +95,8 @@ def upscale_masks_graph(
     # would go to the GPU and back); the threshold is 4 bytes either way.
     sizes = ort.OrtValue.ortvalue_from_numpy(np.array([image_size, input_h, input_w, height, width], np.int64))
     threshold = ort.OrtValue.ortvalue_from_numpy(np.array([mask_threshold], np.float32))
-    (masks,) = runner.run([GRAPH_OUTPUT], dict(zip(GRAPH_INPUTS, (low_res, sizes, threshold))))
+    keep = (GRAPH_OUTPUT,) if keep_on_device else ()
+    (masks,) = runner.run([GRAPH_OUTPUT], dict(zip(GRAPH_INPUTS, (low_res, sizes, threshold))), keep=keep)
     return masks
 
 

@@ -21,6 +21,7 @@ from .decision import Thresholds, decide, image_score
 from .errors import ImageError, SaaError
 from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
 from .image_io import to_bgr8
+from .mask_fusion import DeviceMasks, MaskFusion
 from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
 from .sessions import session_factory
 
@@ -54,7 +55,11 @@ class AnomalyResult:
 class Pipeline:
     """SAA+ over one engines dir and one prompt config."""
 
-    def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
+                 io_binding: bool | None = None) -> None:
+        """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
+        and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
+        provider (tests check them against the CPU paths); False turns them off."""
         self.manifest = manifest
         self.config = config
         self.device = device
@@ -63,7 +68,9 @@ class Pipeline:
 
         options = config.options
         # reference settings: memory, multi-object; off the CPU the one-object kNN runs on the GPU too
-        self.saliency = SaliencyExtractor(manifest, make_session, knn_device=None if device == "cpu" else "cuda")
+        gpu_paths = device != "cpu" if io_binding is None else io_binding
+        knn_device = ("cpu" if device == "cpu" else "cuda") if gpu_paths else None
+        self.saliency = SaliencyExtractor(manifest, make_session, knn_device=knn_device)
         # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
         self.zero_shot_saliency = self.saliency.with_settings(
             preset_settings(manifest, options.saliency_preset, options.saliency_n, options.saliency_mode))
@@ -72,13 +79,16 @@ class Pipeline:
         self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
         self.detector = self.segmenter = None
+        self.mask_fusion: MaskFusion | None = None  # set where the masks stay on the device
         self.captions: list[str] = []
         if not self.saliency_only:
             from .detector import Detector
             from .segmenter import Segmenter
 
-            self.detector = Detector(manifest, make_session)
-            self.segmenter = Segmenter(manifest, make_session)
+            self.detector = Detector(manifest, make_session, io_binding=io_binding)
+            self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding)
+            if self.segmenter.masks_on_device:
+                self.mask_fusion = MaskFusion(self.segmenter.mask_device)
             self.defect_prompts = config.all_defect_prompts()
             self.captions = [config.object_caption] + [p.text for p in self.defect_prompts]
             # Text side once per config: every image reuses these features.
@@ -123,7 +133,7 @@ class Pipeline:
         return self.stream.save(path) if self.stream is not None else self.memory.save(path)
 
     def close(self) -> None:
-        self.detector = self.segmenter = self.saliency = None
+        self.detector = self.segmenter = self.saliency = self.mask_fusion = None
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -201,7 +211,7 @@ class Pipeline:
             if defects or (multi and len(objects) > 1):
                 self.segmenter.set_image(image)
         with _timed(timings, "sam_decoder"):
-            defect_masks = self._masks(defects, (height, width))
+            defect_masks = self._masks(defects, (height, width), on_device=self.mask_fusion is not None)
             object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
 
         with _timed(timings, "saliency"):
@@ -224,23 +234,26 @@ class Pipeline:
                               options.box_threshold, options.text_threshold, min_area, max_area,
                               options.max_boxes_per_prompt)
 
-    def _masks(self, regions: list[Region], image_hw: tuple[int, int]) -> np.ndarray:
+    def _masks(self, regions: list[Region], image_hw: tuple[int, int], on_device: bool = False) -> np.ndarray | DeviceMasks:
         if not regions:
             return np.zeros((0, *image_hw), dtype=bool)
         boxes = np.array([r.box for r in regions], dtype=np.float32)
-        return self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk)
+        return self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk, on_device=on_device)
 
-    def _fuse(self, regions: list[Region], masks: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    def _fuse(self, regions: list[Region], masks: np.ndarray | DeviceMasks, saliency: np.ndarray) -> np.ndarray:
         options = self.config.options
         if not regions:
             return np.zeros(saliency.shape, np.float32)
-        means, areas = mean_inside_masks(saliency, masks)
+        on_device = isinstance(masks, DeviceMasks)
+        means, areas = self.mask_fusion.mean_inside_masks(saliency, masks) if on_device else mean_inside_masks(saliency, masks)
         scores = rescore(np.array([r.detector_score for r in regions]), means, areas, options.rescore_gain)
         for region, mean, area, score in zip(regions, means, areas, scores):
             region.saliency, region.mask_area, region.score = float(mean), int(area), float(score)
         keep = top_k_indices(scores, self.config.top_k)
         for index in keep:
             regions[index].in_top_k = True
+        if on_device:
+            return self.mask_fusion.fuse_masks(masks, keep, scores[keep], options.fusion_plus_one)
         return fuse_masks(masks[keep], scores[keep], options.fusion_plus_one).astype(np.float32)
 
 

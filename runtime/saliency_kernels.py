@@ -23,7 +23,6 @@ Two forms, each with a plain-numpy twin that is the definition of correct:
 """
 from __future__ import annotations
 
-import base64
 import math
 import os
 import threading
@@ -367,13 +366,6 @@ def knn_distance_mean(
     return out
 
 
-# One ONNX Gemm node, y = a @ b.T (a [m, k], b [n, k], float32, dynamic sizes), serialised with
-# onnx 1.23 (ir_version 8, opset 17); tests/test_saliency_kernels.py rebuilds and checks it. The
-# runtime may not import onnx, and 146 bytes do not need a file.
-_GEMM_ONNX = base64.b64decode(
-    "CAgSC3NhYS1ydW50aW1lOnsKHgoBYQoBYhIBeSIER2VtbSoNCgZ0cmFuc0IYAaABAhIUYV90aW1lc19iX3RyYW5zcG9zZWRaFQoBYRIQ"
-    "Cg4IARIKCgMSAW0KAxIBa1oVCgFiEhAKDggBEgoKAxIBbgoDEgFrYhUKAXkSEAoOCAESCgoDEgFtCgMSAW5CBAoAEBE="
-)
 GEMM_BACKENDS = ("onnxruntime", "numpy")
 _gemm_backend = os.environ.get("SAA_GEMM_BACKEND", "onnxruntime")  # "numpy": OpenBLAS, for comparisons
 _gemm_sessions: dict[int, Any] = {}
@@ -394,10 +386,11 @@ def _gemm_session(threads: int) -> Any:
         if session is None:
             import onnxruntime as ort
 
-            from .sessions import session_options
+            from .sessions import builtin_graph, session_options
 
             options = session_options(threads, spinning=False)
-            session = _gemm_sessions[threads] = ort.InferenceSession(_GEMM_ONNX, options, providers=["CPUExecutionProvider"])
+            session = _gemm_sessions[threads] = ort.InferenceSession(
+                builtin_graph("gemm_transposed"), options, providers=["CPUExecutionProvider"])
         return session
 
 
@@ -471,28 +464,14 @@ def _knn_symmetric(
 # ---------------------------------------------------------------- the same on a GPU
 
 # knn_distance_mean as one ONNX graph for onnxruntime's CUDA provider (numba stays the CPU path):
-# keys = sign * F^T F + self_penalty * I, TopK(k, smallest, unsorted), mean of 0.5 * (1 - sign * key).
-# Inputs features [C, P] float32, k [1] int64, sign [1] (+1 farthest, -1 nearest), self_penalty [1]
-# (4 puts the diagonal past every key in [-1, 1]: the position itself is never chosen; 0 keeps it).
-# Output mean_distance [P]. Serialised with onnx 1.23 (opset 17); tests rebuild and check it.
-_KNN_ONNX = base64.b64decode(
-    "CAgSC3NhYS1ydW50aW1lOsQECigKCGZlYXR1cmVzEgJmdCIJVHJhbnNwb3NlKg0KBHBlcm1AAUAAoAEHChsKAmZ0CghmZWF0dXJl"
-    "cxIDc2ltIgZNYXRNdWwKFgoDc2ltCgRzaWduEgRrZXlzIgNNdWwKEwoDc2ltEgNleWUiB0V5ZUxpa2UKIQoDZXllCgxzZWxmX3Bl"
-    "bmFsdHkSB3BlbmFsdHkiA011bAobCgRrZXlzCgdwZW5hbHR5EgVrZXlzMiIDQWRkCksKBWtleXMyCgFrEgZjaG9zZW4SBWluZGV4"
-    "IgRUb3BLKgsKBGF4aXMYAaABAioOCgdsYXJnZXN0GACgAQIqDQoGc29ydGVkGACgAQIKFgoGY2hvc2VuCgRzaWduEgFzIgNNdWwK"
-    "EQoDb25lCgFzEgJkMSIDU3ViChIKAmQxCgRoYWxmEgFkIgNNdWwKPAoBZBINbWVhbl9kaXN0YW5jZSIKUmVkdWNlTWVhbioLCgRh"
-    "eGVzQAGgAQcqDwoIa2VlcGRpbXMYAKABAhIRa25uX2Rpc3RhbmNlX21lYW4qDhABIgQAAAA/QgRoYWxmKg0QASIEAACAP0IDb25l"
-    "WisKCGZlYXR1cmVzEh8KHQgBEhkKChIIY2hhbm5lbHMKCxIJcG9zaXRpb25zWg8KAWsSCgoICAcSBAoCCAFaEgoEc2lnbhIKCggI"
-    "ARIECgIIAVoaCgxzZWxmX3BlbmFsdHkSCgoICAESBAoCCAFiJAoNbWVhbl9kaXN0YW5jZRITChEIARINCgsSCXBvc2l0aW9uc0IE"
-    "CgAQEQ=="
-)
+# runtime/data/graphs/knn_distance_mean.onnx, built by export/builtin_graphs.py (see there).
 
 
 def knn_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
-    from .sessions import embedded_graph_session
+    from .sessions import builtin_graph_session
 
-    return embedded_graph_session(_KNN_ONNX, device)
+    return builtin_graph_session("knn_distance_mean", device)
 
 
 def knn_distance_mean_graph(

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .errors import EngineError, ImageError, ManifestError
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
+from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
 from .resize import longest_side_shape, resize_like_pil
 from .sessions import DeviceRunner, runner_for
@@ -134,34 +135,58 @@ class Segmenter:
             raise EngineError(f"{SAM_DECODER} returned masks of shape {shape}, expected {expected}")
         return low_res, iou
 
-    def predict_boxes(self, boxes_xyxy: np.ndarray, chunk: int = 32) -> np.ndarray:
+    @property
+    def mask_device(self) -> str:
+        """Where the masks are made: the decoder's device with IO binding, else "cpu" (cv2)."""
+        return self._mask_runner.device if self._mask_runner is not None else "cpu"
+
+    @property
+    def masks_on_device(self) -> bool:
+        """Whether predict_boxes(on_device=True) can leave the masks on the device (IO binding)."""
+        return self._mask_runner is not None
+
+    def predict_boxes(self, boxes_xyxy: np.ndarray, chunk: int = 32, on_device: bool = False) -> np.ndarray | DeviceMasks:
         """[N, 4] xyxy boxes in original pixels -> bool masks [N, H, W] (multimask_output=False).
 
         The decoder runs on at most `chunk` boxes at a time and each mask is upscaled
-        on its own, so memory beyond the returned masks stays bounded.
+        on its own, so memory beyond the returned masks stays bounded. on_device (needs
+        masks_on_device): the chunks' masks stay on the device as DeviceMasks
+        (runtime.mask_fusion scores and fuses them there).
         """
         if self._embedding is None:
             raise EngineError("Segmenter: call set_image() before predict_boxes()")
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise EngineError(f"Segmenter: chunk must be a positive integer, got {chunk!r}")
+        if on_device and not self.masks_on_device:
+            raise EngineError("Segmenter: masks stay on the device only with IO binding (a GPU session)")
         boxes = np.asarray(boxes_xyxy)
         height, width = self._original_size
         if boxes.size == 0 and boxes.ndim in (1, 2):
+            if on_device:
+                return DeviceMasks([], height, width, self._mask_runner.device)
             return np.zeros((0, height, width), dtype=bool)
         if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.issubdtype(boxes.dtype, np.number):
             raise EngineError(f"Segmenter: boxes must be a numeric [N, 4] xyxy array, got {boxes.dtype} {boxes.shape}")
         if not np.all(np.isfinite(boxes)):
             raise EngineError("Segmenter: boxes contain NaN or infinity")
         scaled = self.transform_boxes(boxes)
+        starts = range(0, len(boxes), int(chunk))
+        if self._mask_runner is not None:
+            chunks = [self._upscale_on_device(scaled[start : start + int(chunk)], keep_on_device=on_device)
+                      for start in starts]
+            if on_device:
+                return DeviceMasks(chunks, height, width, self._mask_runner.device)
+            return np.concatenate(chunks)
         masks = np.empty((len(boxes), height, width), dtype=bool)
-        for start in range(0, len(boxes), int(chunk)):
-            if self._mask_runner is not None:
-                low_res, _ = self.decode(scaled[start : start + int(chunk)], keep_on_device=True)
-                masks[start : start + int(chunk)] = upscale_masks_graph(
-                    low_res, self._input_size, self._original_size, self.image_size, self.mask_threshold, self._mask_runner)
-                continue
+        for start in starts:
             low_res, _ = self.decode(scaled[start : start + int(chunk)])
             for offset, logits in enumerate(low_res[:, 0]):
                 upscaled = upscale_mask_logits(logits, self._input_size, self._original_size, self.image_size)
                 masks[start + offset] = upscaled > self.mask_threshold
         return masks
+
+    def _upscale_on_device(self, boxes_input_frame: np.ndarray, keep_on_device: bool) -> Any:
+        """One chunk through the decoder and the mask graph; the logits never leave the device."""
+        low_res, _ = self.decode(boxes_input_frame, keep_on_device=True)
+        return upscale_masks_graph(low_res, self._input_size, self._original_size, self.image_size,
+                                   self.mask_threshold, self._mask_runner, keep_on_device=keep_on_device)

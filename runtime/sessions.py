@@ -139,9 +139,22 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
     return make_session
 
 
-def embedded_graph_session(model: bytes, device: str) -> ort.InferenceSession:
-    """A session of one of the runtime's small built-in graphs (kNN, mask upscaling) on `device`."""
-    return ort.InferenceSession(model, session_options(), providers=providers_for(device))
+GRAPH_DIR = Path(__file__).resolve().parent / "data" / "graphs"  # built by export/builtin_graphs.py
+
+
+def builtin_graph(name: str) -> bytes:
+    """The bytes of one of the runtime's small built-in graphs (runtime/data/graphs/<name>.onnx)."""
+    path = GRAPH_DIR / f"{name}.onnx"
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise EngineError(f"built-in graph {name!r} is missing from this installation ({path}: {err.strerror}); "
+                          "reinstall saa-edge, or run python -m export.builtin_graphs in a checkout") from None
+
+
+def builtin_graph_session(name: str, device: str) -> ort.InferenceSession:
+    """A session of one of the runtime's built-in graphs (kNN, mask upscaling, fusion) on `device`."""
+    return ort.InferenceSession(builtin_graph(name), session_options(), providers=providers_for(device))
 
 
 def session_device(session: ort.InferenceSession) -> str:
@@ -238,4 +251,4 @@ def to_host(value: Any) -> np.ndarray:
     return value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value)
 
 
-__all__ = ["DEVICES", "DeviceRunner", "PlainRunner", "embedded_graph_session", "runner_for", "to_host", "TRT_CACHE_DIR", "providers_for", "session_device", "session_factory", "session_options"]
+__all__ = ["DEVICES", "DeviceRunner", "PlainRunner", "GRAPH_DIR", "builtin_graph", "builtin_graph_session", "runner_for", "to_host", "TRT_CACHE_DIR", "providers_for", "session_device", "session_factory", "session_options"]

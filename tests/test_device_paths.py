@@ -114,6 +114,35 @@ def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
     assert bound._auto_prompts_per_run(on_device, 5) == 5
 
 
+def test_pipeline_gpu_paths_agree_with_the_cpu_paths(full_tiny, image):
+    """The whole pipeline with every GPU path on the CPU provider: features, embedding and masks
+    kept "on the device", masks scored and fused by runtime.mask_fusion, the kNN as a graph."""
+    from runtime.config import resolve_config
+    from runtime.mask_fusion import DeviceMasks
+    from runtime.pipeline import Pipeline
+
+    config = resolve_config("mvtec", "bottle", None, {"decoder_chunk": 16})
+    plain = Pipeline(full_tiny, config, threads=1)
+    bound = Pipeline(full_tiny, config, threads=1, io_binding=True)
+    assert plain.mask_fusion is None and bound.mask_fusion is not None and bound.saliency.knn_session is not None
+    made = []
+    real = bound.segmenter.predict_boxes
+    bound.segmenter.predict_boxes = lambda *a, **kw: made.append(real(*a, **kw)) or made[-1]
+    expected, got = plain(image), bound(image)
+    assert isinstance(made[0], DeviceMasks) and len(made[0].chunks) > 1  # several chunks fused on the device
+    assert len(got.regions) == len(expected.regions) > 5
+    for ours, theirs in zip(got.regions, expected.regions):
+        assert ours.box == theirs.box and ours.in_top_k == theirs.in_top_k
+        assert abs(ours.mask_area - theirs.mask_area) <= 0.001 * max(theirs.mask_area, 1000)  # logits near 0
+        assert ours.score == pytest.approx(theirs.score, rel=1e-3)
+    np.testing.assert_allclose(got.saliency_map, expected.saliency_map, atol=2e-5)
+    # The kNN graph's float32 means (2e-5) move the rescoring factors by ~1e-5 relative; mask
+    # pixels whose logit sits within ~1e-4 of 0 differ between the graph and cv2 upscaling.
+    assert got.anomaly_map.dtype == np.float32 and expected.anomaly_map.max() > 0
+    far = np.abs(got.anomaly_map - expected.anomaly_map) > 1e-4 * expected.anomaly_map.max()
+    assert far.mean() < 1e-3
+
+
 @pytest.mark.gpu
 def test_cuda_pipeline_agrees_with_the_cpu_pipeline(full_tiny_engine_dir, image):
     """The whole pipeline on onnxruntime's CUDA provider (IO binding, mask graph, kNN graph)."""

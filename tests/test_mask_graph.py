@@ -1,7 +1,7 @@
 """SAM mask post-processing as an ONNX graph (runtime/mask_graph.py) against the cv2 path.
 
 The graph runs here on onnxruntime's CPU provider; the CUDA run is the `gpu`-marked test.
-`build_mask_upscale_graph` is the graph's source: the module embeds its bytes.
+export/builtin_graphs.py is the graph's source; tests/test_builtin_graphs.py checks the file.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from runtime import mask_graph as M
 from runtime.errors import EngineError
 from runtime.segmenter import upscale_mask_logits
-from runtime.sessions import DeviceRunner
+from runtime.sessions import DeviceRunner, builtin_graph
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 1024
@@ -29,46 +29,11 @@ LOGIT_TOL = 1e-4
 
 
 def build_mask_upscale_graph(with_logits: bool = False) -> bytes:
-    """The graph embedded as runtime.mask_graph._MASK_UPSCALE_ONNX (with_logits=False).
+    """The graph's source (export/builtin_graphs.py); with_logits adds the logits as an output."""
+    pytest.importorskip("onnx")
+    from export.builtin_graphs import mask_upscale
 
-    with_logits adds the float logits before the threshold as a second output `logits`
-    [n, height, width] (tests only: the runtime graph never materialises them for the host).
-    """
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    def ints(name: str, values: list[int]):
-        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
-
-    linear = {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}
-    nodes = [
-        helper.make_node("Shape", ["low_res_masks"], ["batch_channel"], start=0, end=2),  # (n, 1)
-        helper.make_node("Slice", ["sizes", "at0", "at1"], ["image_size"]),
-        helper.make_node("Slice", ["sizes", "at1", "at3"], ["input_hw"]),
-        helper.make_node("Slice", ["sizes", "at3", "at5"], ["original_hw"]),
-        helper.make_node("Concat", ["batch_channel", "image_size", "image_size"], ["padded_shape"], axis=0),
-        helper.make_node("Concat", ["batch_channel", "original_hw"], ["original_shape"], axis=0),
-        helper.make_node("Resize", ["low_res_masks", "", "", "padded_shape"], ["padded"], **linear),
-        helper.make_node("Slice", ["padded", "zeros2", "input_hw", "axes_hw"], ["cropped"]),
-        helper.make_node("Resize", ["cropped", "", "", "original_shape"], ["upscaled"], **linear),
-        helper.make_node("Squeeze", ["upscaled", "axis_channel"], ["logits"]),
-        helper.make_node("Greater", ["logits", "threshold"], ["masks"]),
-    ]
-    constants = [ints("at0", [0]), ints("at1", [1]), ints("at3", [3]), ints("at5", [5]),
-                 ints("zeros2", [0, 0]), ints("axes_hw", [2, 3]), ints("axis_channel", [1])]
-    inputs = [
-        helper.make_tensor_value_info("low_res_masks", TensorProto.FLOAT, ["n", 1, "m", "m"]),
-        helper.make_tensor_value_info("sizes", TensorProto.INT64, [5]),
-        helper.make_tensor_value_info("threshold", TensorProto.FLOAT, [1]),
-    ]
-    outputs = [helper.make_tensor_value_info("masks", TensorProto.BOOL, ["n", "height", "width"])]
-    if with_logits:
-        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", "height", "width"]))
-    graph = helper.make_graph(nodes, "sam_mask_upscale", inputs, outputs, constants)
-    model = helper.make_model(graph, producer_name="saa-runtime", opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # pinned: the default follows the onnx version, the bytes must not
-    onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return mask_upscale(with_logits)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +90,9 @@ def bilinear_half_pixel(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 # ---------------------------------------------------------------- the embedded graph
 
 
-def test_embedded_graph_is_the_rebuilt_one():
+def test_graph_file_has_the_documented_interface():
     onnx = pytest.importorskip("onnx")
-    assert M._MASK_UPSCALE_ONNX == build_mask_upscale_graph()
-    model = onnx.load_from_string(M._MASK_UPSCALE_ONNX)
+    model = onnx.load_from_string(builtin_graph("mask_upscale"))
     assert [i.name for i in model.graph.input] == list(M.GRAPH_INPUTS)
     assert [o.name for o in model.graph.output] == [M.GRAPH_OUTPUT]
     resizes = [node for node in model.graph.node if node.op_type == "Resize"]

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime import saliency_kernels as K
+from runtime.sessions import builtin_graph
 
 ATOL = 1e-6  # float64 sums in a different order, cast to float32: at most an ulp or two apart
 
@@ -233,9 +234,9 @@ def test_gemm_session_blocks_between_runs_and_pins_its_workers(threads, monkeypa
         assert options.get_session_config_entry("session.intra_op_thread_affinities") == worker_affinities(threads)
 
 
-def test_embedded_gemm_graph_is_one_transposed_gemm():
+def test_gemm_graph_is_one_transposed_gemm():
     onnx = pytest.importorskip("onnx")
-    model = onnx.load_from_string(K._GEMM_ONNX)
+    model = onnx.load_from_string(builtin_graph("gemm_transposed"))
     onnx.checker.check_model(model)
     (node,) = model.graph.node
     assert node.op_type == "Gemm" and [a.i for a in node.attribute if a.name == "transB"] == [1]
@@ -253,9 +254,9 @@ def test_knn_graph_matches_twin_on_the_cpu_provider(mode, exclude_self, position
     np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, n, mode, exclude_self), atol=2e-6, rtol=0)
 
 
-def test_embedded_knn_graph_checks():
+def test_knn_graph_checks():
     onnx = pytest.importorskip("onnx")
-    model = onnx.load_from_string(K._KNN_ONNX)
+    model = onnx.load_from_string(builtin_graph("knn_distance_mean"))
     onnx.checker.check_model(model)
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("TopK") == 1 and "EyeLike" in ops and ops[-1] == "ReduceMean"

@@ -7,7 +7,9 @@ import pytest
 
 from runtime import sessions as S
 from runtime.errors import EngineError
-from runtime.saliency_kernels import _GEMM_ONNX  # a one-node graph y = a @ b.T
+from runtime.sessions import builtin_graph
+
+_GEMM_ONNX = builtin_graph("gemm_transposed")  # a one-node graph y = a @ b.T
 
 
 def gemm_session() -> ort.InferenceSession:
