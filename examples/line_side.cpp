@@ -3,7 +3,11 @@
 //   g++ -O2 -std=c++17 examples/line_side.cpp $(python -m runtime.capi --cflags --libs) -o line_side
 //   ./line_side engines/ --dataset mtd --category mtd part.ppm part_map.npy
 //   ./line_side engines/ --config my_part.yaml part.pgm part_map.npy
+//   ./line_side engines/ --dataset mtd --category mtd --calibration cal.json --mask part_mask.pgm part.ppm part_map.npy
 //
+// Line-side settings (saa_open_ex): --calibration FILE, --memory FILE, --image-threshold T,
+// --pixel-threshold T, --threads N. With an image threshold the decision (OK / NG and the
+// score) goes to stderr; with a pixel threshold --mask OUT.pgm writes the defect mask (0/255).
 // Reads binary PPM (P6) or PGM (P5), 8 or 16 bit, with a reader of its own so that it builds
 // with nothing but the C++ standard library; other formats through OpenCV's C++ API when built
 // with -DSAA_WITH_OPENCV $(pkg-config --cflags --libs opencv4). Writes the anomaly map at the
@@ -17,6 +21,7 @@
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -115,6 +120,14 @@ bool read_image(const std::string &path, Frame &frame, std::string &error) {
 #endif
 }
 
+bool write_mask_pgm(const std::string &path, const std::vector<uint8_t> &mask, int height, int width) {
+    std::ofstream out(path, std::ios::binary);
+    out << "P5\n" << width << " " << height << "\n255\n";
+    for (const uint8_t value : mask)
+        out.put(value ? static_cast<char>(255) : static_cast<char>(0));
+    return static_cast<bool>(out);
+}
+
 bool write_npy(const std::string &path, const std::vector<float> &values, int height, int width) {
     const uint16_t probe = 1;
     const bool little = *reinterpret_cast<const uint8_t *>(&probe) == 1;
@@ -165,19 +178,25 @@ std::string region_json(const saa_region &r) {
 
 int usage() {
     std::cerr << "usage: line_side ENGINE_DIR (--dataset D --category C | --config FILE) IMAGE OUT.npy "
-                 "[--device cpu|cuda]\n";
+                 "[--device cpu|cuda] [--threads N] [--calibration FILE] [--memory FILE] [--image-threshold T] "
+                 "[--pixel-threshold T] [--mask OUT.pgm]\n";
     return 2;
 }
 
 } // namespace
 
 int main(int argc, char **argv) {
-    std::string dataset, category, config, device = "cpu";
+    std::string dataset, category, config, device = "cpu", calibration, memory, image_threshold, pixel_threshold,
+        threads, mask_path;
     std::vector<std::string> positional;
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
-        std::string *option = arg == "--dataset" ? &dataset : arg == "--category" ? &category
-                            : arg == "--config"  ? &config  : arg == "--device"   ? &device : nullptr;
+        std::string *option = arg == "--dataset"         ? &dataset         : arg == "--category"        ? &category
+                            : arg == "--config"          ? &config          : arg == "--device"          ? &device
+                            : arg == "--calibration"     ? &calibration     : arg == "--memory"          ? &memory
+                            : arg == "--image-threshold" ? &image_threshold : arg == "--pixel-threshold" ? &pixel_threshold
+                            : arg == "--threads"         ? &threads         : arg == "--mask"            ? &mask_path
+                                                         : nullptr;
         if (option) {
             if (++i >= argc)
                 return usage();
@@ -203,8 +222,23 @@ int main(int argc, char **argv) {
         std::cerr << "line_side: " << error << "\n";
         return 2;
     }
+    saa_open_options options;
+    saa_open_options_init(&options); // struct_size and the defaults: no calibration, no memory, NAN thresholds
+    options.device = device.c_str();
+    options.calibration = calibration.empty() ? nullptr : calibration.c_str();
+    options.memory = memory.empty() ? nullptr : memory.c_str();
+    try {
+        if (!threads.empty())
+            options.threads = std::stoi(threads);
+        if (!image_threshold.empty())
+            options.image_threshold = std::stod(image_threshold);
+        if (!pixel_threshold.empty())
+            options.pixel_threshold = std::stod(pixel_threshold);
+    } catch (const std::exception &) {
+        return usage();
+    }
     saa_pipeline *pipe = nullptr;
-    if (saa_open(engine_dir.c_str(), prompt.c_str(), device.c_str(), &pipe) != SAA_OK) {
+    if (saa_open_ex(engine_dir.c_str(), prompt.c_str(), &options, &pipe) != SAA_OK) {
         std::cerr << "line_side: " << saa_last_error(nullptr) << "\n";
         return 1;
     }
@@ -218,6 +252,23 @@ int main(int argc, char **argv) {
         std::cerr << "line_side: " << saa_last_error(pipe) << "\n";
         saa_close(pipe);
         return 1;
+    }
+    float score = 0.0f;
+    int label = -1;
+    if (saa_last_decision(pipe, &score, &label) == SAA_OK && label >= 0)
+        std::cerr << "line_side: " << (label ? "NG" : "OK") << " (score " << score << ")\n";
+    if (!mask_path.empty()) {
+        std::vector<uint8_t> mask(map.size());
+        if (saa_last_mask(pipe, mask.data(), frame.height, frame.width) != SAA_OK) {
+            std::cerr << "line_side: " << saa_last_error(pipe) << "\n";
+            saa_close(pipe);
+            return 1;
+        }
+        if (!write_mask_pgm(mask_path, mask, frame.height, frame.width)) {
+            std::cerr << "line_side: cannot write " << mask_path << "\n";
+            saa_close(pipe);
+            return 2;
+        }
     }
     saa_close(pipe);
     if (!write_npy(out_path, map, frame.height, frame.width)) {

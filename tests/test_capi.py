@@ -80,6 +80,21 @@ def test_region_struct_layout_matches_dtype(tmp_path):
     assert layout == {name: abi.REGION_DTYPE.fields[name][1] for name in layout}
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_open_options_layout_matches_ctypes(tmp_path):
+    """offsetof/sizeof of saa_open_options as the C compiler lays it out == abi.OpenOptions."""
+    fields = [name for name, _ in abi.OpenOptions._fields_]
+    source = tmp_path / "options.c"
+    prints = " ".join(f'printf("{name} %zu\\n", offsetof(saa_open_options, {name}));' for name in fields)
+    source.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "saa.h"\nint main(void) {\n'
+                      f'printf("size %zu\\n", sizeof(saa_open_options)); {prints}\nreturn 0;\n}}\n')
+    subprocess.run(["cc", f"-I{HEADER.parent}", str(source), "-o", str(tmp_path / "options")], check=True)
+    out = subprocess.run([str(tmp_path / "options")], capture_output=True, text=True, check=True).stdout
+    layout = {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+    assert layout.pop("size") == ctypes.sizeof(abi.OpenOptions)
+    assert layout == {name: getattr(abi.OpenOptions, name).offset for name in fields}
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils)")
 def test_library_leaves_python_to_the_host(library):
     """No undefined Py* symbol and no libpython dependency: in a Python process the running
@@ -93,7 +108,8 @@ def test_library_leaves_python_to_the_host(library):
     exported = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     assert set(re.findall(r"\b(saa_\w+)", exported)) == {"saa_version", "saa_abi_version", "saa_open", "saa_infer",
                                                         "saa_last_error", "saa_close", "saa_set_thresholds",
-                                                        "saa_last_decision", "saa_reset_memory"}
+                                                        "saa_last_decision", "saa_reset_memory", "saa_last_mask",
+                                                        "saa_save_memory", "saa_open_options_init", "saa_open_ex"}
 
 
 def test_version(library):

@@ -1,8 +1,9 @@
-"""Line-side decisions through the C ABI: thresholds set, decisions read back, memory reset."""
+"""Line-side decisions through the C ABI: thresholds, decisions and masks read back, memory and
+calibration files opened (saa_open_ex), memory saved and reset."""
 import numpy as np
 import pytest
 
-from runtime.capi import CapiError, CPipeline
+from runtime.capi import E_CONFIG, CapiError, CPipeline
 from runtime.pipeline import Pipeline
 
 
@@ -39,3 +40,121 @@ def test_closed_handle_is_refused(lite_engine_dir):
     pipe.close()
     assert library.saa_reset_memory(handle) != 0
     assert b"closed" in library.saa_last_error(handle)
+
+
+# ---- saa_open_ex: calibration, memory, streaming memory, thresholds; saa_last_mask, saa_save_memory
+
+@pytest.fixture(scope="module")
+def good_parts(data_dir):
+    import cv2
+
+    return [cv2.imread(str(p)) for p in sorted((data_dir / "mtd-mini" / "MT_Free" / "Imgs").glob("*.jpg"))]
+
+
+@pytest.fixture(scope="module")
+def memory_file(lite_engine_dir, data_dir, tmp_path_factory):
+    from runtime import memory
+
+    path = tmp_path_factory.mktemp("memory") / "good.npz"
+    assert memory.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd",
+                        "--good", str(data_dir / "mtd-mini" / "MT_Free" / "Imgs"), "--out", str(path),
+                        "--capacity", "500"]) == 0
+    return path
+
+
+def test_open_ex_matches_the_python_api_with_memory_and_thresholds(lite_engine_dir, data_dir, memory_file):
+    image = tile(data_dir)
+    python = Pipeline.open(lite_engine_dir, dataset="mtd", category="mtd", memory=memory_file, threads=1)
+    expected = python(image)
+    image_threshold, pixel_threshold = expected.pred_score / 2, float(np.quantile(expected.anomaly_map, 0.9))
+    python.set_thresholds(image_threshold, pixel_threshold)
+    expected = python(image)
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd", memory=memory_file, threads=1,
+                        image_threshold=image_threshold, pixel_threshold=pixel_threshold) as pipe:
+        got = pipe(image)
+        np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, atol=1e-6)
+        assert pipe.last_decision() == (pytest.approx(expected.pred_score, rel=1e-6), 1)
+        mask = pipe.last_mask(image.shape[:2])
+        np.testing.assert_array_equal(mask, expected.pred_mask)
+        assert 0 < mask.mean() < 0.5
+        np.testing.assert_array_equal(pipe.last_mask(), mask)  # the last map's size
+        raw = np.zeros(image.shape[:2], np.uint8)  # 0 x 0: the image size, as in saa_infer
+        assert pipe._library.saa_last_mask(pipe.handle, raw.ctypes.data, 0, 0) == 0
+        np.testing.assert_array_equal(raw, mask)
+        small = pipe(image, out_size=(50, 70))  # the mask follows the map size asked for
+        np.testing.assert_array_equal(pipe.last_mask(), small.anomaly_map > pixel_threshold)
+        assert pipe.last_mask().shape == (50, 70)
+        with pytest.raises(CapiError, match=r"map size 60 x 70 differs from the last saa_infer's map, 50 x 70"):
+            pipe.last_mask((60, 70))
+        pipe.set_thresholds(image=image_threshold)  # no pixel threshold: no mask
+        pipe(image)
+        with pytest.raises(CapiError, match="no pixel threshold"):
+            pipe.last_mask()
+        with pytest.raises(CapiError, match="must be two positive integers"):
+            pipe.last_mask((0, 5))
+
+
+def test_open_ex_with_a_calibration(lite_engine_dir, data_dir, tmp_path):
+    from runtime import calibrate
+
+    path = tmp_path / "calibration.json"
+    assert calibrate.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd",
+                           "--good", str(data_dir / "mtd-mini" / "MT_Free" / "Imgs"), "--out", str(path)]) == 0
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd", calibration=path) as pipe:
+        pipe(tile(data_dir))
+        pipe.last_mask()  # the calibration set a pixel threshold
+        assert pipe.last_decision()[1] in (0, 1)
+    with pytest.raises(CapiError, match="calibration") as refused:  # made for another prompt config
+        CPipeline.open(str(lite_engine_dir), dataset="mvtec", category="tile", calibration=path)
+    assert refused.value.status == E_CONFIG
+
+
+def test_stream_memory_learns_saves_reopens_and_resets(lite_engine_dir, good_parts, tmp_path):
+    saved = tmp_path / "stream.npz"
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd", stream_memory=400,
+                        image_threshold=1e9) as pipe:  # every part judged normal
+        before = pipe(good_parts[0]).anomaly_map.copy()
+        for _ in range(12):  # past the stream's warm-up (16 parts), then some learned
+            for part in good_parts:
+                pipe(part)
+        pipe.save_memory(saved)
+        learned = pipe(good_parts[0]).anomaly_map
+        assert not np.allclose(learned, before)  # the stream learned from the good parts
+        pipe.reset_memory()
+        np.testing.assert_allclose(pipe(good_parts[0]).anomaly_map, before, atol=1e-6)
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd", memory=saved) as reopened:
+        assert reopened(good_parts[0]).anomaly_map.shape == before.shape
+
+
+def test_save_memory_without_one_and_bad_options(lite_engine_dir, tmp_path):
+    import ctypes
+
+    from runtime.capi import abi, load_library
+
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd") as pipe:
+        with pytest.raises(CapiError, match="no memory to save"):
+            pipe.save_memory(tmp_path / "none.npz")
+    library = load_library()
+    options = abi.OpenOptions()  # not filled by saa_open_options_init: struct_size 0
+    handle = ctypes.c_void_p(7)
+    status = library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options), ctypes.byref(handle))
+    assert status == abi.E_INVALID_ARGUMENT and handle.value is None
+    assert "struct_size is 0, expected 56" in library.saa_last_error(None).decode()
+    library.saa_open_options_init(ctypes.byref(options))
+    assert options.struct_size == ctypes.sizeof(abi.OpenOptions) == 56 and np.isnan(options.image_threshold)
+    options.stream_memory = -3
+    assert library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options),
+                               ctypes.byref(handle)) == abi.E_INVALID_ARGUMENT
+    assert "options->stream_memory = -3 is negative" in library.saa_last_error(None).decode()
+    options.stream_memory, options.memory = 0, str(tmp_path / "missing.npz").encode()
+    assert library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options),
+                               ctypes.byref(handle)) == abi.E_CONFIG
+    assert "missing.npz" in library.saa_last_error(None).decode()
+    options.memory = str(tmp_path / "junk.npz").encode()
+    (tmp_path / "junk.npz").write_bytes(b"not a memory")
+    assert library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options),
+                               ctypes.byref(handle)) == abi.E_CONFIG, library.saa_last_error(None)
+    options.memory = None
+    assert library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", None, ctypes.byref(handle)) == abi.OK
+    assert library.saa_close(handle) == abi.OK  # NULL options: the defaults
+    assert library.saa_last_mask(None, None, 0, 0) == abi.E_INVALID_ARGUMENT

@@ -153,6 +153,33 @@ def test_line_side_prompt_file_and_errors(line_side, lite_engine_dir, images, tm
     assert subprocess.run([str(line_side)], capture_output=True).returncode == 2  # usage
 
 
+def test_line_side_thresholds_and_mask_match_the_cli(line_side, lite_engine_dir, images, tmp_path):  # noqa: F811
+    """saa_open_ex's thresholds through the example: the decision and the mask equal the CLI's."""
+    image = images["ppm"]
+    run_cli(lite_engine_dir, [image], tmp_path / "free")
+    values = np.load(tmp_path / "free" / f"{image.stem}_map.npy")
+    image_threshold, pixel_threshold = float(values.max()) / 2, float(np.quantile(values, 0.95))
+    flags = ("--dataset", "mtd", "--category", "mtd", "--image-threshold", repr(image_threshold),
+             "--pixel-threshold", repr(pixel_threshold))
+    run_cli(lite_engine_dir, [image], tmp_path / "cli", *flags)
+    done = run_line_side(line_side, lite_engine_dir, image, tmp_path / "map.npy", *flags,
+                         "--mask", str(tmp_path / "mask.pgm"), "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert "line_side: NG (score" in done.stderr
+    mask = cv2.imread(str(tmp_path / "mask.pgm"), cv2.IMREAD_GRAYSCALE)
+    cli_mask = cv2.imread(str(tmp_path / "cli" / f"{image.stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(mask > 0, cli_mask > 0)
+    assert 0 < (mask > 0).mean() < 0.2
+    no_pixel = run_line_side(line_side, lite_engine_dir, image, tmp_path / "b.npy", "--dataset", "mtd",
+                             "--category", "mtd", "--mask", str(tmp_path / "none.pgm"))
+    assert no_pixel.returncode == 1 and "no pixel threshold" in no_pixel.stderr
+    bad = run_line_side(line_side, lite_engine_dir, image, tmp_path / "c.npy", "--dataset", "mtd", "--category", "mtd",
+                        "--memory", str(tmp_path / "missing.npz"))
+    assert bad.returncode == 1 and "missing.npz" in bad.stderr
+    assert run_line_side(line_side, lite_engine_dir, image, tmp_path / "d.npy", "--dataset", "mtd", "--category",
+                         "mtd", "--threads", "two").returncode == 2  # usage
+
+
 def test_sixteen_bit_pgm_matches_python_api(line_side, lite_engine_dir, images, tmp_path):  # noqa: F811
     """16-bit PGM keeps its high byte in the example's reader, as runtime.image_io does."""
     gray = cv2.imread(str(images["pgm"]), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 257 + 3

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ImageError, SaaError
 from .abi import (ABI_VERSION, E_BAD_HANDLE, E_CLOSED, E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL,
-                  E_INVALID_ARGUMENT, E_PYTHON, OK, PHRASE_CAPACITY, REGION_DTYPE)
+                  E_INVALID_ARGUMENT, E_PYTHON, OK, PHRASE_CAPACITY, REGION_DTYPE, OpenOptions)
 
 __all__ = ["CPipeline", "CapiError", "CapiRegion", "CapiResult", "load_library", "library_path", "header_dir",
            "version", "abi_version", "REGION_DTYPE", "PHRASE_CAPACITY", "OK", "E_INVALID_ARGUMENT", "E_BAD_HANDLE",
@@ -111,6 +111,14 @@ def _declare(library: ctypes.CDLL) -> None:
     library.saa_last_decision.argtypes = [c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(c_int)]
     library.saa_reset_memory.restype = c_int
     library.saa_reset_memory.argtypes = [c_void_p]
+    library.saa_last_mask.restype = c_int
+    library.saa_last_mask.argtypes = [c_void_p, c_void_p, c_int, c_int]
+    library.saa_save_memory.restype = c_int
+    library.saa_save_memory.argtypes = [c_void_p, c_char_p]
+    library.saa_open_options_init.restype = None
+    library.saa_open_options_init.argtypes = [ctypes.POINTER(OpenOptions)]
+    library.saa_open_ex.restype = c_int
+    library.saa_open_ex.argtypes = [c_char_p, c_char_p, ctypes.POINTER(OpenOptions), ctypes.POINTER(c_void_p)]
 
 
 def version() -> str:
@@ -173,16 +181,33 @@ class CPipeline:
     def __init__(self, handle: int) -> None:
         self._library = load_library()
         self._handle: int | None = handle
+        self._last_map_shape: tuple[int, int] = (0, 0)  # of the last successful call (last_mask's default)
         self._finalizer = weakref.finalize(self, self._library.saa_close, handle)
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, dataset: str | None = None, category: str | None = None,
-             config: str | os.PathLike | None = None, device: str = "cpu") -> "CPipeline":
+             config: str | os.PathLike | None = None, device: str = "cpu", threads: int = 0,
+             calibration: str | os.PathLike | None = None, memory: str | os.PathLike | None = None,
+             stream_memory: int = 0, image_threshold: float | None = None,
+             pixel_threshold: float | None = None) -> "CPipeline":
+        """saa_open, or saa_open_ex when a line-side setting or a thread count is given (the
+        keywords of Pipeline.open; stream_memory 0 is off)."""
         library = load_library()
         handle = ctypes.c_void_p()
-        text = config_string(dataset, category, config)
-        status = library.saa_open(os.fsencode(engine_dir), os.fsencode(text), device.encode(), ctypes.byref(handle))
-        _check(status, None)
+        text = os.fsencode(config_string(dataset, category, config))
+        if not (threads or calibration or memory or stream_memory) and image_threshold is None and pixel_threshold is None:
+            _check(library.saa_open(os.fsencode(engine_dir), text, device.encode(), ctypes.byref(handle)), None)
+            return cls(int(handle.value))
+        options = OpenOptions()
+        library.saa_open_options_init(ctypes.byref(options))
+        options.device, options.threads, options.stream_memory = device.encode(), threads, stream_memory
+        options.calibration = None if calibration is None else os.fsencode(calibration)
+        options.memory = None if memory is None else os.fsencode(memory)
+        if image_threshold is not None:
+            options.image_threshold = image_threshold
+        if pixel_threshold is not None:
+            options.pixel_threshold = pixel_threshold
+        _check(library.saa_open_ex(os.fsencode(engine_dir), text, ctypes.byref(options), ctypes.byref(handle)), None)
         return cls(int(handle.value))
 
     @property
@@ -207,6 +232,7 @@ class CPipeline:
             values.ctypes.data, values.shape[0], values.shape[1],
             regions.ctypes.data if max_regions else None, max_regions, ctypes.byref(count))
         _check(status, self._handle)
+        self._last_map_shape = values.shape
         return CapiResult(values, [_region(row) for row in regions[:count.value]])
 
     @staticmethod
@@ -245,6 +271,23 @@ class CPipeline:
 
     def reset_memory(self) -> None:
         _check(self._library.saa_reset_memory(self._handle), self._handle)
+
+    def last_mask(self, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The last call's defect mask (map > pixel threshold) as bool, at the map's size.
+
+        shape: the (height, width) to ask saa_last_mask for (None: the last call's map size);
+        a shape other than that map's is refused by the library."""
+        height, width = self._last_map_shape if shape is None else shape
+        if isinstance(height, bool) or not isinstance(height, (int, np.integer)) or height < 1 \
+                or isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+            raise CapiError(E_INVALID_ARGUMENT, f"mask shape {shape!r} must be two positive integers")
+        mask = np.zeros((height, width), np.uint8)
+        _check(self._library.saa_last_mask(self._handle, mask.ctypes.data, height, width), self._handle)
+        return mask.astype(bool)
+
+    def save_memory(self, path: str | os.PathLike) -> None:
+        """Write the memory (a stream's with what it learned) to `path`, to reopen with memory=path."""
+        _check(self._library.saa_save_memory(self._handle, os.fsencode(path)), self._handle)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..calibrate import CalibrationError
 from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaError
+from ..memory import MemoryFileError
 from ..pipeline import Pipeline
 from ..regions import Region
 from ..sessions import DEVICES
@@ -26,7 +28,9 @@ from .abi import (E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL, E_INVALID_
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
-_STATUS_OF = ((ManifestError, E_ENGINES), (ConfigError, E_CONFIG), (ImageError, E_IMAGE), (EngineError, E_ENGINE))
+# Calibration and memory files are settings the line gives: refused ones are configuration errors.
+_STATUS_OF = ((ManifestError, E_ENGINES), (ConfigError, E_CONFIG), (CalibrationError, E_CONFIG),
+              (MemoryFileError, E_CONFIG), (ImageError, E_IMAGE), (EngineError, E_ENGINE))
 
 
 class _Memory:
@@ -81,13 +85,21 @@ def parse_config(text: str) -> dict[str, Any]:
                       "nor DATASET/CATEGORY such as mvtec/bottle")
 
 
-def open_pipeline(engine_dir: bytes, config: bytes, device: bytes) -> tuple[int, Any]:
+def open_pipeline(engine_dir: bytes, config: bytes, device: bytes, threads: int = 0, calibration: bytes | None = None,
+                  memory: bytes | None = None, stream_memory: int = 0, image_threshold: float = math.nan,
+                  pixel_threshold: float = math.nan) -> tuple[int, Any]:
+    """saa_open / saa_open_ex (saa.c checked the pointers and the signs): None and NaN mean unset."""
     try:
         device_name = device.decode("utf-8", "replace")
         if device_name not in DEVICES:
             return E_INVALID_ARGUMENT, f"device {device_name!r} (expected one of {', '.join(DEVICES)})"
         keywords = parse_config(os.fsdecode(config))
-        return OK, Pipeline.open(os.fsdecode(engine_dir), device=device_name, **keywords)
+        return OK, Pipeline.open(
+            os.fsdecode(engine_dir), device=device_name, threads=threads,
+            calibration=None if calibration is None else os.fsdecode(calibration),
+            memory=None if memory is None else os.fsdecode(memory), stream_memory=stream_memory or None,
+            image_threshold=None if math.isnan(image_threshold) else image_threshold,
+            pixel_threshold=None if math.isnan(pixel_threshold) else pixel_threshold, **keywords)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind into C
         return failure(err)
 
@@ -103,7 +115,8 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
         if values.shape != (map_height, map_width):
             return E_INTERNAL, f"pipeline returned a {values.shape} map for a {map_height}x{map_width} request"
         np.asarray(_Memory(map_address, (map_height, map_width), None, "<f4", writable=True))[...] = values
-        pipeline._capi_decision = (result.pred_score, result.pred_label)  # for saa_last_decision
+        # for saa_last_decision and saa_last_mask
+        pipeline._capi_decision = (result.pred_score, result.pred_label, result.pred_mask, (height, width))
         if max_regions == 0:
             return OK, 0
         out = np.asarray(_Memory(regions_address, (max_regions * REGION_DTYPE.itemsize,), None, "|u1", writable=True))
@@ -112,8 +125,10 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
         return failure(err)
 
 
-def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: int) -> tuple[int, Any]:
-    """saa_set_thresholds / saa_last_decision / saa_reset_memory (arguments checked by saa.c)."""
+def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: int,
+            text: bytes | None = None) -> tuple[int, Any]:
+    """saa_set_thresholds / saa_last_decision / saa_reset_memory / saa_last_mask / saa_save_memory
+    (arguments checked by saa.c)."""
     try:
         if command == "thresholds":
             pipeline.set_thresholds(None if math.isnan(a) else a, None if math.isnan(b) else b)
@@ -121,13 +136,30 @@ def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: i
         if command == "reset_memory":
             pipeline.reset_memory()
             return OK, 0
+        if command == "save_memory":
+            if pipeline.memory is None:
+                return E_INVALID_ARGUMENT, ("this handle has no memory to save (open it with saa_open_ex and "
+                                            "options.memory or options.stream_memory)")
+            pipeline.save_memory(os.fsdecode(text))
+            return OK, 0
+        decision = getattr(pipeline, "_capi_decision", None)
+        if command in ("decision", "mask") and decision is None:
+            return E_INVALID_ARGUMENT, "no successful saa_infer on this handle yet"
         if command == "decision":
-            decision = getattr(pipeline, "_capi_decision", None)
-            if decision is None:
-                return E_INVALID_ARGUMENT, "no successful saa_infer on this handle yet"
-            score, label = decision
+            score, label = decision[:2]
             np.asarray(_Memory(out_address, (1,), None, "<f4", writable=True))[0] = score
             return OK, -1 if label is None else int(label)
+        if command == "mask":
+            mask, image_size = decision[2:]
+            if mask is None:
+                return E_INVALID_ARGUMENT, ("the last saa_infer had no pixel threshold (set one with "
+                                            "saa_set_thresholds or a calibration that has one)")
+            wanted = image_size if (a, b) == (0, 0) else (int(a), int(b))
+            if tuple(mask.shape) != wanted:
+                return E_INVALID_ARGUMENT, (f"map size {wanted[0]} x {wanted[1]} differs from the last saa_infer's "
+                                            f"map, {mask.shape[0]} x {mask.shape[1]} (height x width)")
+            np.asarray(_Memory(out_address, mask.shape, None, "|u1", writable=True))[...] = mask
+            return OK, 0
         return E_INTERNAL, f"unknown control command {command!r}"
     except BaseException as err:  # noqa: BLE001 - nothing may unwind into C
         return failure(err)

@@ -2,9 +2,11 @@
 checks them against the header)."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
-ABI_VERSION = 1  # SAA_ABI_VERSION
+ABI_VERSION = 2  # SAA_ABI_VERSION
 
 OK = 0
 E_INVALID_ARGUMENT = -1
@@ -27,3 +29,19 @@ REGION_DTYPE = np.dtype([
     ("in_top_k", "<i4"),
     ("phrase", f"S{PHRASE_CAPACITY}"),
 ])
+
+
+class OpenOptions(ctypes.Structure):
+    """saa_open_options, field for field (56 bytes on 64-bit; saa.c asserts the size)."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        ("device", ctypes.c_char_p),
+        ("calibration", ctypes.c_char_p),
+        ("memory", ctypes.c_char_p),
+        ("stream_memory", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("image_threshold", ctypes.c_double),
+        ("pixel_threshold", ctypes.c_double),
+    ]

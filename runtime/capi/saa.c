@@ -14,6 +14,7 @@
 
 #include <dlfcn.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -39,7 +40,9 @@
 #define ERROR_CAPACITY 1024
 #define HOST_MODULE "runtime.capi._host"
 
-_Static_assert(sizeof(saa_region) == 96, "saa_region layout changed: update REGION_DTYPE in runtime/capi/__init__.py");
+_Static_assert(sizeof(saa_region) == 96, "saa_region layout changed: update REGION_DTYPE in runtime/capi/abi.py");
+_Static_assert(sizeof(void *) != 8 || sizeof(saa_open_options) == 56,
+               "saa_open_options layout changed: update OpenOptions in runtime/capi/abi.py");
 
 /* ---- the Python C API, resolved at run time ---------------------------------------- */
 
@@ -374,41 +377,42 @@ static void lock_call(saa_pipeline *handle) {
     }
 }
 
-/* ---- the ABI -------------------------------------------------------------------------- */
-
-SAA_API const char *saa_version(void) {
-    return "saa-edge " SAA_PACKAGE_VERSION ", C ABI " SAA_STR(SAA_ABI_VERSION) ", Python " PY_MINOR_TEXT
-           " at " SAA_BUILD_PYTHON;
-}
-
-SAA_API int saa_abi_version(void) { return SAA_ABI_VERSION; }
-
-SAA_API int saa_open(const char *engine_dir, const char *config, const char *device, saa_pipeline **handle) {
+/* saa_open and saa_open_ex: check the arguments, call runtime.capi._host.open_pipeline, register the handle. */
+static int open_pipeline(const char *function, const char *engine_dir, const char *config,
+                         const saa_open_options *options, saa_pipeline **handle) {
     if (!handle)
-        return fail(NULL, SAA_E_INVALID_ARGUMENT, "saa_open: handle is NULL (pass the address of a saa_pipeline *)");
+        return fail(NULL, SAA_E_INVALID_ARGUMENT, "%s: handle is NULL (pass the address of a saa_pipeline *)", function);
     *handle = NULL;
     if (!engine_dir || !*engine_dir)
-        return fail(NULL, SAA_E_INVALID_ARGUMENT, "saa_open: engine_dir is %s", engine_dir ? "empty" : "NULL");
+        return fail(NULL, SAA_E_INVALID_ARGUMENT, "%s: engine_dir is %s", function, engine_dir ? "empty" : "NULL");
     if (!config || !*config)
         return fail(NULL, SAA_E_INVALID_ARGUMENT,
-                    "saa_open: config is %s (give DATASET/CATEGORY such as mvtec/bottle, or a prompt file)",
+                    "%s: config is %s (give DATASET/CATEGORY such as mvtec/bottle, or a prompt file)", function,
                     config ? "empty" : "NULL");
+    if (options->threads < 0 || options->stream_memory < 0)
+        return fail(NULL, SAA_E_INVALID_ARGUMENT, "%s: options->%s = %d is negative", function,
+                    options->threads < 0 ? "threads" : "stream_memory",
+                    (int)(options->threads < 0 ? options->threads : options->stream_memory));
     int status = ensure_python();
     if (status != SAA_OK)
         return status;
     saa_pipeline *opened = calloc(1, sizeof *opened);
     if (!opened)
-        return fail(NULL, SAA_E_INTERNAL, "saa_open: out of memory");
+        return fail(NULL, SAA_E_INTERNAL, "%s: out of memory", function);
 
     char message[ERROR_CAPACITY];
     PyObject *pipeline = NULL;
     PyGILState_STATE gil = py_PyGILState_Ensure();
-    PyObject *reply = py_PyObject_CallFunction(host_open, "yyy", engine_dir, config, device ? device : "cpu");
+    /* "y" turns a NULL string into None: no calibration, no memory. */
+    PyObject *reply = py_PyObject_CallFunction(host_open, "yyyiyyidd", engine_dir, config,
+                                               options->device ? options->device : "cpu", (int)options->threads,
+                                               options->calibration, options->memory, (int)options->stream_memory,
+                                               options->image_threshold, options->pixel_threshold);
     status = unpack_reply(reply, &pipeline, NULL, message, sizeof message);
     py_PyGILState_Release(gil);
     if (status != SAA_OK) {
         free(opened);
-        return fail(NULL, status, "saa_open: %s", message);
+        return fail(NULL, status, "%s: %s", function, message);
     }
     pthread_mutex_init(&opened->call_lock, NULL);
     pthread_mutex_init(&opened->error_lock, NULL);
@@ -419,6 +423,46 @@ SAA_API int saa_open(const char *engine_dir, const char *config, const char *dev
     pthread_mutex_unlock(&registry_lock);
     *handle = opened;
     return SAA_OK;
+}
+
+/* ---- the ABI -------------------------------------------------------------------------- */
+
+SAA_API const char *saa_version(void) {
+    return "saa-edge " SAA_PACKAGE_VERSION ", C ABI " SAA_STR(SAA_ABI_VERSION) ", Python " PY_MINOR_TEXT
+           " at " SAA_BUILD_PYTHON;
+}
+
+SAA_API int saa_abi_version(void) { return SAA_ABI_VERSION; }
+
+SAA_API void saa_open_options_init(saa_open_options *options) {
+    if (!options)
+        return;
+    memset(options, 0, sizeof *options);
+    options->struct_size = (int32_t)sizeof *options;
+    options->image_threshold = NAN;
+    options->pixel_threshold = NAN;
+}
+
+SAA_API int saa_open(const char *engine_dir, const char *config, const char *device, saa_pipeline **handle) {
+    saa_open_options options;
+    saa_open_options_init(&options);
+    options.device = device;
+    return open_pipeline("saa_open", engine_dir, config, &options, handle);
+}
+
+SAA_API int saa_open_ex(const char *engine_dir, const char *config, const saa_open_options *options,
+                        saa_pipeline **handle) {
+    saa_open_options defaults;
+    saa_open_options_init(&defaults);
+    if (options && options->struct_size != (int32_t)sizeof *options) {
+        if (handle)
+            *handle = NULL;
+        return fail(NULL, SAA_E_INVALID_ARGUMENT,
+                    "saa_open_ex: options->struct_size is %d, expected %d (fill the options with "
+                    "saa_open_options_init, and build against this library's saa.h)",
+                    (int)options->struct_size, (int)sizeof *options);
+    }
+    return open_pipeline("saa_open_ex", engine_dir, config, options ? options : &defaults, handle);
 }
 
 SAA_API int saa_infer(saa_pipeline *handle, const uint8_t *pixels, int height, int width, int stride_bytes,
@@ -518,9 +562,9 @@ SAA_API int saa_close(saa_pipeline *handle) {
     return SAA_OK;
 }
 
-/* One line-side command on the handle's pipeline: runtime.capi._host.control(pipeline, command, a, b, out). */
+/* One line-side command on the handle's pipeline: runtime.capi._host.control(pipeline, command, a, b, out, text). */
 static int control(saa_pipeline *handle, const char *function, const char *command, double a, double b, void *out,
-                   long long *number) {
+                   const char *text, long long *number) {
     int status = check_handle(handle, function);
     if (status != SAA_OK)
         return status;
@@ -531,8 +575,8 @@ static int control(saa_pipeline *handle, const char *function, const char *comma
     }
     char message[ERROR_CAPACITY];
     PyGILState_STATE gil = py_PyGILState_Ensure();
-    PyObject *reply = py_PyObject_CallFunction(host_control, "OsddK", handle->pipeline, command, a, b,
-                                               (unsigned long long)(uintptr_t)out);
+    PyObject *reply = py_PyObject_CallFunction(host_control, "OsddKy", handle->pipeline, command, a, b,
+                                               (unsigned long long)(uintptr_t)out, text);
     status = unpack_reply(reply, NULL, number, message, sizeof message);
     py_PyGILState_Release(gil);
     pthread_mutex_unlock(&handle->call_lock);
@@ -543,7 +587,8 @@ static int control(saa_pipeline *handle, const char *function, const char *comma
 
 SAA_API int saa_set_thresholds(saa_pipeline *handle, double image_threshold, double pixel_threshold) {
     long long ignored = 0;
-    return control(handle, "saa_set_thresholds", "thresholds", image_threshold, pixel_threshold, NULL, &ignored);
+    return control(handle, "saa_set_thresholds", "thresholds", image_threshold, pixel_threshold, NULL, NULL,
+                   &ignored);
 }
 
 SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred_label) {
@@ -551,7 +596,7 @@ SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred
         return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT,
                     "saa_last_decision: pred_score or pred_label is NULL");
     long long label = -1;
-    int status = control(handle, "saa_last_decision", "decision", 0.0, 0.0, pred_score, &label);
+    int status = control(handle, "saa_last_decision", "decision", 0.0, 0.0, pred_score, NULL, &label);
     if (status == SAA_OK)
         *pred_label = (int)label;
     return status;
@@ -559,5 +604,24 @@ SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred
 
 SAA_API int saa_reset_memory(saa_pipeline *handle) {
     long long ignored = 0;
-    return control(handle, "saa_reset_memory", "reset_memory", 0.0, 0.0, NULL, &ignored);
+    return control(handle, "saa_reset_memory", "reset_memory", 0.0, 0.0, NULL, NULL, &ignored);
+}
+
+SAA_API int saa_last_mask(saa_pipeline *handle, uint8_t *mask_out, int map_height, int map_width) {
+    if (!mask_out)
+        return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT, "saa_last_mask: mask_out is NULL");
+    if (map_height < 0 || map_width < 0 || (map_height == 0) != (map_width == 0))
+        return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT,
+                    "saa_last_mask: map size %d x %d (height x width) is not positive (0 x 0 means the image size)",
+                    map_height, map_width);
+    long long ignored = 0;
+    return control(handle, "saa_last_mask", "mask", (double)map_height, (double)map_width, mask_out, NULL, &ignored);
+}
+
+SAA_API int saa_save_memory(saa_pipeline *handle, const char *path) {
+    if (!path || !*path)
+        return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT, "saa_save_memory: path is %s",
+                    path ? "empty" : "NULL");
+    long long ignored = 0;
+    return control(handle, "saa_save_memory", "save_memory", 0.0, 0.0, NULL, path, &ignored);
 }

@@ -52,7 +52,10 @@
 extern "C" {
 #endif
 
-#define SAA_ABI_VERSION 1 /* bumped on any change to a signature, a struct or a code's meaning */
+/* Bumped on any change to a signature, a struct or a code's meaning, and when functions are added
+ * (2 added saa_open_options, saa_open_ex, saa_last_mask and saa_save_memory; what version 1 had is
+ * unchanged, so a version-1 program runs with this library once rebuilt against this header). */
+#define SAA_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define SAA_API __attribute__((visibility("default")))
@@ -67,7 +70,8 @@ enum saa_status {
     SAA_E_BAD_HANDLE = -2,       /* NULL or not returned by saa_open */
     SAA_E_CLOSED = -3,           /* the handle was closed by saa_close */
     SAA_E_ENGINES = -4,          /* engines dir missing, incomplete, corrupt or from another version */
-    SAA_E_CONFIG = -5,           /* unknown dataset/category, unreadable or invalid prompt file */
+    SAA_E_CONFIG = -5,           /* unknown dataset/category, unreadable or invalid prompt file; a calibration
+                                    or memory file unreadable or made for other engines/config */
     SAA_E_IMAGE = -6,            /* the image cannot be processed (e.g. smaller than 2x2, over 100 MP) */
     SAA_E_ENGINE = -7,           /* an engine failed to load or run (device missing, bad model) */
     SAA_E_PYTHON = -8,           /* the Python runtime could not be started or imported */
@@ -157,6 +161,49 @@ SAA_API int saa_close(saa_pipeline *handle);
 SAA_API int saa_set_thresholds(saa_pipeline *handle, double image_threshold, double pixel_threshold);
 SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred_label);
 SAA_API int saa_reset_memory(saa_pipeline *handle);
+
+/*
+ * saa_last_mask: the defect mask of the handle's last successful saa_infer: 1 where its map
+ *   exceeds the pixel threshold, else 0, row-major, at the map size that saa_infer wrote
+ *   (map_height x map_width must be that size, 0 x 0 meaning the image size as there).
+ *   SAA_E_INVALID_ARGUMENT when no pixel threshold was set at that call.
+ * saa_save_memory: write the handle's memory (a streaming memory with what it learned) to
+ *   `path` (.npz), to open it again with saa_open_options.memory. SAA_E_INVALID_ARGUMENT
+ *   when the handle has no memory.
+ */
+SAA_API int saa_last_mask(saa_pipeline *handle, uint8_t *mask_out, int map_height, int map_width);
+SAA_API int saa_save_memory(saa_pipeline *handle, const char *path);
+
+/*
+ * saa_open with the line-side settings of `python -m runtime.infer`. Fill the options with
+ * saa_open_options_init (it sets struct_size and every default), then change what you need:
+ *
+ *     saa_open_options options;
+ *     saa_open_options_init(&options);
+ *     options.calibration = "calibration.json";
+ *     saa_open_ex("engines/", "mtd/mtd", &options, &pipe);
+ *
+ * Strings are UTF-8 / file-system bytes, read during the call only. A calibration made for
+ * other engines, another prompt config or another memory is refused (SAA_E_CONFIG), as are
+ * memory files of other engines. options NULL: all defaults (saa_open with device "cpu").
+ */
+typedef struct saa_open_options {
+    int32_t struct_size;     /* sizeof(saa_open_options), set by saa_open_options_init (checked) */
+    int32_t threads;         /* CPU threads per engine; 0: onnxruntime's default */
+    const char *device;      /* "cpu" (or NULL), "cuda" or "tensorrt" */
+    const char *calibration; /* thresholds file from `python -m runtime.calibrate`; NULL: none */
+    const char *memory;      /* normal memory file (`python -m runtime.memory`, saa_save_memory); NULL: none.
+                                With stream_memory, the memory the stream starts from */
+    int32_t stream_memory;   /* > 0: learn from parts judged normal into a memory of at most this
+                                many features (docs/line-side.md); 0: off */
+    int32_t reserved;        /* 0 */
+    double image_threshold;  /* NAN (the default): the calibration's, else off */
+    double pixel_threshold;  /* NAN (the default): the calibration's, else off */
+} saa_open_options;
+
+SAA_API void saa_open_options_init(saa_open_options *options);
+SAA_API int saa_open_ex(const char *engine_dir, const char *config, const saa_open_options *options,
+                        saa_pipeline **handle);
 
 #ifdef __cplusplus
 }
