@@ -12,7 +12,7 @@ takes numpy's float32 mean): agreement to rounding, not bits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,11 +32,11 @@ class DeviceMasks:
     height: int
     width: int
     device: str
-    sizes: list[int] = field(default_factory=list)  # n_i per chunk
 
-    def __post_init__(self) -> None:
-        if not self.sizes:
-            self.sizes = [int(chunk.shape()[0]) for chunk in self.chunks]
+    @property
+    def sizes(self) -> list[int]:
+        """n_i per chunk."""
+        return [int(chunk.shape()[0]) for chunk in self.chunks]
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -51,9 +51,6 @@ class DeviceMasks:
             return np.zeros((0, self.height, self.width), bool)
         return np.concatenate([chunk.numpy() for chunk in self.chunks])
 
-    def starts(self) -> list[int]:
-        return [int(v) for v in np.concatenate([[0], np.cumsum(self.sizes)[:-1]])] if self.sizes else []
-
 
 class MaskFusion:
     """The two fusion graphs on one device, with the start accumulators cached per map size."""
@@ -67,18 +64,19 @@ class MaskFusion:
     def _on_device(self, array: np.ndarray) -> Any:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def _check(self, masks: DeviceMasks, plane: tuple[int, ...], what: str) -> None:
+    @staticmethod
+    def _check_masks(masks: DeviceMasks) -> None:
         if not isinstance(masks, DeviceMasks):
             raise EngineError(f"mask fusion needs DeviceMasks, got {type(masks).__name__}")
-        if plane != (masks.height, masks.width):
-            raise EngineError(f"mask fusion: {what} of shape {list(plane)} does not match masks of "
-                              f"{masks.height}x{masks.width}")
 
     def mean_inside_masks(self, saliency: np.ndarray, masks: DeviceMasks) -> tuple[np.ndarray, np.ndarray]:
         """fusion.mean_inside_masks on the device: mean saliency inside each mask (0 where the mask
         is empty) as float64, and each mask's pixel count as int64."""
         saliency = np.asarray(saliency, dtype=np.float32)
-        self._check(masks, saliency.shape, "saliency")
+        self._check_masks(masks)
+        if saliency.shape != (masks.height, masks.width):
+            raise EngineError(f"mask fusion: saliency of shape {list(saliency.shape)} does not match masks of "
+                              f"{masks.height}x{masks.width}")
         if len(masks) == 0:
             return np.zeros(0, np.float64), np.zeros(0, np.int64)
         on_device = self._on_device(saliency)  # sent once, read by every chunk's run
@@ -103,7 +101,7 @@ class MaskFusion:
         """fusion.fuse_masks(masks[keep], scores, plus_one) on the device -> float32 [H, W] on the host.
 
         keep: indices into all the masks; scores: one per kept mask."""
-        self._check(masks, (masks.height, masks.width), "masks")
+        self._check_masks(masks)
         keep = np.asarray(keep, dtype=np.int64).reshape(-1)
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
         if len(keep) != len(scores):
@@ -112,7 +110,9 @@ class MaskFusion:
             raise EngineError(f"mask fusion: kept index out of range for {len(masks)} masks")
         total, weight = self._start(masks.height, masks.width, bool(plus_one))
         steps = []
-        for chunk, start, size in zip(masks.chunks, masks.starts(), masks.sizes):
+        sizes = masks.sizes
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        for chunk, start, size in zip(masks.chunks, starts, sizes):
             inside = (keep >= start) & (keep < start + size)
             if inside.any():
                 steps.append((chunk, keep[inside] - start, scores[inside]))
