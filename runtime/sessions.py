@@ -43,6 +43,14 @@ def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool =
     if device == "cpu":
         return ["CPUExecutionProvider"]
     cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+    # onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 unless told not to (measured on an
+    # H200: 2.8e-4 relative error on a 2048^3 MatMul, and the tiny pipeline then kept 53 of the CPU's
+    # 59 regions; bench/results/tf32_check_cuda-h200_2026-11-26.json). The reference's torch keeps
+    # fp32 matmuls in fp32, so we do too; SAA_CUDA_TF32=1 trades that fidelity for speed.
+    tf32 = os.environ.get("SAA_CUDA_TF32", "0")
+    if tf32 not in ("0", "1"):
+        raise EngineError(f"SAA_CUDA_TF32={tf32!r}: expected 0 (fp32 matmuls in full fp32, the default) or 1 (TF32 allowed)")
+    cuda_options["use_tf32"] = tf32
     if cuda_graph:
         cuda_options["enable_cuda_graph"] = "1"
     if device == "cuda":

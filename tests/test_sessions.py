@@ -39,6 +39,22 @@ def test_tensorrt_options_keep_caches_in_the_engines_dir(monkeypatch, tmp_path):
     assert cuda_options["enable_cuda_graph"] == "1"
 
 
+def test_cuda_keeps_fp32_matmuls_out_of_tf32_unless_asked(monkeypatch):
+    # onnxruntime's own default is TF32 on: on an H200 that changed the tiny pipeline's regions
+    # (bench/results/tf32_check_cuda-h200_2026-11-26.json).
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.delenv("SAA_CUDA_TF32", raising=False)
+    (_, options), _ = S.providers_for("cuda")
+    assert options["use_tf32"] == "0"
+    monkeypatch.setenv("SAA_CUDA_TF32", "1")
+    (_, options), _ = S.providers_for("cuda")
+    assert options["use_tf32"] == "1"
+    monkeypatch.setenv("SAA_CUDA_TF32", "yes")
+    with pytest.raises(EngineError, match="SAA_CUDA_TF32='yes'"):
+        S.providers_for("cuda")
+    assert S.providers_for("cpu") == ["CPUExecutionProvider"]  # the CPU path never reads it
+
+
 def test_cpu_sessions_do_not_spin(tmp_path):
     path = tmp_path / "gemm.onnx"
     path.write_bytes(_GEMM_ONNX)
