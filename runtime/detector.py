@@ -34,6 +34,7 @@ import numpy as np
 
 from .errors import EngineError, ImageError, ManifestError
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
+from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
 from .sessions import runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
@@ -192,9 +193,7 @@ class Detector:
         (content_h, content_w), exact = self.content_shape(height, width)
         resized = resize_like_pil(image_rgb, (content_h, content_w))
         # ToTensor then Normalize, in float32 as torchvision does
-        normalised = (resized.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
-        pixels = np.zeros((1, 3, self.height, self.width), dtype=np.float32)
-        pixels[0, :, :content_h, :content_w] = normalised.transpose(2, 0, 1)
+        pixels = normalised_canvas(resized, (self.height, self.width), self.mean, self.std, divisor=255.0)
         mask = np.zeros((1, self.height, self.width), dtype=np.int64)
         mask[0, :content_h, :content_w] = 1
         return {"pixel_values": pixels, "pixel_mask": mask}, (content_h, content_w), exact

@@ -4,8 +4,8 @@ The reference resizes through PIL (torchvision's `resize` on a PIL image: biline
 with a support widened by the scale factor, i.e. antialiased when shrinking) for
 GroundingDINO and SAM. OpenCV's INTER_LINEAR does not antialias, so shrinking a
 1600-px image to 800 would feed different pixels. This module reproduces PIL's
-separable triangle filter in its own fixed-point arithmetic (a numba kernel, cached
-taps per size pair), so the bytes equal PIL's.
+separable triangle filter in its own fixed-point arithmetic (numba kernels, parallel over
+output rows; cached taps per size pair), so the bytes equal PIL's.
 """
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def _pil_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndar
     return weights, first, count
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _resample_rows_numba(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Resample axis 1 of a uint8 [H, W, C] array with PIL's fixed-point arithmetic."""
+    """Resample axis 1 of a uint8 [H, W, C] array with PIL's fixed-point arithmetic (rows in parallel)."""
     height, _, channels = image.shape
     out_size = weights.shape[0]
     out = np.empty((height, out_size, channels), np.uint8)
     half = 1 << (PRECISION_BITS - 1)
-    for y in range(height):
+    for y in numba.prange(height):
         for o in range(out_size):
             for c in range(channels):
                 total = half
@@ -57,6 +57,31 @@ def _resample_rows_numba(image: np.ndarray, weights: np.ndarray, first: np.ndarr
                     total += np.int64(image[y, first[o] + t, c]) * weights[o, t]
                 value = total >> PRECISION_BITS
                 out[y, o, c] = 0 if value < 0 else (255 if value > 255 else value)
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _resample_columns_numba(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Resample axis 0 of a uint8 [H, W, C] array, same arithmetic, output rows in parallel.
+
+    Whole input rows are accumulated per tap, so the inner loop runs along contiguous memory
+    (the twin transposes instead: two full copies of the image)."""
+    _, width, channels = image.shape
+    out_size = weights.shape[0]
+    out = np.empty((out_size, width, channels), np.uint8)
+    half = 1 << (PRECISION_BITS - 1)
+    for o in numba.prange(out_size):
+        total = np.full((width, channels), half, np.int64)
+        for t in range(count[o]):
+            row = image[first[o] + t]
+            weight = weights[o, t]
+            for x in range(width):
+                for c in range(channels):
+                    total[x, c] += np.int64(row[x, c]) * weight
+        for x in range(width):
+            for c in range(channels):
+                value = total[x, c] >> PRECISION_BITS
+                out[o, x, c] = 0 if value < 0 else (255 if value > 255 else value)
     return out
 
 
@@ -73,12 +98,13 @@ def _taps_per_output(in_size: int, out_size: int) -> int:
     return int(np.ceil(max(in_size / out_size, 1.0))) * 2 + 1
 
 
-def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], kernel=_resample_rows_numba) -> np.ndarray:
+def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], twin: bool = False) -> np.ndarray:
     """Resize a uint8 HxW or HxWxC image to size_hw exactly as PIL's Image.resize(BILINEAR) does.
 
     Two separable passes with PIL's 22-bit fixed-point weights, rounded to 8 bits between
     passes; the vertical pass goes first when its filter is wider (Pillow 13's order, found by
     comparing outputs; Pillow's own C code of older releases always went horizontal first).
+    twin: the numpy twin of the numba kernels (tests).
     """
     out_h, out_w = int(size_hw[0]), int(size_hw[1])
     in_h, in_w = image.shape[:2]
@@ -86,13 +112,19 @@ def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], kernel=_resampl
     data = np.ascontiguousarray(image[:, :, None] if squeeze else image, dtype=np.uint8)
 
     def horizontal(values: np.ndarray) -> np.ndarray:
-        return kernel(values, *_pil_bilinear_taps(values.shape[1], out_w)) if values.shape[1] != out_w else values
+        if values.shape[1] == out_w:
+            return values
+        kernel = _resample_rows_numpy if twin else _resample_rows_numba
+        return kernel(values, *_pil_bilinear_taps(values.shape[1], out_w))
 
     def vertical(values: np.ndarray) -> np.ndarray:
         if values.shape[0] == out_h:
             return values
+        taps = _pil_bilinear_taps(values.shape[0], out_h)
+        if not twin:
+            return _resample_columns_numba(values, *taps)
         swapped = np.ascontiguousarray(values.transpose(1, 0, 2))
-        return np.ascontiguousarray(kernel(swapped, *_pil_bilinear_taps(values.shape[0], out_h)).transpose(1, 0, 2))
+        return np.ascontiguousarray(_resample_rows_numpy(swapped, *taps).transpose(1, 0, 2))
 
     if _taps_per_output(in_h, out_h) > _taps_per_output(in_w, out_w):
         data = horizontal(vertical(data))

@@ -19,6 +19,7 @@ from .errors import EngineError, ImageError, ManifestError
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
+from .pixels import normalised_canvas
 from .resize import longest_side_shape, resize_like_pil
 from .sessions import DeviceRunner, runner_for
 
@@ -93,9 +94,8 @@ class Segmenter:
             raise ImageError(f"image of {height}x{width} is too thin for SAM: it resizes to {new_h}x{new_w}")
         resized = resize_like_pil(image, (new_h, new_w))
         # Normalise, then pad with zeros (Sam.preprocess pads after normalising).
-        padded = np.zeros((3, self.image_size, self.image_size), dtype=np.float32)
-        padded[:, :new_h, :new_w] = ((resized.astype(np.float32) - self.pixel_mean) / self.pixel_std).transpose(2, 0, 1)
-        return padded[None], (new_h, new_w)
+        canvas = normalised_canvas(resized, (self.image_size, self.image_size), self.pixel_mean, self.pixel_std)
+        return canvas, (new_h, new_w)
 
     def set_image(self, image: np.ndarray) -> None:
         """Run the image encoder once; later predict_boxes() calls reuse the embedding."""

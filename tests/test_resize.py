@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.resize import _resample_rows_numpy, longest_side_shape, resize_like_pil, shorter_side_shape
+from runtime.resize import longest_side_shape, resize_like_pil, shorter_side_shape
 
 CASES = [((300, 500), (120, 200)), ((100, 80), (256, 200)), ((1024, 768), (800, 600)), ((37, 53), (37, 800)),
          ((64, 64), (32, 32)), ((400, 200), (100, 300)), ((400, 200), (300, 100)), ((5, 7), (5, 7))]
@@ -17,7 +17,7 @@ def test_equals_pil_bilinear(size_in, size_out, channels):
     expected = np.asarray(Image.fromarray(image).resize(size_out[::-1], Image.BILINEAR))
     got = resize_like_pil(image, size_out)
     np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(resize_like_pil(image, size_out, kernel=_resample_rows_numpy), expected)
+    np.testing.assert_array_equal(resize_like_pil(image, size_out, twin=True), expected)
 
 
 def test_shapes_follow_the_reference_transforms():
