@@ -23,7 +23,7 @@ from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
 from .image_io import to_bgr8
 from .mask_fusion import DeviceMasks, MaskFusion
 from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
-from .sessions import session_factory
+from .sessions import ENGINE_CLOCK, session_factory
 
 
 @dataclass
@@ -35,6 +35,7 @@ class AnomalyResult:
     saliency_only: bool
     notes: list[str] = field(default_factory=list)  # e.g. "no object box: whole image used as the object"
     timings_ms: dict[str, float] = field(default_factory=dict)
+    engine_ms: dict[str, float] = field(default_factory=dict)  # per stage, the share spent inside onnxruntime runs
     pred_score: float | None = None  # max of the anomaly map at image size (runtime.decision)
     pred_label: int | None = None  # 1 NG / 0 OK: pred_score > image threshold; None without one
     pred_mask: np.ndarray | None = None  # bool, anomaly_map > pixel threshold; None without one
@@ -167,7 +168,9 @@ class Pipeline:
         decision = decide(result.anomaly_map, self.thresholds, result.pred_score)
         result.pred_label, result.pred_mask = decision.pred_label, decision.pred_mask
         timings["end_to_end"] = (time.perf_counter() - start) * 1000.0
-        result.timings_ms = timings
+        result.timings_ms = {k: v for k, v in timings.items() if not k.startswith(ENGINE)}
+        result.engine_ms = {k[len(ENGINE):]: v for k, v in timings.items() if k.startswith(ENGINE)}
+        result.engine_ms["end_to_end"] = sum(result.engine_ms.values())
         return result
 
     def _single_saliency(self, image: np.ndarray, grids: list | None = None) -> np.ndarray:
@@ -266,6 +269,11 @@ def _resize_map(values: np.ndarray, out_size: int | tuple[int, int]) -> np.ndarr
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
+    """Adds the stage's wall time to timings[stage], and its onnxruntime share to timings[ENGINE + stage]."""
+    start, engine_start = time.perf_counter(), ENGINE_CLOCK.ms
     yield
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
+    timings[ENGINE + stage] = timings.get(ENGINE + stage, 0.0) + ENGINE_CLOCK.ms - engine_start
+
+
+ENGINE = "engine:"  # prefix of the engine shares while a call collects them; split off into AnomalyResult.engine_ms

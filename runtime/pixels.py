@@ -30,7 +30,9 @@ def normalised_canvas(image: np.ndarray, canvas_hw: tuple[int, int], mean: np.nd
     height, width, channels = image.shape
     if height > canvas_hw[0] or width > canvas_hw[1]:
         raise ValueError(f"image of {height}x{width} does not fit a {canvas_hw[0]}x{canvas_hw[1]} canvas")
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(-1) for v in (mean, std))
+    if mean.size != channels or std.size != channels:
+        raise ValueError(f"{channels}-channel image with {mean.size} means and {std.size} deviations")
     canvas = np.zeros((1, channels, int(canvas_hw[0]), int(canvas_hw[1])), dtype=np.float32)
-    _normalise_into(np.ascontiguousarray(image, dtype=np.uint8), canvas[0], np.float32(divisor),
-                    np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32))
+    _normalise_into(np.ascontiguousarray(image, dtype=np.uint8), canvas[0], np.float32(divisor), mean, std)
     return canvas

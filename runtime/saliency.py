@@ -35,6 +35,8 @@ import numpy as np
 
 from . import manifest as mf
 from .errors import ConfigError, EngineError, ImageError, ManifestError
+from .pixels import normalised_canvas
+from .sessions import engine_time
 from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
                                multi_instance_distance)
 
@@ -203,10 +205,10 @@ class SaliencyExtractor:
     def _run(self, resized: np.ndarray) -> np.ndarray:
         """CNN features [C, h/4, w/4] of an already resized uint8 image [h, w, 3]."""
         height, width = resized.shape[:2]
-        normalised = (resized.astype(np.float32) - self.mean) / self.std
-        batch = np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])
+        batch = normalised_canvas(resized, (height, width), self.mean, self.std)
         try:
-            (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            with engine_time():
+                (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         except Exception as err:  # onnxruntime raises several private exception types
             raise EngineError(f"{self.path}: saliency CNN failed at {height}x{width} ({str(err).splitlines()[0]})") from None
         expected = (1, self.channels, height // self.stride, width // self.stride)

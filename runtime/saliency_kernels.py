@@ -31,6 +31,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from .sessions import engine_time
+
 MODES = ("farthest", "nearest")
 DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once
 MAX_CELLS = 64  # beyond this many distinct mask overlaps, pairs of cells cost more than they save
@@ -403,7 +405,8 @@ def gemm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray
     binding.bind_input("a", "cpu", 0, np.float32, a.shape, a.ctypes.data)
     binding.bind_input("b", "cpu", 0, np.float32, b.shape, b.ctypes.data)
     binding.bind_output("y", "cpu", 0, np.float32, out.shape, out.ctypes.data)
-    session.run_with_iobinding(binding)
+    with engine_time():
+        session.run_with_iobinding(binding)
     return out
 
 
@@ -492,7 +495,8 @@ def knn_distance_mean_graph(
         "sign": np.array([1.0 if mode == "farthest" else -1.0], np.float32),
         "self_penalty": np.array([4.0 if exclude_self else 0.0], np.float32),
     }
-    (out,) = session.run(["mean_distance"], feeds)
+    with engine_time():
+        (out,) = session.run(["mean_distance"], feeds)
     return out
 
 

@@ -14,8 +14,11 @@ The CUDA and TensorRT paths were written without a GPU in reach: unverified here
 from __future__ import annotations
 
 import os
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +28,30 @@ from .errors import EngineError
 DEVICES = ("cpu", "cuda", "tensorrt")
 TRT_CACHE_DIR = "trt_cache"  # inside the engines dir: TensorRT plans are tied to the GPU and TensorRT version
 SessionFactory = Callable[[Path], ort.InferenceSession]
+
+
+class _EngineClock(threading.local):
+    """Milliseconds this thread has spent inside onnxruntime runs (with their copies to the host).
+
+    The pipeline reads it around each stage, so a stage's time splits into the engines' share and
+    the host work around them (AnomalyResult.engine_ms; bench.latency prints both). On a GPU a
+    run returns once its results are ready, so the share includes the device's compute."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+
+
+ENGINE_CLOCK = _EngineClock()
+
+
+@contextmanager
+def engine_time() -> Iterator[None]:
+    """Count the enclosed onnxruntime run(s) on ENGINE_CLOCK."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        ENGINE_CLOCK.ms += (time.perf_counter() - start) * 1000.0
 
 
 def _require(provider: str, device: str, hint: str) -> None:
@@ -219,12 +246,13 @@ class DeviceRunner:
             self._bind_input(name, value)
         for name in output_names:
             self._binding.bind_output(name, self.device if name in keep else "cpu")
-        try:
-            self.session.run_with_iobinding(self._binding)
-        except Exception as err:  # onnxruntime raises several private exception types
-            raise EngineError(f"run with IO binding failed: {str(err).splitlines()[0]}") from None
-        values = self._binding.get_outputs()
-        out = [value if name in keep else value.numpy() for name, value in zip(output_names, values)]
+        with engine_time():
+            try:
+                self.session.run_with_iobinding(self._binding)
+            except Exception as err:  # onnxruntime raises several private exception types
+                raise EngineError(f"run with IO binding failed: {str(err).splitlines()[0]}") from None
+            values = self._binding.get_outputs()
+            out = [value if name in keep else value.numpy() for name, value in zip(output_names, values)]
         self._binding.clear_binding_outputs()
         if not self.static_inputs:
             self._binding.clear_binding_inputs()
@@ -242,7 +270,8 @@ class PlainRunner:
         self.device = "cpu"
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, Any], keep: Sequence[str] = ()) -> list[Any]:
-        return self.session.run(list(output_names), dict(feeds))
+        with engine_time():
+            return self.session.run(list(output_names), dict(feeds))
 
 
 def runner_for(session: Any, io_binding: bool | None = None) -> DeviceRunner | PlainRunner:

@@ -90,6 +90,11 @@ def test_summaries_and_stage_groups():
     assert "sam" not in compared  # the reference did not time it
     with pytest.raises(L.BenchError):
         L.summarize([])
+    engine = [{"detector_image": 1.0, "detector_prompts": 3.0, "end_to_end": 4.0},
+              {"detector_image": 2.0, "detector_prompts": 0.5, "end_to_end": 2.5}]
+    L.add_engine_shares(stages, engine)
+    assert stages["detector_image"]["engine_p50_ms"] == 1.5 and stages["detector"]["engine_p50_ms"] == 3.25
+    assert stages["end_to_end"]["engine_p50_ms"] == 3.25
 
 
 def test_result_path():
@@ -144,6 +149,11 @@ def test_cli_full_tiny_pipeline_against_the_reference(full_tiny_engine_dir, tmp_
     assert set(record["reference"]["parity_max_abs_diff"]) == {"gdino_text", "gdino_image", "gdino_head", "sam_encoder",
                                                                "sam_decoder", "saliency"}
     assert record["stages"]["detector"]["speedup"] > 0 and record["speedup_vs_reference"] > 0
+    # Each stage's onnxruntime share is part of its time; regions and fusion run no graph on the CPU.
+    for stage in ("detector_image", "detector_prompts", "sam_encoder", "sam_decoder", "saliency", "end_to_end"):
+        stats = record["stages"][stage]
+        assert 0 < stats["engine_p50_ms"] <= stats["p50_ms"] * 1.001, (stage, stats)
+    assert record["stages"]["regions"]["engine_p50_ms"] == record["stages"]["fusion"]["engine_p50_ms"] == 0.0
 
 
 def test_gpu_facts_from_nvidia_smi(tmp_path, monkeypatch):

@@ -22,6 +22,12 @@ def test_bit_equal_to_the_numpy_transforms(shape, canvas):
     np.testing.assert_array_equal(got, dino[None])
 
 
-def test_an_image_larger_than_the_canvas_is_refused():
+def test_an_image_larger_than_the_canvas_or_a_wrong_mean_is_refused():
     with pytest.raises(ValueError, match="does not fit a 8x8 canvas"):
         normalised_canvas(np.zeros((9, 8, 3), np.uint8), (8, 8), SAM_MEAN, SAM_STD)
+    with pytest.raises(ValueError, match="3-channel image with 2 means"):
+        normalised_canvas(np.zeros((8, 8, 3), np.uint8), (8, 8), SAM_MEAN[:2], SAM_STD)
+    # (1, 1, 3)-shaped statistics, as the saliency extractor keeps them, are the same three values
+    image = np.full((2, 2, 3), 200, np.uint8)
+    np.testing.assert_array_equal(normalised_canvas(image, (2, 2), SAM_MEAN.reshape(1, 1, 3), SAM_STD.reshape(1, 1, 3)),
+                                  normalised_canvas(image, (2, 2), SAM_MEAN, SAM_STD))
