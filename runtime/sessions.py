@@ -150,6 +150,19 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+PROFILE_ENV = "SAA_ORT_PROFILE"  # a folder: every session writes onnxruntime's per-node profile there
+
+
+def _profile_if_asked(options: ort.SessionOptions, name: str) -> None:
+    """onnxruntime's profiler (per node: time, provider) when SAA_ORT_PROFILE names a folder
+    (bench/device/profile_graphs.py sets it and summarises the files)."""
+    folder = os.environ.get(PROFILE_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / name)
+
+
 def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = False,
                     cuda_graph: bool = False) -> SessionFactory:
     """A function making one InferenceSession per engine file with shared settings.
@@ -167,6 +180,7 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
             options = session_options(threads, spinning)
             if device == "cpu":
                 _use_shared_cpu_arena(options)
+            _profile_if_asked(options, path.stem)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises several private exception types
             raise EngineError(f"{path}: cannot load engine ({str(err).splitlines()[0]})") from None
@@ -189,7 +203,9 @@ def builtin_graph(name: str) -> bytes:
 
 def builtin_graph_session(name: str, device: str) -> ort.InferenceSession:
     """A session of one of the runtime's built-in graphs (kNN, mask upscaling, fusion) on `device`."""
-    return ort.InferenceSession(builtin_graph(name), session_options(), providers=providers_for(device))
+    options = session_options()
+    _profile_if_asked(options, name)
+    return ort.InferenceSession(builtin_graph(name), options, providers=providers_for(device))
 
 
 def session_device(session: ort.InferenceSession) -> str:

@@ -1,39 +1,53 @@
 #!/usr/bin/env bash
-# One call on the warm GPU machine, right after the wheel parts (docs/latency.md, "GPU session"):
-# setup, full-size fp16 exports (ViT-B and ViT-H side by side), the gpu-marked tests on tiny
-# engines, the TF32 check, then latency for each variant while the call's time allows.
-# At most 8 files come back from $OUT: checks.log, export-*.log (2), latency-*.log (2), latency JSON (2).
-#   bench/device/session.sh                # BUDGET_S (default 560), ITERS (50), REF_ITERS (10)
+# The GPU session after the five wheel parts, in two calls on the same warm machine
+# (docs/latency.md, "GPU session"; 15 minutes of device time in all, the machine goes back 30 s idle):
+#   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side; tiny engines and
+#                                     the gpu-marked tests while they run            (about 6 min)
+#   bench/device/session.sh measure   per variant: bench.latency with the reference, then the
+#                                     per-graph profile (bench/device/profile_graphs.py) (about 4 min)
+# At most 8 files come back from $OUT: checks.log, export-*.log, latency-*.log, latency JSON, profile JSON.
+# Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
-budget=${BUDGET_S:-560}
+budget=${BUDGET_S:-540}
 left() { echo $((budget - (SECONDS - start))); }
 run=bench/device/run.sh
 export OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 log=$OUT/checks.log
-bash $run setup 2>&1 | tee -a "$log" || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
-bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
-bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
-echo "== tiny engines ($(left) s left)" | tee -a "$log"
-python3 -m export --profile full --tiny --random-init --detector-size 224x224 \
-  --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 | tail -3 | tee -a "$log"
-echo "== pytest -m gpu ($(left) s left)" | tee -a "$log"
-SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
-  -o faulthandler_timeout=200 tests 2>&1 | tail -60 | tee -a "$log"
-echo "== tf32 check ($(left) s left)" | tee -a "$log"
-timeout 120 python3 -m bench.device.tf32_check /tmp/eng-tiny 2>&1 | tail -60 | tee -a "$log"
-wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
-wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log"
-for variant in vit_b vit_h; do
-  if [ "$(left)" -gt 120 ]; then
-    echo "== latency $variant ($(left) s left)" | tee -a "$log"
-    timeout $(( $(left) - 15 )) bash $run latency $variant fp16 "${ITERS:-50}" "${REF_ITERS:-10}" >/dev/null 2>&1
-    echo "== latency $variant exit $? ($(left) s left)" | tee -a "$log"
-  else
-    echo "== latency $variant skipped: $(left) s left" | tee -a "$log"
-  fi
-done
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader | tee -a "$log"
+
+case "${1:?step: prepare | measure}" in
+  prepare)
+    bash $run setup 2>&1 | tee -a "$log" || exit 1
+    bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
+    bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
+    echo "== tiny engines ($(left) s left)" | tee -a "$log"
+    python3 -m export --profile full --tiny --random-init --detector-size 224x224 \
+      --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 | tail -3 | tee -a "$log"
+    echo "== pytest -m gpu ($(left) s left)" | tee -a "$log"
+    SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
+      -o faulthandler_timeout=200 tests 2>&1 | tail -60 | tee -a "$log"
+    wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
+    wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log" ;;
+  measure)
+    for variant in vit_b vit_h; do
+      dir=/tmp/engines-$variant-fp16
+      if [ "$(left)" -gt 120 ]; then
+        echo "== latency $variant ($(left) s left)" | tee -a "$log"
+        timeout $(( $(left) - 15 )) bash $run latency $variant fp16 "${ITERS:-50}" "${REF_ITERS:-5}" >/dev/null 2>&1
+        echo "== latency $variant exit $? ($(left) s left)" | tee -a "$log"
+      fi
+      if [ "$(left)" -gt 60 ]; then
+        echo "== profile $variant ($(left) s left)" | tee -a "$log"
+        timeout $(( $(left) - 10 )) python3 -m bench.device.profile_graphs --engine-dir "$dir" --device cuda \
+          --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold" | tail -30 | tee -a "$log"
+      else
+        echo "== $variant: $(left) s left, stopped" | tee -a "$log"
+      fi
+    done
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader | tee -a "$log" ;;
+  *)
+    echo "unknown step $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,41 @@
+"""bench/device/profile_graphs.py: the per-graph profile summary the next GPU session relies on."""
+import json
+
+from bench.device import profile_graphs as P
+
+
+def _node(op, provider, dur, ts):
+    return {"cat": "Node", "name": f"{op}_kernel_time", "dur": dur, "ts": ts, "args": {"op_name": op, "provider": provider}}
+
+
+def test_summary_of_a_gpu_session_names_its_cpu_nodes_and_copies():
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 9000},  # warm-up run, left out
+              _node("MatMul", cuda, 5000, 10),
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 2000},
+              _node("MatMul", cuda, 300, 110), _node("MemcpyToHost", cuda, 100, 120), _node("NonZero", cpu, 50, 130),
+              {"cat": "Kernel", "name": "sm90_gemm", "ts": 111, "dur": 1200},
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 4000},
+              _node("MatMul", cuda, 500, 210), _node("MemcpyToHost", cuda, 100, 220), _node("NonZero", cpu, 70, 230),
+              {"cat": "Kernel", "name": "sm90_gemm", "ts": 211, "dur": 1400}]
+    got = P.summarise_profile(events, skip_runs=1)
+    assert got["runs"] == 2 and got["model_run_p50_ms"] == 3.0
+    assert got["node_ms_per_run_by_provider"] == {cpu: 0.06, cuda: 0.5}
+    assert list(got["top_ops_ms_per_run"]) == ["MatMul", "MemcpyToHost", "NonZero"]
+    assert got["cpu_nodes_per_run"] == {"NonZero": 1.0} and got["memcpy_nodes_per_run"] == 1.0
+    assert got["cuda_kernel_ms_per_run"] == 1.3
+    assert P.summarise_profile([], skip_runs=1) == {"runs": 0}
+    assert P.graph_name(P.Path("/x/sam_encoder_2026-11-26_01-45-16_116.json")) == "sam_encoder"
+
+
+def test_cli_profiles_every_graph_of_a_tiny_pipeline(full_tiny_engine_dir, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert P.main(["--engine-dir", str(full_tiny_engine_dir), "--device", "cpu", "--iters", "1", "--warmup", "1",
+                   "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert {"gdino_image", "gdino_head", "sam_encoder", "sam_decoder", "saliency"} <= set(record["graphs"])
+    encoder = record["graphs"]["sam_encoder"]
+    assert encoder["runs"] == 1 and 0 < encoder["model_run_p50_ms"] <= record["engine_p50_ms"]["sam_encoder"] * 1.01
+    assert encoder["cpu_nodes_per_run"] == {}  # a CPU session has no "fallback" to report
+    assert "sam_encoder" in capsys.readouterr().out
+    assert P.main(["--engine-dir", str(tmp_path / "missing"), "--device", "cpu"]) == 2
