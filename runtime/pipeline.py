@@ -6,6 +6,7 @@ all call this one object. With `lite` engines only the saliency map is computed.
 """
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ class Pipeline:
         self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
         self.detector = self.segmenter = None
+        # The detector's and SAM's runs keep per-image state (SAM's embedding between set_image and
+        # the box prompts, the IO bindings on a GPU): one image at a time goes through them.
+        # Saliency-only (lite) calls share nothing mutable and run concurrently.
+        self._full_lock = threading.Lock()
         self.mask_fusion: MaskFusion | None = None  # set where the masks stay on the device
         self.captions: list[str] = []
         if not self.saliency_only:
@@ -156,7 +161,8 @@ class Pipeline:
             result = AnomalyResult(saliency.copy(), saliency, [], [], True,
                                    ["lite engines: saliency-only anomaly map (no GroundingDINO/SAM)"], timings)
         else:
-            result = self._full(image, timings, grids)
+            with self._full_lock:
+                result = self._full(image, timings, grids)
         result.pred_score = image_score(result.anomaly_map)  # at image size, whatever out_size
         if self.stream is not None and grids:
             with _timed(timings, "memory_update"):
