@@ -6,6 +6,7 @@ all call this one object. With `lite` engines only the saliency map is computed.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -58,10 +59,12 @@ class Pipeline:
     """SAA+ over one engines dir and one prompt config."""
 
     def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, static_head: bool | None = None) -> None:
         """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
         and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
-        provider (tests check them against the CPU paths); False turns them off."""
+        provider (tests check them against the CPU paths); False turns them off.
+        static_head: GroundingDINO's head reopened with this config's caption and token counts
+        fixed (Detector.fix_head_shapes). None: on a GPU, unless SAA_STATIC_HEAD=0 (for A/B runs)."""
         self.manifest = manifest
         self.config = config
         self.device = device
@@ -101,6 +104,10 @@ class Pipeline:
             start = time.perf_counter()
             self.text_features = self.detector.encode_text(self.captions)
             self.text_ms = (time.perf_counter() - start) * 1000.0
+            if static_head is None:
+                static_head = device != "cpu" and os.environ.get("SAA_STATIC_HEAD", "1") != "0"
+            if static_head:
+                self.detector.fix_head_shapes(self.text_features)
 
     @classmethod
     def open(cls, engine_dir: str | Path, dataset: str | None = None, category: str | None = None,
