@@ -327,6 +327,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "random_weights": manifest.random_init,
         "config": pipeline.config.name,
         "options": options,
+        # The runtime's switches read from the environment (TF32, cuDNN search, fixed head shapes, ...).
+        "environment": {key: value for key, value in sorted(os.environ.items()) if key.startswith("SAA_")},
+        "static_head": bool(getattr(pipeline.detector, "head_dims", None)) if pipeline.detector is not None else None,
         "image": str(image_path),
         "image_shape": list(image.shape[:2]),
         "iters": args.iters,

@@ -69,7 +69,10 @@ def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool =
         raise EngineError(f"unknown device {device!r} (expected one of {', '.join(DEVICES)})")
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1"}
+    search = os.environ.get("SAA_CUDNN_SEARCH", "HEURISTIC")  # EXHAUSTIVE times every algorithm on the first run
+    if search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
+        raise EngineError(f"SAA_CUDNN_SEARCH={search!r}: expected HEURISTIC (the default), EXHAUSTIVE or DEFAULT")
+    cuda_options = {"cudnn_conv_algo_search": search, "do_copy_in_default_stream": "1"}
     # onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 unless told not to (measured on an
     # H200: 2.8e-4 relative error on a 2048^3 MatMul, and the tiny pipeline then kept 53 of the CPU's
     # 59 regions; bench/results/tf32_check_cuda-h200_2026-11-26.json). The reference's torch keeps

@@ -53,6 +53,12 @@ def test_cuda_keeps_fp32_matmuls_out_of_tf32_unless_asked(monkeypatch):
     with pytest.raises(EngineError, match="SAA_CUDA_TF32='yes'"):
         S.providers_for("cuda")
     assert S.providers_for("cpu") == ["CPUExecutionProvider"]  # the CPU path never reads it
+    monkeypatch.setenv("SAA_CUDA_TF32", "0")
+    monkeypatch.setenv("SAA_CUDNN_SEARCH", "EXHAUSTIVE")
+    assert S.providers_for("cuda")[0][1]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("SAA_CUDNN_SEARCH", "fastest")
+    with pytest.raises(EngineError, match="SAA_CUDNN_SEARCH='fastest'"):
+        S.providers_for("cuda")
 
 
 def test_cpu_sessions_do_not_spin(tmp_path):
