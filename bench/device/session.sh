@@ -5,7 +5,8 @@
 #                                     the gpu-marked tests while they run            (about 6 min)
 #   bench/device/session.sh measure   per variant: bench.latency with the reference, then the
 #                                     per-graph profile (bench/device/profile_graphs.py) (about 4 min)
-# At most 8 files come back from $OUT: checks.log, export-*.log, latency-*.log, latency JSON, profile JSON.
+# At most 8 files come back from $OUT: checks.log, export-*.log, latency-*.log, latency JSON, profile JSON
+# (measure: 8 with the A/B run of the head with dynamic shapes).
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +18,8 @@ export OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 log=$OUT/checks.log
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
+PY=${PYTHON:-python3}
+DEVICE=${SAA_DEVICE:-cuda}  # "cpu" rehearses the measure step here (ENGINES_ROOT holding engines-vit_{b,h}-fp16)
 
 case "${1:?step: prepare | measure}" in
   prepare)
@@ -24,16 +27,16 @@ case "${1:?step: prepare | measure}" in
     bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
     bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
     echo "== tiny engines ($(left) s left)" | tee -a "$log"
-    python3 -m export --profile full --tiny --random-init --detector-size 224x224 \
+    $PY -m export --profile full --tiny --random-init --detector-size 224x224 \
       --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 | tail -3 | tee -a "$log"
     echo "== pytest -m gpu ($(left) s left)" | tee -a "$log"
-    SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider \
       -o faulthandler_timeout=200 tests 2>&1 | tail -60 | tee -a "$log"
     wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
     wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log" ;;
   measure)
     for variant in vit_b vit_h; do
-      dir=/tmp/engines-$variant-fp16
+      dir=${ENGINES_ROOT:-/tmp}/engines-$variant-fp16
       if [ "$(left)" -gt 120 ]; then
         echo "== latency $variant ($(left) s left)" | tee -a "$log"
         timeout $(( $(left) - 15 )) bash $run latency $variant fp16 "${ITERS:-50}" "${REF_ITERS:-5}" >/dev/null 2>&1
@@ -41,13 +44,18 @@ case "${1:?step: prepare | measure}" in
       fi
       if [ "$(left)" -gt 60 ]; then
         echo "== profile $variant ($(left) s left)" | tee -a "$log"
-        timeout $(( $(left) - 10 )) python3 -m bench.device.profile_graphs --engine-dir "$dir" --device cuda \
+        timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$dir" --device "$DEVICE" \
           --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold" | tail -30 | tee -a "$log"
       else
         echo "== $variant: $(left) s left, stopped" | tee -a "$log"
       fi
+      if [ "$variant" = vit_b ] && [ "$(left)" -gt 240 ]; then  # A/B: the head with dynamic shapes, as on 2026-11-26
+        echo "== latency vit_b, SAA_STATIC_HEAD=0 ($(left) s left)" | tee -a "$log"
+        SAA_STATIC_HEAD=0 timeout 90 $PY -m bench.latency --engine-dir "$dir" --device "$DEVICE" --iters 30 --warmup 5 \
+          --out "$OUT/latency-vit_b-fp16-dynamic-head.json" 2>&1 | grep -v "Memcpy\|constant fold" | tail -18 | tee -a "$log"
+      fi
     done
-    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader | tee -a "$log" ;;
+    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
     echo "unknown step $1" >&2; exit 2 ;;
 esac
