@@ -36,7 +36,7 @@ from .errors import EngineError, ImageError, ManifestError
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
-from .sessions import named_dims, runner_for
+from .sessions import graph_session, named_dims, runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
 
 PREPROCESS_KEY = "gdino"
@@ -114,6 +114,7 @@ class Detector:
         make_session: Callable[[Path], Any],
         max_prompts_per_run: int | None = None,
         io_binding: bool | None = None,
+        cuda_graphs: bool = False,
     ):
         """make_session(path) -> onnxruntime.InferenceSession (the caller picks providers/threads).
 
@@ -123,6 +124,9 @@ class Detector:
         measured with Swin-T, batching five cost 10 GB more and was no faster than one by one).
         io_binding: see runtime.sessions.runner_for (None: on a GPU the image graph's outputs
         stay there and feed the head without a round trip through the host).
+        cuda_graphs (with IO binding, a session factory of runtime.sessions): the image graph,
+        and the head once its shapes are fixed, capture CUDA graphs where onnxruntime allows it;
+        `cuda_graphs` then says per graph "captured" or why not.
         """
         config = gdino_preprocess(manifest)
         self.height, self.width = int(config["height"]), int(config["width"])
@@ -134,10 +138,16 @@ class Detector:
         if max_prompts_per_run is not None and max_prompts_per_run < 1:
             raise ValueError(f"max_prompts_per_run must be >= 1, got {max_prompts_per_run}")
         self.max_prompts_per_run = max_prompts_per_run
+        self.cuda_graphs: dict[str, str] = {}
         self._text = self._open(make_session, manifest, GDINO_TEXT)
-        self._image = self._open(make_session, manifest, GDINO_IMAGE)
+        if cuda_graphs and getattr(make_session, "fixes_dims", False):
+            self._image, refused = graph_session(make_session, manifest.model_path(GDINO_IMAGE))
+            self.cuda_graphs[GDINO_IMAGE] = refused or "captured"
+        else:
+            self._image = self._open(make_session, manifest, GDINO_IMAGE)
         self._head = self._open(make_session, manifest, GDINO_HEAD)
-        self._runners = {id(session): runner_for(session, io_binding) for session in (self._text, self._image, self._head)}
+        self._runners = {id(session): runner_for(session, io_binding, static=self._captures(GDINO_IMAGE) and session is self._image)
+                         for session in (self._text, self._image, self._head)}
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
         self.head_dims: dict[str, int] = {}  # the head's named dimensions once fixed (fix_head_shapes)
         engine_hw = tuple(self._image.get_inputs()[0].shape[2:])
@@ -146,6 +156,9 @@ class Detector:
                 f"{manifest.model_path(GDINO_IMAGE)} takes {engine_hw[0]}x{engine_hw[1]} images but the manifest says "
                 f"{self.height}x{self.width}: the engines dir is inconsistent (re-export it)"
             )
+
+    def _captures(self, name: str) -> bool:
+        return self.cuda_graphs.get(name) == "captured"
 
     @staticmethod
     def _open(make_session: Callable[[Path], Any], manifest: Manifest, key: str) -> Any:
@@ -244,10 +257,15 @@ class Detector:
             raise EngineError(f"the head runs {self.max_prompts_per_run} of {count} captions at a time: "
                               "its shapes cannot be fixed to all of them")
         dims = named_dims(self._head, self._text_feeds(text, slice(0, count)))
-        head = self._make_session(self._manifest.model_path(GDINO_HEAD), fixed_dims=dims)
+        path = self._manifest.model_path(GDINO_HEAD)
+        if self._captures(GDINO_IMAGE):  # its inputs are the image graph's fixed buffers
+            head, refused = graph_session(self._make_session, path, fixed_dims=dims)
+            self.cuda_graphs[GDINO_HEAD] = refused or "captured"
+        else:
+            head = self._make_session(path, fixed_dims=dims)
         self._runners.pop(id(self._head))
         self._head = head
-        self._runners[id(head)] = runner_for(head, self._io_binding)
+        self._runners[id(head)] = runner_for(head, self._io_binding, static=self._captures(GDINO_HEAD))
         self.max_prompts_per_run = count
         self.head_dims = dims
         return dims

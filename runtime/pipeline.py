@@ -20,7 +20,7 @@ import numpy as np
 from . import manifest as mf
 from .config import PromptConfig, resolve_config
 from .decision import Thresholds, decide, image_score
-from .errors import ImageError, SaaError
+from .errors import EngineError, ImageError, SaaError
 from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
 from .image_io import to_bgr8
 from .mask_fusion import DeviceMasks, MaskFusion
@@ -59,12 +59,17 @@ class Pipeline:
     """SAA+ over one engines dir and one prompt config."""
 
     def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
-                 io_binding: bool | None = None, static_head: bool | None = None) -> None:
+                 io_binding: bool | None = None, static_head: bool | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
         and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
         provider (tests check them against the CPU paths); False turns them off.
         static_head: GroundingDINO's head reopened with this config's caption and token counts
-        fixed (Detector.fix_head_shapes). None: on a GPU, unless SAA_STATIC_HEAD=0 (for A/B runs)."""
+        fixed (Detector.fix_head_shapes). None: on a GPU, unless SAA_STATIC_HEAD=0 (for A/B runs).
+        cuda_graphs: GroundingDINO's image graph and head (with static_head) and SAM's encoder
+        capture CUDA graphs where onnxruntime allows it (needs the GPU paths); `cuda_graphs` then
+        says per graph "captured" or why not. None: with --device cuda and SAA_CUDA_GRAPHS=1
+        (off by default until measured on a GPU)."""
         self.manifest = manifest
         self.config = config
         self.device = device
@@ -74,6 +79,10 @@ class Pipeline:
         options = config.options
         # reference settings: memory, multi-object; off the CPU the one-object kNN runs on the GPU too
         gpu_paths = device != "cpu" if io_binding is None else io_binding
+        if cuda_graphs is None:
+            cuda_graphs = device == "cuda" and gpu_paths and os.environ.get("SAA_CUDA_GRAPHS", "0") == "1"
+        if cuda_graphs and not gpu_paths:
+            raise EngineError("CUDA graphs need the GPU paths (IO binding): io_binding=False turned them off")
         knn_device = ("cpu" if device == "cpu" else "cuda") if gpu_paths else None
         self.saliency = SaliencyExtractor(manifest, make_session, knn_device=knn_device)
         # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
@@ -94,8 +103,8 @@ class Pipeline:
             from .detector import Detector
             from .segmenter import Segmenter
 
-            self.detector = Detector(manifest, make_session, io_binding=io_binding)
-            self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding)
+            self.detector = Detector(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs)
+            self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs)
             if self.segmenter.masks_on_device:
                 self.mask_fusion = MaskFusion(self.segmenter.mask_device)
             self.defect_prompts = config.all_defect_prompts()
@@ -108,6 +117,13 @@ class Pipeline:
                 static_head = device != "cpu" and os.environ.get("SAA_STATIC_HEAD", "1") != "0"
             if static_head:
                 self.detector.fix_head_shapes(self.text_features)
+
+    @property
+    def cuda_graphs(self) -> dict[str, str]:
+        """Per graph asked to capture CUDA graphs: "captured", or onnxruntime's reason why not."""
+        if self.detector is None:
+            return {}
+        return {**self.detector.cuda_graphs, **self.segmenter.cuda_graphs}
 
     @classmethod
     def open(cls, engine_dir: str | Path, dataset: str | None = None, category: str | None = None,

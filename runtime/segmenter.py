@@ -8,7 +8,6 @@ networks (see export/sam.py).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import cv2
@@ -21,7 +20,7 @@ from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
 from .pixels import normalised_canvas
 from .resize import longest_side_shape, resize_like_pil
-from .sessions import DeviceRunner, runner_for
+from .sessions import DeviceRunner, graph_session, runner_for
 
 # Graph I/O names, shared with export/sam.py.
 ENCODER_INPUT = "image"
@@ -53,9 +52,12 @@ def upscale_mask_logits(
 class Segmenter:
     """set_image() once per image, predict_boxes() any number of times."""
 
-    def __init__(self, manifest: Manifest, make_session: Callable[[Path], Any], io_binding: bool | None = None) -> None:
+    def __init__(self, manifest: Manifest, make_session: Callable[..., Any], io_binding: bool | None = None,
+                 cuda_graphs: bool = False) -> None:
         """io_binding: see runtime.sessions.runner_for (None: on a GPU the image embedding stays
-        there between the encoder and every decoder call)."""
+        there between the encoder and every decoder call). cuda_graphs (with IO binding, a
+        session factory of runtime.sessions): the encoder captures a CUDA graph where onnxruntime
+        allows it; `cuda_graphs` then says "captured" or why not."""
         config = manifest.preprocess.get("sam")
         if not isinstance(config, dict):
             raise ManifestError(f"{manifest.engine_dir}: manifest preprocess lacks the 'sam' section")
@@ -67,9 +69,14 @@ class Segmenter:
         self.mask_threshold = float(config["mask_threshold"])
         self.pixel_mean = np.asarray(config["pixel_mean"], dtype=np.float32)
         self.pixel_std = np.asarray(config["pixel_std"], dtype=np.float32)
-        self.encoder = make_session(manifest.model_path(SAM_ENCODER))
+        self.cuda_graphs: dict[str, str] = {}
+        if cuda_graphs and getattr(make_session, "fixes_dims", False):
+            self.encoder, refused = graph_session(make_session, manifest.model_path(SAM_ENCODER))
+            self.cuda_graphs[SAM_ENCODER] = refused or "captured"
+        else:
+            self.encoder = make_session(manifest.model_path(SAM_ENCODER))
         self.decoder = make_session(manifest.model_path(SAM_DECODER))
-        self._encoder_runner = runner_for(self.encoder, io_binding)
+        self._encoder_runner = runner_for(self.encoder, io_binding, static=self.cuda_graphs.get(SAM_ENCODER) == "captured")
         self._decoder_runner = runner_for(self.decoder, io_binding)
         # With IO binding (GPU) the decoder's logits stay on the device and one graph upscales all
         # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).

@@ -176,12 +176,16 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
     """
     providers_for(device)  # fail before any file is read
 
-    def make_session(path: Path, fixed_dims: Mapping[str, int] | None = None) -> ort.InferenceSession:
+    def make_session(path: Path, fixed_dims: Mapping[str, int] | None = None,
+                     cuda_graphs: bool | None = None) -> ort.InferenceSession:
         """fixed_dims: values for the graph's named (dynamic) dimensions. onnxruntime then knows
         every shape when it optimises, folds the shape arithmetic away (GroundingDINO's head:
-        3093 -> 2428 nodes, no Shape node left) and runs no shape node on the CPU between GPU ones."""
+        3093 -> 2428 nodes, no Shape node left) and runs no shape node on the CPU between GPU ones.
+        cuda_graphs: this session captures CUDA graphs (None: the factory's cuda_graph); run it
+        through DeviceRunner(static=True). onnxruntime refuses it for graphs with CPU nodes."""
         path = Path(path)
-        providers = providers_for(device, path.parent / TRT_CACHE_DIR, cuda_graph)
+        graphs = cuda_graph if cuda_graphs is None else cuda_graphs
+        providers = providers_for(device, path.parent / TRT_CACHE_DIR, graphs)
         try:
             options = session_options(threads, spinning)
             if device == "cpu":
@@ -195,6 +199,17 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
 
     make_session.fixes_dims = True  # type: ignore[attr-defined]  # callers check before passing fixed_dims
     return make_session
+
+
+def graph_session(make_session: Callable[..., Any], path: Path,
+                  fixed_dims: Mapping[str, int] | None = None) -> tuple[Any, str | None]:
+    """(session, None) capturing CUDA graphs, or (plain session, onnxruntime's reason) where it
+    refuses them (a node on the CPU, a dynamic shape). Run a capturing one with runner_for(...,
+    static=True)."""
+    try:
+        return make_session(path, fixed_dims=fixed_dims, cuda_graphs=True), None
+    except EngineError as err:
+        return make_session(path, fixed_dims=fixed_dims, cuda_graphs=False), str(err)
 
 
 def named_dims(session: Any, feeds: Mapping[str, Any]) -> dict[str, int]:
@@ -247,24 +262,33 @@ class DeviceRunner:
         (embedding,) = encoder.run(["image_embeddings"], {"image": pixels}, keep=("image_embeddings",))
         masks, iou = decoder.run(["low_res_masks", "iou_predictions"], {"image_embeddings": embedding, "boxes": boxes})
 
-    With `static_inputs=True` (CUDA graphs) the inputs are copied into buffers allocated on the
-    first call and bound once, as onnxruntime's graph replay needs fixed addresses and shapes.
-    On CPU it behaves as session.run (tested); on CUDA it is unverified here.
+    static=True (for CUDA graphs, which replay fixed shapes at fixed addresses): every input
+    and output stays bound to one buffer on the device from the first call on. numpy inputs are
+    copied into the held buffers; an OrtValue input must be the same buffer each call (the
+    held output of a static upstream graph); kept outputs come back as the same OrtValue each
+    call, so read them before the next run. On CPU it behaves as session.run (tested); CUDA
+    graph capture itself is unverified here.
     """
 
-    def __init__(self, session: ort.InferenceSession, static_inputs: bool = False) -> None:
+    def __init__(self, session: ort.InferenceSession, static: bool = False) -> None:
         self.session = session
         self.device = session_device(session)
-        self.static_inputs = static_inputs
+        self.static = static
         self._binding = session.io_binding()
         self._inputs: dict[str, ort.OrtValue] = {}
+        self._outputs: dict[str, ort.OrtValue] = {}  # static: held after the first run
 
     def _bind_input(self, name: str, value: Any) -> None:
         if isinstance(value, ort.OrtValue):
+            if self.static:
+                held = self._inputs.setdefault(name, value)
+                if held.data_ptr() != value.data_ptr():
+                    raise EngineError(f"{name}: a different device buffer from the first call's "
+                                      "(CUDA graphs replay fixed addresses: the upstream graph must be static too)")
             self._binding.bind_ortvalue_input(name, value)
             return
         array = np.ascontiguousarray(value)
-        if not self.static_inputs:
+        if not self.static:
             if self.device == "cpu":
                 self._binding.bind_cpu_input(name, array)  # holds the array until the next binding
             else:
@@ -276,26 +300,43 @@ class DeviceRunner:
             if held is not None:
                 raise EngineError(f"{name}: shape {array.shape} differs from the first call's {tuple(held.shape())} "
                                   "(CUDA graphs replay fixed shapes)")
-            held = self._inputs[name] = ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            # On the CPU an OrtValue wraps the numpy memory: copy, or update_inplace would write into the caller's array.
+            owned = array.copy() if self.device == "cpu" else array
+            held = self._inputs[name] = ort.OrtValue.ortvalue_from_numpy(owned, self.device, 0)
             self._binding.bind_ortvalue_input(name, held)
         else:
             held.update_inplace(array)
+
+    def _bind_outputs(self, output_names: Sequence[str], keep: Sequence[str]) -> None:
+        if not self.static:
+            for name in output_names:
+                self._binding.bind_output(name, self.device if name in keep else "cpu")
+        elif not self._outputs:  # first static run: onnxruntime allocates them on the device
+            for name in output_names:
+                self._binding.bind_output(name, self.device)
+        elif list(self._outputs) != list(output_names):
+            raise EngineError(f"outputs {list(output_names)} differ from the first call's {list(self._outputs)}")
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, Any], keep: Sequence[str] = ()) -> list[Any]:
         """Outputs in order: numpy arrays, or OrtValues on the device for names in `keep`."""
         for name, value in feeds.items():
             self._bind_input(name, value)
-        for name in output_names:
-            self._binding.bind_output(name, self.device if name in keep else "cpu")
+        self._bind_outputs(output_names, keep)
         with engine_time():
             try:
                 self.session.run_with_iobinding(self._binding)
             except Exception as err:  # onnxruntime raises several private exception types
                 raise EngineError(f"run with IO binding failed: {str(err).splitlines()[0]}") from None
             values = self._binding.get_outputs()
+            if self.static and not self._outputs:  # hold them: later runs write into the same buffers
+                self._outputs = dict(zip(output_names, values))
+                self._binding.clear_binding_outputs()
+                for name, value in self._outputs.items():
+                    self._binding.bind_ortvalue_output(name, value)
+                values = list(self._outputs.values())
             out = [value if name in keep else value.numpy() for name, value in zip(output_names, values)]
-        self._binding.clear_binding_outputs()
-        if not self.static_inputs:
+        if not self.static:
+            self._binding.clear_binding_outputs()
             self._binding.clear_binding_inputs()
         return out
 
@@ -315,13 +356,14 @@ class PlainRunner:
             return self.session.run(list(output_names), dict(feeds))
 
 
-def runner_for(session: Any, io_binding: bool | None = None) -> DeviceRunner | PlainRunner:
+def runner_for(session: Any, io_binding: bool | None = None, static: bool = False) -> DeviceRunner | PlainRunner:
     """How a stage runs its graph. io_binding None: IO binding where the session runs on a GPU
     (outputs named in `keep` stay there for the next graph), plain session.run on the CPU;
-    True forces IO binding (tests check the GPU code path on the CPU provider)."""
+    True forces IO binding (tests check the GPU code path on the CPU provider).
+    static: fixed buffers for CUDA graphs (DeviceRunner); only with IO binding."""
     if io_binding is None:
         io_binding = hasattr(session, "get_providers") and session_device(session) != "cpu"
-    return DeviceRunner(session) if io_binding else PlainRunner(session)
+    return DeviceRunner(session, static=static) if io_binding else PlainRunner(session)
 
 
 def to_host(value: Any) -> np.ndarray:

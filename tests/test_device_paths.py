@@ -169,6 +169,46 @@ def test_pipeline_gpu_paths_agree_with_the_cpu_paths(full_tiny, image):
     assert far.mean() < 1e-3
 
 
+def test_static_buffers_for_cuda_graphs_give_the_same_maps(full_tiny, image):
+    """cuda_graphs=True on the CPU provider: no graph is captured there, but the image graph,
+    the fixed-shape head and SAM's encoder run through fixed buffers exactly as they would."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import Pipeline
+
+    config = resolve_config("mvtec", "bottle", None, {})
+    base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_head=True)
+    static = Pipeline(full_tiny, config, threads=1, io_binding=True, static_head=True, cuda_graphs=True)
+    assert static.cuda_graphs == {"gdino_image": "captured", "gdino_head": "captured", "sam_encoder": "captured"}
+    assert base.cuda_graphs == {} and static.segmenter._encoder_runner.static
+    flipped = np.ascontiguousarray(image[::-1])
+    for picture in (image, flipped, image):  # new values through the same buffers each call
+        expected, got = base(picture), static(picture)
+        assert [r.box for r in got.regions] == [r.box for r in expected.regions]
+        np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    with pytest.raises(EngineError, match="need the GPU paths"):
+        Pipeline(full_tiny, config, threads=1, io_binding=False, cuda_graphs=True)
+
+
+def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image):
+    from runtime.config import resolve_config
+    from runtime.pipeline import Pipeline
+
+    make = session_factory("cpu", threads=1)
+
+    def refusing(path, fixed_dims=None, cuda_graphs=None):
+        if cuda_graphs and "sam_encoder" in str(path):
+            raise EngineError(f"{path}: cannot load engine (all nodes not partitioned to the CUDA EP)")
+        return make(path, fixed_dims=fixed_dims, cuda_graphs=cuda_graphs)
+
+    refusing.fixes_dims = True
+    segmenter = Segmenter(full_tiny, refusing, io_binding=True, cuda_graphs=True)
+    assert "not partitioned" in segmenter.cuda_graphs["sam_encoder"] and not segmenter._encoder_runner.static
+    detector = Detector(full_tiny, refusing, io_binding=True, cuda_graphs=True)
+    assert detector.cuda_graphs == {"gdino_image": "captured"}
+    config = resolve_config("mvtec", "bottle", None, {})
+    assert Pipeline(full_tiny, config, threads=1).cuda_graphs == {}
+
+
 @pytest.mark.gpu
 def test_cuda_pipeline_agrees_with_the_cpu_pipeline(full_tiny_engine_dir, image):
     """The whole pipeline on onnxruntime's CUDA provider (IO binding, mask graph, kNN graph)."""

@@ -110,13 +110,29 @@ def test_device_runner_matches_run_and_chains_device_values():
     np.testing.assert_allclose(chained, c @ plain.T, rtol=1e-5, atol=1e-5)
 
 
-def test_device_runner_static_inputs_refuse_new_shapes():
-    runner = S.DeviceRunner(gemm_session(), static_inputs=True)
+def test_static_device_runner_holds_its_buffers():
+    """static=True (CUDA graphs): same input and output buffers every call, new values in them."""
+    runner = S.DeviceRunner(gemm_session(), static=True)
     a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
     np.testing.assert_array_equal(runner.run(["y"], {"a": a, "b": b})[0], np.full((2, 4), 3.0))
-    np.testing.assert_array_equal(runner.run(["y"], {"a": 2 * a, "b": b})[0], np.full((2, 4), 6.0))  # same buffers, new values
+    (kept,) = runner.run(["y"], {"a": 2 * a, "b": b}, keep=("y",))  # same buffers, new values
+    np.testing.assert_array_equal(kept.numpy(), np.full((2, 4), 6.0))
+    (again,) = runner.run(["y"], {"a": 3 * a, "b": b}, keep=("y",))
+    assert again.data_ptr() == kept.data_ptr()  # the one held output buffer ...
+    np.testing.assert_array_equal(kept.numpy(), np.full((2, 4), 9.0))  # ... so read it before the next run
     with pytest.raises(EngineError, match="differs from the first call"):
         runner.run(["y"], {"a": np.ones((5, 3), np.float32), "b": b})
+    # A static downstream graph takes the upstream's held output, and nothing else.
+    downstream = S.DeviceRunner(gemm_session(), static=True)
+    c = np.ones((1, 4), np.float32)
+    np.testing.assert_array_equal(downstream.run(["y"], {"a": c, "b": kept})[0], np.full((1, 2), 36.0))
+    runner.run(["y"], {"a": a, "b": b}, keep=("y",))
+    np.testing.assert_array_equal(downstream.run(["y"], {"a": c, "b": kept})[0], np.full((1, 2), 12.0))
+    other = ort.OrtValue.ortvalue_from_numpy(np.ones((2, 4), np.float32))
+    with pytest.raises(EngineError, match="different device buffer"):
+        downstream.run(["y"], {"a": c, "b": other})
+    assert isinstance(S.runner_for(gemm_session(), io_binding=True, static=True), S.DeviceRunner)
+    assert (a == 1).all() and (b == 1).all()  # the caller's arrays were copied, never written
 
 
 @pytest.mark.gpu

@@ -79,7 +79,7 @@ def end_all_profiles() -> list[Path]:
 
     written = []
     for obj in gc.get_objects():
-        if isinstance(obj, ort.InferenceSession):
+        if type(obj) is ort.InferenceSession:  # type(), not isinstance(): no __class__ lookups on foreign objects
             name = obj.end_profiling()
             if name:
                 written.append(Path(name))

@@ -4,9 +4,10 @@
 #   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side; tiny engines and
 #                                     the gpu-marked tests while they run            (about 6 min)
 #   bench/device/session.sh measure   per variant: bench.latency with the reference, then the
-#                                     per-graph profile (bench/device/profile_graphs.py) (about 4 min)
-# At most 8 files come back from $OUT: checks.log, export-*.log, latency-*.log, latency JSON, profile JSON
-# (measure: 8 with the A/B run of the head with dynamic shapes).
+#                                     per-graph profile (bench/device/profile_graphs.py); after ViT-B
+#                                     two A/B runs: SAA_STATIC_HEAD=0, SAA_CUDA_GRAPHS=1 (about 6 min)
+# At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
+# latency-*.json (ViT-B, ViT-H, and the ViT-B A/B runs: dynamic head, CUDA graphs), profile-*.json.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,24 +36,26 @@ case "${1:?step: prepare | measure}" in
     wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
     wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log" ;;
   measure)
+    [ "$DEVICE" = cpu ] || $PY -c "import onnxruntime as o; o.preload_dlls()"
+    latency() {  # latency NAME SECONDS ARGS...: bench.latency into $OUT/NAME.json, its table into checks.log
+      local name=$1 seconds=$2; shift 2
+      echo "== $name ($(left) s left)" | tee -a "$log"
+      timeout "$seconds" $PY -m bench.latency --device "$DEVICE" --warmup 5 --out "$OUT/$name.json" "$@" 2>&1 \
+        | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -22 | tee -a "$log"
+    }
     for variant in vit_b vit_h; do
       dir=${ENGINES_ROOT:-/tmp}/engines-$variant-fp16
-      if [ "$(left)" -gt 120 ]; then
-        echo "== latency $variant ($(left) s left)" | tee -a "$log"
-        timeout $(( $(left) - 15 )) bash $run latency $variant fp16 "${ITERS:-50}" "${REF_ITERS:-5}" >/dev/null 2>&1
-        echo "== latency $variant exit $? ($(left) s left)" | tee -a "$log"
-      fi
+      [ "$(left)" -gt 120 ] || { echo "== $variant: $(left) s left, stopped" | tee -a "$log"; break; }
+      latency "latency-$variant-fp16" $(( $(left) - 15 )) --engine-dir "$dir" --iters "${ITERS:-50}" \
+        --reference --reference-iters "${REF_ITERS:-5}"
       if [ "$(left)" -gt 60 ]; then
         echo "== profile $variant ($(left) s left)" | tee -a "$log"
         timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$dir" --device "$DEVICE" \
-          --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold" | tail -30 | tee -a "$log"
-      else
-        echo "== $variant: $(left) s left, stopped" | tee -a "$log"
+          --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
       fi
-      if [ "$variant" = vit_b ] && [ "$(left)" -gt 240 ]; then  # A/B: the head with dynamic shapes, as on 2026-11-26
-        echo "== latency vit_b, SAA_STATIC_HEAD=0 ($(left) s left)" | tee -a "$log"
-        SAA_STATIC_HEAD=0 timeout 90 $PY -m bench.latency --engine-dir "$dir" --device "$DEVICE" --iters 30 --warmup 5 \
-          --out "$OUT/latency-vit_b-fp16-dynamic-head.json" 2>&1 | grep -v "Memcpy\|constant fold" | tail -18 | tee -a "$log"
+      if [ "$variant" = vit_b ] && [ "$(left)" -gt 300 ]; then  # A/B runs, no reference
+        SAA_STATIC_HEAD=0 latency "latency-vit_b-fp16-dynamic-head" 90 --engine-dir "$dir" --iters 30
+        SAA_CUDA_GRAPHS=1 latency "latency-vit_b-fp16-cuda-graphs" 90 --engine-dir "$dir" --iters 30
       fi
     done
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
