@@ -68,14 +68,18 @@ def gemm_transposed() -> bytes:
 def knn_distance_mean() -> bytes:
     """keys = sign * F^T F + self_penalty * I; TopK(k, smallest, unsorted); mean of 0.5 * (1 - sign * key).
 
-    features [C, P] float32 (columns L2-normalised), k [1] int64, sign [1] (+1 farthest, -1
-    nearest), self_penalty [1] (4 puts the diagonal past every key in [-1, 1], so a position
-    never picks itself; 0 keeps it) -> mean_distance [P].
+    features [1, C, H, W] float32, the saliency CNN's output as it is (F: its [C, H*W] view,
+    columns L2-normalised; the host passes a [C, P] array as [1, C, P, 1]), k [1] int64, sign [1]
+    (+1 farthest, -1 nearest), self_penalty [1] (4 puts the diagonal past every key in [-1, 1],
+    so a position never picks itself; 0 keeps it) -> mean_distance [H*W], and feature_sum (the
+    sum of F: not finite exactly when a feature is NaN or inf, which the caller refuses).
     """
     _, TensorProto, helper = _onnx()
     nodes = [
-        helper.make_node("Transpose", ["features"], ["ft"], perm=[1, 0]),
-        helper.make_node("MatMul", ["ft", "features"], ["sim"]),
+        helper.make_node("Flatten", ["features"], ["flat"], axis=2),
+        helper.make_node("ReduceSum", ["flat"], ["feature_sum"], keepdims=0),
+        helper.make_node("Transpose", ["flat"], ["ft"], perm=[1, 0]),
+        helper.make_node("MatMul", ["ft", "flat"], ["sim"]),
         helper.make_node("Mul", ["sim", "sign"], ["keys"]),
         helper.make_node("EyeLike", ["sim"], ["eye"]),
         helper.make_node("Mul", ["eye", "self_penalty"], ["penalty"]),
@@ -87,12 +91,13 @@ def knn_distance_mean() -> bytes:
         helper.make_node("ReduceMean", ["d"], ["mean_distance"], axes=[1], keepdims=0),
     ]
     inputs = [
-        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["channels", "positions"]),
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, "channels", "height", "width"]),
         helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("sign", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("self_penalty", TensorProto.FLOAT, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("mean_distance", TensorProto.FLOAT, ["positions"])]
+    outputs = [helper.make_tensor_value_info("mean_distance", TensorProto.FLOAT, ["positions"]),
+               helper.make_tensor_value_info("feature_sum", TensorProto.FLOAT, [])]
     return _model(nodes, "knn_distance_mean", inputs, outputs, [_scalar("half", 0.5), _scalar("one", 1.0)])
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from . import manifest as mf
 from .errors import ConfigError, EngineError, ImageError, ManifestError
 from .pixels import normalised_canvas
-from .sessions import engine_time
+from .sessions import DeviceRunner, engine_time
 from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
                                multi_instance_distance)
 
@@ -202,19 +202,25 @@ class SaliencyExtractor:
         resized = cv2.resize(image, (size, size))  # INTER_LINEAR, as the reference
         return self._run(resized)
 
-    def _run(self, resized: np.ndarray) -> np.ndarray:
-        """CNN features [C, h/4, w/4] of an already resized uint8 image [h, w, 3]."""
+    def _run(self, resized: np.ndarray, on_device: bool = False) -> Any:
+        """CNN features [C, h/4, w/4] of an already resized uint8 image [h, w, 3]; on_device: the
+        [1, C, h/4, w/4] output left where the CNN ran, as an OrtValue (one IO binding per call:
+        extractors sharing the session may run in several threads)."""
         height, width = resized.shape[:2]
         batch = normalised_canvas(resized, (height, width), self.mean, self.std)
         try:
-            with engine_time():
-                (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            if on_device:
+                (out,) = DeviceRunner(self.session).run([OUTPUT_NAME], {INPUT_NAME: batch}, keep=(OUTPUT_NAME,))
+            else:
+                with engine_time():
+                    (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         except Exception as err:  # onnxruntime raises several private exception types
             raise EngineError(f"{self.path}: saliency CNN failed at {height}x{width} ({str(err).splitlines()[0]})") from None
         expected = (1, self.channels, height // self.stride, width // self.stride)
-        if tuple(out.shape) != expected:
-            raise EngineError(f"{self.path}: features have shape {tuple(out.shape)}, the manifest promises {expected}")
-        return out[0]
+        shape = tuple(out.shape()) if on_device else tuple(out.shape)
+        if shape != expected:
+            raise EngineError(f"{self.path}: features have shape {shape}, the manifest promises {expected}")
+        return out if on_device else out[0]
 
     def single_object_features(self, image: np.ndarray) -> np.ndarray:
         """Features [C', size/4, size/4] the one-object map compares: the settings' contrast,
@@ -240,6 +246,17 @@ class SaliencyExtractor:
     def single_object_grid(self, image: np.ndarray, n: int | None = None, mode: str | None = None) -> np.ndarray:
         """Saliency on the feature grid [size/4, size/4] float32 (before the resize to image size)."""
         settings = self._with(n, mode)
+        if self.knn_session is not None and self.channel_index is None and not settings.pad and settings.contrast == "none":
+            # The CNN's output goes straight into the kNN graph on the device: only the means come back.
+            _check_image(image)
+            resized = cv2.resize(image, (self.single_size, self.single_size))  # INTER_LINEAR, as the reference
+            features = self._run(resized, on_device=True)
+            _, _, height, width = features.shape()
+            try:
+                scores = knn_distance_mean_graph(features, settings.n, settings.mode, settings.exclude_self, self.knn_session)
+            except ValueError as err:
+                raise EngineError(f"{self.path}: {err}") from None
+            return smooth_grid(scores.reshape(height, width), settings.blur_sigma)
         features = self.single_object_features(image)
         channels, height, width = features.shape
         flat = features.reshape(channels, -1)

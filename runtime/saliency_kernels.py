@@ -478,25 +478,40 @@ def knn_session(device: str = "cuda") -> Any:
 
 
 def knn_distance_mean_graph(
-    features: np.ndarray, n: int, mode: str = "farthest", exclude_self: bool | None = None, session: Any = None
+    features: Any, n: int, mode: str = "farthest", exclude_self: bool | None = None, session: Any = None
 ) -> np.ndarray:
     """knn_distance_mean through the ONNX graph (similarity and top-n on the session's device).
 
-    The whole P x P similarity lives on the device at once (64 MB for a 64x64 grid); means are
-    summed in float32 there, so results agree with the numba path to ~1e-6, not bit for bit.
+    features: a [C, P] array, or the saliency CNN's [1, C, H, W] output as an OrtValue left on
+    the session's device (P = H * W; nothing crosses to the host but the P means). The whole
+    P x P similarity lives on the device at once (64 MB for a 64x64 grid); means are summed in
+    float32 there, so results agree with the numba path to ~1e-6, not bit for bit.
     """
-    features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
+    from .sessions import DeviceRunner
+
+    if isinstance(features, np.ndarray):
+        features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
+        features = features.reshape(1, features.shape[0], positions, 1)
+    else:  # an OrtValue on the device: the graph's feature_sum stands in for the host's finiteness check
+        shape = tuple(features.shape())
+        if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+            raise ValueError(f"device features must be [1, C, H, W], got {shape}")
+        _check_mode(mode, n)
+        exclude_self = default_exclude_self(mode) if exclude_self is None else exclude_self
+        positions = shape[2] * shape[3]
+        k = _effective_n(n, positions, exclude_self)
     if k < 1:
         return np.zeros(positions, np.float32)
-    session = session or knn_session()
     feeds = {
         "features": features,
         "k": np.array([k], np.int64),
         "sign": np.array([1.0 if mode == "farthest" else -1.0], np.float32),
         "self_penalty": np.array([4.0 if exclude_self else 0.0], np.float32),
     }
-    with engine_time():
-        (out,) = session.run(["mean_distance"], feeds)
+    # A runner (one IO binding) per call: extractors sharing the session may run in several threads.
+    out, total = DeviceRunner(session or knn_session()).run(["mean_distance", "feature_sum"], feeds)
+    if not np.isfinite(total):
+        raise ValueError("features hold NaN or inf: the saliency CNN output is broken")
     return out
 
 

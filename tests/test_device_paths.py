@@ -115,7 +115,13 @@ def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, pre
     host = SaliencyExtractor(manifest, make, settings)
     graph = SaliencyExtractor(manifest, make, settings, knn_device="cpu")
     assert host.knn_session is None and graph.knn_session is not None
+    placed = []
+    run_cnn = graph._run
+    graph._run = lambda resized, on_device=False: placed.append(on_device) or run_cnn(resized, on_device)
     expected, got = host.single_object_saliency(image), graph.single_object_saliency(image)
+    # The reference settings feed the CNN's output to the kNN graph where it is (on a GPU: no
+    # round trip of the features through the host); a contrast step or padding keeps them on the host.
+    assert placed == [settings.contrast == "none" and not settings.pad and graph.channel_index is None]
     # The graph sums its means in float32 in another order: agreement to rounding, not bits.
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
     assert graph.with_settings(settings).knn_session is graph.knn_session  # shared, like the CNN session

@@ -254,6 +254,24 @@ def test_knn_graph_matches_twin_on_the_cpu_provider(mode, exclude_self, position
     np.testing.assert_allclose(got, K.knn_distance_mean_twin(features, n, mode, exclude_self), atol=2e-6, rtol=0)
 
 
+def test_knn_graph_takes_the_cnn_output_where_it_is():
+    """An OrtValue [1, C, H, W] (the CNN's output left on the device) gives the same means as the
+    [C, H*W] array; NaN features are refused there too, from the graph's feature sum."""
+    ort = pytest.importorskip("onnxruntime")
+    session = K.knn_session("cpu")
+    features = unit_features(16, 6 * 7, seed=3)
+    as_cnn_output = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(features.reshape(1, 16, 6, 7)))
+    for mode in K.MODES:
+        np.testing.assert_allclose(K.knn_distance_mean_graph(as_cnn_output, 10, mode, session=session),
+                                   K.knn_distance_mean_twin(features, 10, mode), atol=2e-6, rtol=0)
+    broken = features.reshape(1, 16, 6, 7).copy()
+    broken[0, 3, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        K.knn_distance_mean_graph(ort.OrtValue.ortvalue_from_numpy(broken), 10, session=session)
+    with pytest.raises(ValueError, match=r"must be \[1, C, H, W\]"):
+        K.knn_distance_mean_graph(ort.OrtValue.ortvalue_from_numpy(features), 10, session=session)
+
+
 def test_knn_graph_checks():
     onnx = pytest.importorskip("onnx")
     model = onnx.load_from_string(builtin_graph("knn_distance_mean"))
