@@ -96,13 +96,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def gdino_preprocess(manifest: Manifest) -> dict[str, Any]:
     """manifest preprocess["gdino"], checked for the fields the detector reads."""
-    record = manifest.preprocess.get(PREPROCESS_KEY)
-    if not isinstance(record, dict):
-        raise ManifestError(f"{manifest.engine_dir}: manifest preprocess has no {PREPROCESS_KEY!r} entry")
-    missing = [k for k in PREPROCESS_FIELDS if k not in record]
-    if missing:
-        raise ManifestError(f"{manifest.engine_dir}: manifest preprocess[{PREPROCESS_KEY!r}] lacks {missing}")
-    return record
+    return manifest.preprocess_section(PREPROCESS_KEY, PREPROCESS_FIELDS)
 
 
 class Detector:

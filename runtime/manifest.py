@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ManifestError
 
@@ -74,6 +74,17 @@ class Manifest:
     @property
     def preprocess(self) -> dict[str, Any]:
         return self.data["preprocess"]
+
+    def preprocess_section(self, name: str, keys: Sequence[str]) -> dict[str, Any]:
+        """preprocess[name], checked to hold `keys`; ManifestError naming the file and what is missing."""
+        record = self.preprocess.get(name)
+        where = self.engine_dir / MANIFEST_NAME
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where}: no preprocess[{name!r}] section")
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise ManifestError(f"{where}: preprocess[{name!r}] lacks {missing}")
+        return record
 
     @property
     def random_init(self) -> bool:

@@ -143,12 +143,7 @@ class SaliencyExtractor:
         """knn_device: None runs the one-object kNN with the numba kernels on the host; a device
         name ("cuda"; "cpu" in tests) runs it as one onnxruntime graph (similarity, TopK, mean)
         there, as on a GPU pipeline the 4096 x 4096 x C product would otherwise land on the host."""
-        record = manifest.preprocess.get("saliency")
-        if not isinstance(record, dict):
-            raise ManifestError(f"{manifest.engine_dir / mf.MANIFEST_NAME}: no preprocess['saliency'] section")
-        missing = [key for key in PREPROCESS_KEYS if key not in record]
-        if missing:
-            raise ManifestError(f"{manifest.engine_dir / mf.MANIFEST_NAME}: preprocess['saliency'] lacks {missing}")
+        record = manifest.preprocess_section("saliency", PREPROCESS_KEYS)
         self.backbone = str(record["backbone"])
         self.channels = int(record["channels"])
         self.stride = int(record["stride"])

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineError, ImageError, ManifestError
+from .errors import EngineError, ImageError
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
@@ -58,12 +58,7 @@ class Segmenter:
         there between the encoder and every decoder call). cuda_graphs (with IO binding, a
         session factory of runtime.sessions): the encoder captures a CUDA graph where onnxruntime
         allows it; `cuda_graphs` then says "captured" or why not."""
-        config = manifest.preprocess.get("sam")
-        if not isinstance(config, dict):
-            raise ManifestError(f"{manifest.engine_dir}: manifest preprocess lacks the 'sam' section")
-        missing = [key for key in PREPROCESS_KEYS if key not in config]
-        if missing:
-            raise ManifestError(f"{manifest.engine_dir}: manifest preprocess['sam'] lacks {missing}")
+        config = manifest.preprocess_section("sam", PREPROCESS_KEYS)
         self.image_size = int(config["image_size"])
         self.mask_size = int(config["mask_size"])
         self.mask_threshold = float(config["mask_threshold"])
