@@ -32,11 +32,12 @@ class DeviceMasks:
     height: int
     width: int
     device: str
+    counts: list[int] | None = None  # masks in use per chunk, where a fixed-size decoder padded its chunks
 
     @property
     def sizes(self) -> list[int]:
-        """n_i per chunk."""
-        return [int(chunk.shape()[0]) for chunk in self.chunks]
+        """Masks in use per chunk: counts, or every row of each chunk."""
+        return list(self.counts) if self.counts is not None else [int(chunk.shape()[0]) for chunk in self.chunks]
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -49,7 +50,7 @@ class DeviceMasks:
         """The masks as one numpy bool array (a copy from the device: for checks, not the hot path)."""
         if not self.chunks:
             return np.zeros((0, self.height, self.width), bool)
-        return np.concatenate([chunk.numpy() for chunk in self.chunks])
+        return np.concatenate([chunk.numpy()[:size] for chunk, size in zip(self.chunks, self.sizes)])
 
 
 class MaskFusion:
@@ -81,10 +82,10 @@ class MaskFusion:
             return np.zeros(0, np.float64), np.zeros(0, np.int64)
         on_device = self._on_device(saliency)  # sent once, read by every chunk's run
         sums, areas = [], []
-        for chunk in masks.chunks:
+        for chunk, size in zip(masks.chunks, masks.sizes):
             chunk_sums, chunk_areas = self._sums.run(["sums", "areas"], {"masks": chunk, "saliency": on_device})
-            sums.append(chunk_sums)
-            areas.append(chunk_areas)
+            sums.append(chunk_sums[:size])  # a padded chunk's copies are left out
+            areas.append(chunk_areas[:size])
         total, count = np.concatenate(sums).astype(np.float64), np.rint(np.concatenate(areas)).astype(np.int64)
         return np.where(count > 0, total / np.maximum(count, 1), 0.0), count
 

@@ -59,14 +59,17 @@ class Pipeline:
     """SAA+ over one engines dir and one prompt config."""
 
     def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
-                 io_binding: bool | None = None, static_head: bool | None = None,
+                 io_binding: bool | None = None, static_shapes: bool | None = None,
                  cuda_graphs: bool | None = None) -> None:
         """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
         and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
         provider (tests check them against the CPU paths); False turns them off.
-        static_head: GroundingDINO's head reopened with this config's caption and token counts
-        fixed (Detector.fix_head_shapes). None: on a GPU, unless SAA_STATIC_HEAD=0 (for A/B runs).
-        cuda_graphs: GroundingDINO's image graph and head (with static_head) and SAM's encoder
+        static_shapes: GroundingDINO's head reopened with this config's caption and token counts
+        fixed (Detector.fix_head_shapes), SAM's decoder with decoder_chunk boxes a call
+        (Segmenter.fix_box_count; GPU paths only). None: on a GPU, unless SAA_STATIC_SHAPES=0
+        (for A/B runs).
+        cuda_graphs: GroundingDINO's image graph, its head and SAM's
+        decoder (these two with static_shapes), and SAM's encoder
         capture CUDA graphs where onnxruntime allows it (needs the GPU paths); `cuda_graphs` then
         says per graph "captured" or why not. None: with --device cuda and SAA_CUDA_GRAPHS=1
         (off by default until measured on a GPU)."""
@@ -113,10 +116,11 @@ class Pipeline:
             start = time.perf_counter()
             self.text_features = self.detector.encode_text(self.captions)
             self.text_ms = (time.perf_counter() - start) * 1000.0
-            if static_head is None:
-                static_head = device != "cpu" and os.environ.get("SAA_STATIC_HEAD", "1") != "0"
-            if static_head:
+            if static_shapes is None:
+                static_shapes = device != "cpu" and os.environ.get("SAA_STATIC_SHAPES", "1") != "0"
+            if static_shapes:
                 self.detector.fix_head_shapes(self.text_features)
+                self.segmenter.fix_box_count(options.decoder_chunk)
 
     @property
     def cuda_graphs(self) -> dict[str, str]:

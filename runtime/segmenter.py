@@ -72,6 +72,8 @@ class Segmenter:
             self.encoder = make_session(manifest.model_path(SAM_ENCODER))
         self.decoder = make_session(manifest.model_path(SAM_DECODER))
         self._encoder_runner = runner_for(self.encoder, io_binding, static=self.cuda_graphs.get(SAM_ENCODER) == "captured")
+        self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
+        self.decoder_boxes: int | None = None  # boxes per decoder call once fixed (fix_box_count)
         self._decoder_runner = runner_for(self.decoder, io_binding)
         # With IO binding (GPU) the decoder's logits stay on the device and one graph upscales all
         # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).
@@ -137,6 +139,27 @@ class Segmenter:
             raise EngineError(f"{SAM_DECODER} returned masks of shape {shape}, expected {expected}")
         return low_res, iou
 
+    def fix_box_count(self, boxes: int) -> bool:
+        """Reopen the decoder for exactly `boxes` boxes per call (GPU paths, where the masks are
+        made on the device). Every shape is then known when onnxruntime optimises, so its shape
+        arithmetic folds away, and with the encoder capturing CUDA graphs the decoder captures
+        one too. A shorter chunk is padded with copies of its last box; the copies' masks are
+        made and never used (DeviceMasks.counts). False where it does not apply (no device
+        masks, or a session factory that cannot fix dims)."""
+        if isinstance(boxes, bool) or not isinstance(boxes, (int, np.integer)) or boxes < 1:
+            raise EngineError(f"Segmenter: boxes per decoder call must be a positive integer, got {boxes!r}")
+        if self._mask_runner is None or not getattr(self._make_session, "fixes_dims", False):
+            return False
+        path, dims = self._manifest.model_path(SAM_DECODER), {"num_boxes": int(boxes)}
+        if self.cuda_graphs.get(SAM_ENCODER) == "captured":  # its input is the encoder's fixed buffer
+            self.decoder, refused = graph_session(self._make_session, path, fixed_dims=dims)
+            self.cuda_graphs[SAM_DECODER] = refused or "captured"
+        else:
+            self.decoder = self._make_session(path, fixed_dims=dims)
+        self._decoder_runner = runner_for(self.decoder, self._io_binding, static=self.cuda_graphs.get(SAM_DECODER) == "captured")
+        self.decoder_boxes = int(boxes)
+        return True
+
     @property
     def mask_device(self) -> str:
         """Where the masks are made: the decoder's device with IO binding, else "cpu" (cv2)."""
@@ -172,13 +195,15 @@ class Segmenter:
         if not np.all(np.isfinite(boxes)):
             raise EngineError("Segmenter: boxes contain NaN or infinity")
         scaled = self.transform_boxes(boxes)
-        starts = range(0, len(boxes), int(chunk))
+        chunk = self.decoder_boxes or int(chunk)  # a decoder fixed to a box count takes that many
+        starts = range(0, len(boxes), chunk)
         if self._mask_runner is not None:
-            chunks = [self._upscale_on_device(scaled[start : start + int(chunk)], keep_on_device=on_device)
+            counts = [min(chunk, len(boxes) - start) for start in starts]
+            chunks = [self._upscale_on_device(self._pad_to_fixed_count(scaled[start : start + chunk]), keep_on_device=on_device)
                       for start in starts]
             if on_device:
-                return DeviceMasks(chunks, height, width, self._mask_runner.device)
-            return np.concatenate(chunks)
+                return DeviceMasks(chunks, height, width, self._mask_runner.device, counts)
+            return np.concatenate([masks[:count] for masks, count in zip(chunks, counts)])
         masks = np.empty((len(boxes), height, width), dtype=bool)
         for start in starts:
             low_res, _ = self.decode(scaled[start : start + int(chunk)])
@@ -186,6 +211,12 @@ class Segmenter:
                 upscaled = upscale_mask_logits(logits, self._input_size, self._original_size, self.image_size)
                 masks[start + offset] = upscaled > self.mask_threshold
         return masks
+
+    def _pad_to_fixed_count(self, boxes_input_frame: np.ndarray) -> np.ndarray:
+        missing = (self.decoder_boxes or 0) - len(boxes_input_frame)
+        if missing <= 0:
+            return boxes_input_frame
+        return np.concatenate([boxes_input_frame, np.repeat(boxes_input_frame[-1:], missing, axis=0)])
 
     def _upscale_on_device(self, boxes_input_frame: np.ndarray, keep_on_device: bool) -> Any:
         """One chunk through the decoder and the mask graph; the logits never leave the device."""

@@ -105,6 +105,32 @@ def test_segmenter_with_io_binding_equals_plain_runs(full_tiny, image):
     assert differ.mean() < 1e-4 and expected.any() and (~expected).any()
 
 
+def test_decoder_with_a_fixed_box_count_pads_and_drops_the_copies(full_tiny, image):
+    """GPU paths reopen SAM's decoder for decoder_chunk boxes a call: 5 boxes in chunks of 2
+    are decoded as 2 + 2 + (1 + a copy); the copy's mask is made and never used."""
+    from runtime.mask_fusion import MaskFusion
+
+    make = session_factory("cpu", threads=1)
+    plain, fixed = Segmenter(full_tiny, make, io_binding=True), Segmenter(full_tiny, make, io_binding=True)
+    assert fixed.fix_box_count(2) and fixed.decoder_boxes == 2
+    for segmenter in (plain, fixed):
+        segmenter.set_image(image)
+    height, width = image.shape[:2]
+    boxes = np.array([[10, 20, 300, 400], [0, 0, width - 1, height - 1], [500, 100, 880, 700],
+                      [40, 40, 90, 120], [600, 600, 700, 650]], np.float32)
+    expected = plain.predict_boxes(boxes, chunk=2)
+    np.testing.assert_array_equal(fixed.predict_boxes(boxes, chunk=7), expected)  # the fixed count wins
+    masks = fixed.predict_boxes(boxes, on_device=True)
+    assert [int(c.shape()[0]) for c in masks.chunks] == [2, 2, 2] and masks.sizes == [2, 2, 1] and len(masks) == 5
+    np.testing.assert_array_equal(masks.to_host(), expected)
+    saliency = np.random.default_rng(0).random((height, width)).astype(np.float32)
+    means, areas = MaskFusion("cpu").mean_inside_masks(saliency, masks)
+    assert len(means) == 5 and areas.tolist() == expected.reshape(5, -1).sum(axis=1).tolist()
+    with pytest.raises(EngineError, match="positive integer"):
+        fixed.fix_box_count(0)
+    assert not Segmenter(full_tiny, make).fix_box_count(2)  # the CPU path (masks made with cv2) keeps its decoder
+
+
 @pytest.mark.parametrize("preset", ["reference", "tuned"])
 def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, preset):
     from runtime.saliency import preset_settings
@@ -152,9 +178,10 @@ def test_pipeline_gpu_paths_agree_with_the_cpu_paths(full_tiny, image):
 
     config = resolve_config("mvtec", "bottle", None, {"decoder_chunk": 16})
     plain = Pipeline(full_tiny, config, threads=1)
-    bound = Pipeline(full_tiny, config, threads=1, io_binding=True, static_head=True)
+    bound = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True)
     assert plain.mask_fusion is None and bound.mask_fusion is not None and bound.saliency.knn_session is not None
     assert bound.detector.head_dims and not plain.detector.head_dims
+    assert bound.segmenter.decoder_boxes == 16 and plain.segmenter.decoder_boxes is None
     made = []
     real = bound.segmenter.predict_boxes
     bound.segmenter.predict_boxes = lambda *a, **kw: made.append(real(*a, **kw)) or made[-1]
@@ -182,9 +209,10 @@ def test_static_buffers_for_cuda_graphs_give_the_same_maps(full_tiny, image):
     from runtime.pipeline import Pipeline
 
     config = resolve_config("mvtec", "bottle", None, {})
-    base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_head=True)
-    static = Pipeline(full_tiny, config, threads=1, io_binding=True, static_head=True, cuda_graphs=True)
-    assert static.cuda_graphs == {"gdino_image": "captured", "gdino_head": "captured", "sam_encoder": "captured"}
+    base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True)
+    static = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
+    assert static.cuda_graphs == {"gdino_image": "captured", "gdino_head": "captured", "sam_encoder": "captured",
+                                  "sam_decoder": "captured"}
     assert base.cuda_graphs == {} and static.segmenter._encoder_runner.static
     flipped = np.ascontiguousarray(image[::-1])
     for picture in (image, flipped, image):  # new values through the same buffers each call

@@ -5,7 +5,7 @@
 #                                     the gpu-marked tests while they run            (about 6 min)
 #   bench/device/session.sh measure   per variant: bench.latency with the reference, then the
 #                                     per-graph profile (bench/device/profile_graphs.py); after ViT-B
-#                                     two A/B runs: SAA_STATIC_HEAD=0, SAA_CUDA_GRAPHS=1 (about 6 min)
+#                                     two A/B runs: SAA_STATIC_SHAPES=0, SAA_CUDA_GRAPHS=1 (about 6 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
 # latency-*.json (ViT-B, ViT-H, and the ViT-B A/B runs: dynamic head, CUDA graphs), profile-*.json.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
@@ -54,7 +54,7 @@ case "${1:?step: prepare | measure}" in
           --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
       fi
       if [ "$variant" = vit_b ] && [ "$(left)" -gt 300 ]; then  # A/B runs, no reference
-        SAA_STATIC_HEAD=0 latency "latency-vit_b-fp16-dynamic-head" 90 --engine-dir "$dir" --iters 30
+        SAA_STATIC_SHAPES=0 latency "latency-vit_b-fp16-dynamic-shapes" 90 --engine-dir "$dir" --iters 30
         SAA_CUDA_GRAPHS=1 latency "latency-vit_b-fp16-cuda-graphs" 90 --engine-dir "$dir" --iters 30
       fi
     done
