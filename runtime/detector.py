@@ -140,8 +140,9 @@ class Detector:
         else:
             self._image = self._open(make_session, manifest, GDINO_IMAGE)
         self._head = self._open(make_session, manifest, GDINO_HEAD)
-        self._runners = {id(session): runner_for(session, io_binding, static=self._captures(GDINO_IMAGE) and session is self._image)
-                         for session in (self._text, self._image, self._head)}
+        self._runners = {id(self._text): runner_for(self._text, io_binding),
+                         id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE)),
+                         id(self._head): runner_for(self._head, io_binding)}
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
         self.head_dims: dict[str, int] = {}  # the head's named dimensions once fixed (fix_head_shapes)
         engine_hw = tuple(self._image.get_inputs()[0].shape[2:])
