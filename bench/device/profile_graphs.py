@@ -33,6 +33,33 @@ def graph_name(profile_file: Path) -> str:
     return re.sub(r"_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+$", "", profile_file.stem)
 
 
+def _dims(spec: Any) -> list[int]:
+    """A profile's shape entry ({"float": [2, 3]}) -> [2, 3]."""
+    return [int(d) for d in next(iter(spec.values()))] if isinstance(spec, dict) and spec else []
+
+
+def node_flops(args: dict[str, Any]) -> float:
+    """Multiply-adds x 2 of a MatMul / Gemm / Conv node (or onnxruntime's fused forms) from the shapes its profile
+    event recorded (0 for other ops, and for a Conv whose weights the event leaves out).
+
+    A product's shared dimension is A's last, unless A is transposed: then A's last dimension is
+    the output's rows (onnxruntime leaves pre-packed weights, B, out of the event, so A and the
+    output are what is always there to ask)."""
+    op = args.get("op_name")
+    inputs = [_dims(spec) for spec in args.get("input_type_shape", [])]
+    outputs = [_dims(spec) for spec in args.get("output_type_shape", [])]
+    if not inputs or not inputs[0] or not outputs or not outputs[0]:
+        return 0.0
+    out = float(np.prod(outputs[0]))
+    if op in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"):
+        a, rows = inputs[0], outputs[0][-2] if len(outputs[0]) >= 2 else 1
+        shared = a[-2] if len(a) >= 2 and a[-2] != rows and a[-1] == rows else a[-1]
+        return 2.0 * out * shared
+    if op in ("Conv", "FusedConv") and len(inputs) >= 2 and len(inputs[1]) >= 2:
+        return 2.0 * out * float(np.prod(inputs[1][1:]))
+    return 0.0
+
+
 def summarise_profile(events: Sequence[dict[str, Any]], skip_runs: int = 1, top: int = 8) -> dict[str, Any]:
     """One graph's profile events -> per-run figures (the first `skip_runs` runs left out)."""
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
@@ -54,9 +81,11 @@ def summarise_profile(events: Sequence[dict[str, Any]], skip_runs: int = 1, top:
         if provider == "CPUExecutionProvider":
             cpu_ops[op] += 1
     gpu_session = any(p != "CPUExecutionProvider" for p in by_provider)
+    flops = sum(node_flops(node.get("args", {})) for node in nodes)
     summary: dict[str, Any] = {
         "runs": len(kept),
         "model_run_p50_ms": round(float(np.median([r["dur"] for r in kept])) / 1000.0, 3),
+        "gflop_per_run": round(flops * per_run / 1e9, 2),  # products and convolutions only
         "node_ms_per_run_by_provider": {p: round(v * per_run / 1000.0, 3) for p, v in sorted(by_provider.items())},
         "top_ops_ms_per_run": {op: round(v * per_run / 1000.0, 3)
                                for op, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]},
@@ -126,7 +155,9 @@ def format_summary(record: dict[str, Any]) -> str:
             continue
         providers = ", ".join(f"{p.replace('ExecutionProvider', '')} {v:.1f}" for p, v in g["node_ms_per_run_by_provider"].items())
         cpu = ", ".join(f"{op} {n:g}" for op, n in g["cpu_nodes_per_run"].items())
+        rate = g["gflop_per_run"] / g["model_run_p50_ms"] if g["model_run_p50_ms"] else 0.0  # GFLOP/ms = TFLOP/s
         lines.append(f"{name:<22}{g['runs']:>6}{g['model_run_p50_ms']:>12.2f}  {providers:<26}{cpu}")
+        lines.append(f"{'':<28}{g['gflop_per_run']:.1f} GFLOP a run, {rate:.2f} TFLOP/s")
         lines.append(f"{'':<28}top ops: " + ", ".join(f"{op} {v:.1f}" for op, v in g["top_ops_ms_per_run"].items()))
         if "cuda_kernel_ms_per_run" in g:
             lines.append(f"{'':<28}CUDA kernels {g['cuda_kernel_ms_per_run']:.1f} ms/run")

@@ -3,11 +3,11 @@
 # (docs/latency.md, "GPU session"; 15 minutes of device time in all, the machine goes back 30 s idle):
 #   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side; tiny engines and
 #                                     the gpu-marked tests while they run            (about 6 min)
-#   bench/device/session.sh measure   per variant: bench.latency with the reference, then the
-#                                     per-graph profile (bench/device/profile_graphs.py); after ViT-B
-#                                     two A/B runs: SAA_STATIC_SHAPES=0, SAA_CUDA_GRAPHS=1 (about 6 min)
+#   bench/device/session.sh measure   ViT-B and ViT-H: bench.latency with the reference and the per-graph
+#                                     profile (bench/device/profile_graphs.py); ViT-B A/B runs: CUDA
+#                                     graphs, CUDA graphs + TF32, dynamic shapes (about 7 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
-# latency-*.json (ViT-B, ViT-H, and the ViT-B A/B runs: dynamic head, CUDA graphs), profile-*.json.
+# latency-*.json (ViT-B, ViT-H, three ViT-B A/B runs), profile-*.json: 8.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,21 +43,25 @@ case "${1:?step: prepare | measure}" in
       timeout "$seconds" $PY -m bench.latency --device "$DEVICE" --warmup 5 --out "$OUT/$name.json" "$@" 2>&1 \
         | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -22 | tee -a "$log"
     }
-    for variant in vit_b vit_h; do
-      dir=${ENGINES_ROOT:-/tmp}/engines-$variant-fp16
-      [ "$(left)" -gt 120 ] || { echo "== $variant: $(left) s left, stopped" | tee -a "$log"; break; }
-      latency "latency-$variant-fp16" $(( $(left) - 15 )) --engine-dir "$dir" --iters "${ITERS:-50}" \
-        --reference --reference-iters "${REF_ITERS:-5}"
-      if [ "$(left)" -gt 60 ]; then
-        echo "== profile $variant ($(left) s left)" | tee -a "$log"
-        timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$dir" --device "$DEVICE" \
-          --iters 10 --out "$OUT/profile-$variant-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
-      fi
-      if [ "$variant" = vit_b ] && [ "$(left)" -gt 300 ]; then  # A/B runs, no reference
-        SAA_STATIC_SHAPES=0 latency "latency-vit_b-fp16-dynamic-shapes" 90 --engine-dir "$dir" --iters 30
-        SAA_CUDA_GRAPHS=1 latency "latency-vit_b-fp16-cuda-graphs" 90 --engine-dir "$dir" --iters 30
-      fi
-    done
+    root=${ENGINES_ROOT:-/tmp}
+    vit_b=$root/engines-vit_b-fp16 vit_h=$root/engines-vit_h-fp16
+    profile() {  # profile VARIANT DIR: bench/device/profile_graphs.py into $OUT/profile-VARIANT-fp16.json
+      echo "== profile $1 ($(left) s left)" | tee -a "$log"
+      timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$2" --device "$DEVICE" \
+        --iters 10 --out "$OUT/profile-$1-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
+    }
+    # In the order of what matters most: each step runs only while the budget allows.
+    [ "$(left)" -gt 120 ] && latency latency-vit_b-fp16 $(( $(left) - 15 )) --engine-dir "$vit_b" \
+      --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
+    [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs 90 --engine-dir "$vit_b" --iters 30
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=1 latency latency-vit_b-fp16-cuda-graphs-tf32 90 \
+      --engine-dir "$vit_b" --iters 30
+    [ "$(left)" -gt 120 ] && latency latency-vit_h-fp16 $(( $(left) - 15 )) --engine-dir "$vit_h" \
+      --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
+    [ "$(left)" -gt 100 ] && SAA_STATIC_SHAPES=0 latency latency-vit_b-fp16-dynamic-shapes 90 --engine-dir "$vit_b" --iters 30
+    [ "$(left)" -gt 60 ] && profile vit_h "$vit_h"
+    echo "== done ($(left) s left)" | tee -a "$log"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
     echo "unknown step $1" >&2; exit 2 ;;
