@@ -64,7 +64,8 @@ def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem:
         cv2.imwrite(str(out_dir / f"{stem}_mask.png"), result.pred_mask.astype(np.uint8) * 255)
     payload = {"image": stem, "map_shape": list(values.shape), "map_max": float(values.max()), "png_max": png_max,
                **({"thresholds": thresholds} if thresholds is not None else {}),
-               **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()}}
+               **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+               "engine_ms": {k: round(v, 2) for k, v in result.engine_ms.items()}}  # each stage's share inside onnxruntime
     (out_dir / f"{stem}_regions.json").write_text(json.dumps(payload, indent=1))
 
 

@@ -30,6 +30,8 @@ def test_lite_cli_gives_real_saliency_maps(lite_engine_dir, data_dir, tmp_path, 
         assert values.shape == picture.shape[:2] and values.dtype == np.float32 and np.isfinite(values).all()
         report = json.loads((tmp_path / f"{image.stem}_regions.json").read_text())
         assert report["saliency_only"] is True and report["regions"] == []
+        # the saliency stage's time, and the part of it inside onnxruntime (the CNN, the kNN products)
+        assert 0 < report["engine_ms"]["saliency"] <= report["timings_ms"]["saliency"]
         png = cv2.imread(str(tmp_path / f"{image.stem}_map.png"), cv2.IMREAD_UNCHANGED)
         assert png.dtype == np.uint16 and png.max() == 65535
         assert cv2.imread(str(tmp_path / f"{image.stem}_overlay.png")).shape == picture.shape
