@@ -23,7 +23,7 @@ def test_summary_of_a_gpu_session_names_its_cpu_nodes_and_copies():
     assert got["node_ms_per_run_by_provider"] == {cpu: 0.06, cuda: 0.5}
     assert list(got["top_ops_ms_per_run"]) == ["MatMul", "MemcpyToHost", "NonZero"]
     assert got["cpu_nodes_per_run"] == {"NonZero": 1.0} and got["memcpy_nodes_per_run"] == 1.0
-    assert got["cuda_kernel_ms_per_run"] == 1.3
+    assert got["cuda_kernel_ms_per_run"] == 1.3 and got["nodes_per_run"] == 3.0
     assert P.summarise_profile([], skip_runs=1) == {"runs": 0}
     assert P.graph_name(P.Path("/x/sam_encoder_2026-11-26_01-45-16_116.json")) == "sam_encoder"
 

@@ -86,6 +86,7 @@ def summarise_profile(events: Sequence[dict[str, Any]], skip_runs: int = 1, top:
         "runs": len(kept),
         "model_run_p50_ms": round(float(np.median([r["dur"] for r in kept])) / 1000.0, 3),
         "gflop_per_run": round(flops * per_run / 1e9, 2),  # products and convolutions only
+        "nodes_per_run": round(len(nodes) * per_run, 1),  # after onnxruntime's optimisations: launches, roughly
         "node_ms_per_run_by_provider": {p: round(v * per_run / 1000.0, 3) for p, v in sorted(by_provider.items())},
         "top_ops_ms_per_run": {op: round(v * per_run / 1000.0, 3)
                                for op, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]},
@@ -157,7 +158,7 @@ def format_summary(record: dict[str, Any]) -> str:
         cpu = ", ".join(f"{op} {n:g}" for op, n in g["cpu_nodes_per_run"].items())
         rate = g["gflop_per_run"] / g["model_run_p50_ms"] if g["model_run_p50_ms"] else 0.0  # GFLOP/ms = TFLOP/s
         lines.append(f"{name:<22}{g['runs']:>6}{g['model_run_p50_ms']:>12.2f}  {providers:<26}{cpu}")
-        lines.append(f"{'':<28}{g['gflop_per_run']:.1f} GFLOP a run, {rate:.2f} TFLOP/s")
+        lines.append(f"{'':<28}{g['gflop_per_run']:.1f} GFLOP a run, {rate:.2f} TFLOP/s, {g['nodes_per_run']:g} nodes a run")
         lines.append(f"{'':<28}top ops: " + ", ".join(f"{op} {v:.1f}" for op, v in g["top_ops_ms_per_run"].items()))
         if "cuda_kernel_ms_per_run" in g:
             lines.append(f"{'':<28}CUDA kernels {g['cuda_kernel_ms_per_run']:.1f} ms/run")
