@@ -54,6 +54,13 @@ def test_convert_to_fp16_keeps_io_and_sensitive_ops_fp32(tmp_path):
     assert 0 < parity["max_abs_diff"] < 1e-2 and parity["provider"] == "CPUExecutionProvider"
 
 
+def test_fp16_is_compared_on_the_gpu_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert common.fp16_provider() == "CPUExecutionProvider"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert common.fp16_provider() == "CUDAExecutionProvider"
+
+
 @pytest.fixture(scope="module")
 def lite_fp16(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp16") / "engines"
