@@ -330,7 +330,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # The runtime's switches read from the environment (TF32, cuDNN search, fixed head shapes, ...).
         "environment": {key: value for key, value in sorted(os.environ.items()) if key.startswith("SAA_")},
         # GPU pipelines: the head's caption and token counts and the decoder's box count fixed
-        "static_shapes": {"head": pipeline.detector.head_dims, "decoder_boxes": pipeline.segmenter.decoder_boxes}
+        "static_shapes": {"head": pipeline.detector.head_dims, "decoder_boxes": pipeline.segmenter.decoder_boxes,
+                          "refused": pipeline.static_shapes_refused}
         if pipeline.detector is not None else None,
         "cuda_graphs": getattr(pipeline, "cuda_graphs", {}),  # per graph: "captured" or onnxruntime's reason
         "image": str(image_path),

@@ -96,6 +96,7 @@ class Pipeline:
         self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
         self.detector = self.segmenter = None
+        self.static_shapes_refused: str | None = None  # why onnxruntime would not open a fixed-shape session
         # The detector's and SAM's runs keep per-image state (SAM's embedding between set_image and
         # the box prompts, the IO bindings on a GPU): one image at a time goes through them.
         # Saliency-only (lite) calls share nothing mutable and run concurrently.
@@ -119,8 +120,11 @@ class Pipeline:
             if static_shapes is None:
                 static_shapes = device != "cpu" and os.environ.get("SAA_STATIC_SHAPES", "1") != "0"
             if static_shapes:
-                self.detector.fix_head_shapes(self.text_features)
-                self.segmenter.fix_box_count(options.decoder_chunk)
+                try:
+                    self.detector.fix_head_shapes(self.text_features)
+                    self.segmenter.fix_box_count(options.decoder_chunk)
+                except EngineError as err:  # the dynamic-shape sessions stay: same results, slower
+                    self.static_shapes_refused = str(err)
 
     @property
     def cuda_graphs(self) -> dict[str, str]:

@@ -223,7 +223,7 @@ def test_static_buffers_for_cuda_graphs_give_the_same_maps(full_tiny, image):
         Pipeline(full_tiny, config, threads=1, io_binding=False, cuda_graphs=True)
 
 
-def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image):
+def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image, monkeypatch):
     from runtime.config import resolve_config
     from runtime.pipeline import Pipeline
 
@@ -241,6 +241,18 @@ def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image
     assert detector.cuda_graphs == {"gdino_image": "captured"}
     config = resolve_config("mvtec", "bottle", None, {})
     assert Pipeline(full_tiny, config, threads=1).cuda_graphs == {}
+    # A fixed-shape session onnxruntime will not open leaves the dynamic one in place, with the reason.
+
+    def no_fixed_dims(path, fixed_dims=None, cuda_graphs=None):
+        if fixed_dims:
+            raise EngineError(f"{path}: cannot load engine (dimension override refused)")
+        return make(path, cuda_graphs=cuda_graphs)
+
+    no_fixed_dims.fixes_dims = True
+    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: no_fixed_dims)
+    pipeline = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True)
+    assert "override refused" in pipeline.static_shapes_refused and not pipeline.detector.head_dims
+    assert len(pipeline(image).regions) > 0  # still runs, with the dynamic-shape head and decoder
 
 
 @pytest.mark.gpu

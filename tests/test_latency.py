@@ -144,7 +144,7 @@ def test_cli_full_tiny_pipeline_against_the_reference(full_tiny_engine_dir, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["profile"] == "full" and record["sam_variant"] == "tiny" and record["random_weights"] is True
-    assert record["static_shapes"] == {"head": {}, "decoder_boxes": None}  # CPU: dynamic shapes
+    assert record["static_shapes"] == {"head": {}, "decoder_boxes": None, "refused": None}  # CPU: dynamic shapes
     assert isinstance(record["environment"], dict)
     assert record["text_ms"] is not None and record["text_ms"] > 0
     assert {"detector_image", "detector_prompts", "sam_encoder", "saliency", "fusion", "detector"} <= set(record["stages"])
