@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,12 @@ from runtime import manifest as mf
 from .common import OPSET, ExportedModel, ExportError
 
 
+_START = time.monotonic()
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line with the seconds since the export began (a GPU session plans its minutes by them)."""
+    print(f"[{time.monotonic() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _versions() -> dict[str, str]:
@@ -102,6 +107,8 @@ def _gdino_damping(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export_engines(args: argparse.Namespace) -> Path:
+    global _START
+    _START = time.monotonic()
     out = Path(args.out)
     check_target(out, args.force)
     if getattr(args, "trt", False):
