@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from .errors import EngineError, ImageError, ManifestError
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
-from .sessions import graph_session, named_dims, runner_for
+from .sessions import named_dims, open_session, runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
 
 PREPROCESS_KEY = "gdino"
@@ -134,11 +134,7 @@ class Detector:
         self.max_prompts_per_run = max_prompts_per_run
         self.cuda_graphs: dict[str, str] = {}
         self._text = self._open(make_session, manifest, GDINO_TEXT)
-        if cuda_graphs and getattr(make_session, "fixes_dims", False):
-            self._image, refused = graph_session(make_session, manifest.model_path(GDINO_IMAGE))
-            self.cuda_graphs[GDINO_IMAGE] = refused or "captured"
-        else:
-            self._image = self._open(make_session, manifest, GDINO_IMAGE)
+        self._image = self._open(make_session, manifest, GDINO_IMAGE, cuda_graphs=cuda_graphs)
         self._head = self._open(make_session, manifest, GDINO_HEAD)
         self._runners = {id(self._text): runner_for(self._text, io_binding),
                          id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE)),
@@ -155,13 +151,18 @@ class Detector:
     def _captures(self, name: str) -> bool:
         return self.cuda_graphs.get(name) == "captured"
 
-    @staticmethod
-    def _open(make_session: Callable[[Path], Any], manifest: Manifest, key: str) -> Any:
+    def _open(self, make_session: Callable[..., Any], manifest: Manifest, key: str,
+              fixed_dims: Mapping[str, int] | None = None, cuda_graphs: bool = False) -> Any:
+        """One graph's session (runtime.sessions.open_session); its CUDA-graph status, where one was
+        asked for, goes into self.cuda_graphs."""
         path = manifest.model_path(key)
         try:
-            return make_session(path)
+            session, graphs = open_session(make_session, path, fixed_dims, cuda_graphs)
         except Exception as err:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        if graphs is not None:
+            self.cuda_graphs[key] = graphs
+        return session
 
     def _run(self, session: Any, name: str, feeds: dict[str, Any], outputs: Sequence[str], keep: Sequence[str] = ()) -> list[Any]:
         try:
@@ -252,12 +253,8 @@ class Detector:
             raise EngineError(f"the head runs {self.max_prompts_per_run} of {count} captions at a time: "
                               "its shapes cannot be fixed to all of them")
         dims = named_dims(self._head, self._text_feeds(text, slice(0, count)))
-        path = self._manifest.model_path(GDINO_HEAD)
-        if self._captures(GDINO_IMAGE):  # its inputs are the image graph's fixed buffers
-            head, refused = graph_session(self._make_session, path, fixed_dims=dims)
-            self.cuda_graphs[GDINO_HEAD] = refused or "captured"
-        else:
-            head = self._make_session(path, fixed_dims=dims)
+        # CUDA graphs only behind a capturing image graph: the head's inputs are its fixed buffers.
+        head = self._open(self._make_session, self._manifest, GDINO_HEAD, dims, cuda_graphs=self._captures(GDINO_IMAGE))
         self._runners.pop(id(self._head))
         self._head = head
         self._runners[id(head)] = runner_for(head, self._io_binding, static=self._captures(GDINO_HEAD))

@@ -68,10 +68,9 @@ class Pipeline:
         fixed (Detector.fix_head_shapes), SAM's decoder with decoder_chunk boxes a call
         (Segmenter.fix_box_count; GPU paths only). None: on a GPU, unless SAA_STATIC_SHAPES=0
         (for A/B runs).
-        cuda_graphs: GroundingDINO's image graph, its head and SAM's
-        decoder (these two with static_shapes), and SAM's encoder
-        capture CUDA graphs where onnxruntime allows it (needs the GPU paths); `cuda_graphs` then
-        says per graph "captured" or why not. None: with --device cuda and SAA_CUDA_GRAPHS=1
+        cuda_graphs: GroundingDINO's image graph and SAM's encoder, and with static_shapes also
+        the head and SAM's decoder, capture CUDA graphs where onnxruntime allows it (needs the
+        GPU paths); `cuda_graphs` then says per graph "captured" or why not. None: with --device cuda and SAA_CUDA_GRAPHS=1
         (off by default until measured on a GPU)."""
         self.manifest = manifest
         self.config = config

@@ -30,8 +30,9 @@ from typing import Any
 
 import numba
 import numpy as np
+import onnxruntime as ort
 
-from .sessions import engine_time
+from .sessions import DeviceRunner, builtin_graph, builtin_graph_session, engine_time, session_options
 
 MODES = ("farthest", "nearest")
 DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once
@@ -386,10 +387,6 @@ def _gemm_session(threads: int) -> Any:
     with _gemm_lock:
         session = _gemm_sessions.get(threads)
         if session is None:
-            import onnxruntime as ort
-
-            from .sessions import builtin_graph, session_options
-
             options = session_options(threads, spinning=False)
             session = _gemm_sessions[threads] = ort.InferenceSession(
                 builtin_graph("gemm_transposed"), options, providers=["CPUExecutionProvider"])
@@ -472,8 +469,6 @@ def _knn_symmetric(
 
 def knn_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
-    from .sessions import builtin_graph_session
-
     return builtin_graph_session("knn_distance_mean", device)
 
 
@@ -487,8 +482,6 @@ def knn_distance_mean_graph(
     P x P similarity lives on the device at once (64 MB for a 64x64 grid); means are summed in
     float32 there, so results agree with the numba path to ~1e-6, not bit for bit.
     """
-    from .sessions import DeviceRunner
-
     if isinstance(features, np.ndarray):
         features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
         features = features.reshape(1, features.shape[0], positions, 1)

@@ -20,7 +20,7 @@ from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
 from .pixels import normalised_canvas
 from .resize import longest_side_shape, resize_like_pil
-from .sessions import DeviceRunner, graph_session, runner_for
+from .sessions import DeviceRunner, open_session, runner_for
 
 # Graph I/O names, shared with export/sam.py.
 ENCODER_INPUT = "image"
@@ -65,11 +65,9 @@ class Segmenter:
         self.pixel_mean = np.asarray(config["pixel_mean"], dtype=np.float32)
         self.pixel_std = np.asarray(config["pixel_std"], dtype=np.float32)
         self.cuda_graphs: dict[str, str] = {}
-        if cuda_graphs and getattr(make_session, "fixes_dims", False):
-            self.encoder, refused = graph_session(make_session, manifest.model_path(SAM_ENCODER))
-            self.cuda_graphs[SAM_ENCODER] = refused or "captured"
-        else:
-            self.encoder = make_session(manifest.model_path(SAM_ENCODER))
+        self.encoder, graphs = open_session(make_session, manifest.model_path(SAM_ENCODER), cuda_graphs=cuda_graphs)
+        if graphs is not None:
+            self.cuda_graphs[SAM_ENCODER] = graphs
         self.decoder = make_session(manifest.model_path(SAM_DECODER))
         self._encoder_runner = runner_for(self.encoder, io_binding, static=self.cuda_graphs.get(SAM_ENCODER) == "captured")
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
@@ -150,12 +148,11 @@ class Segmenter:
             raise EngineError(f"Segmenter: boxes per decoder call must be a positive integer, got {boxes!r}")
         if self._mask_runner is None or not getattr(self._make_session, "fixes_dims", False):
             return False
-        path, dims = self._manifest.model_path(SAM_DECODER), {"num_boxes": int(boxes)}
-        if self.cuda_graphs.get(SAM_ENCODER) == "captured":  # its input is the encoder's fixed buffer
-            self.decoder, refused = graph_session(self._make_session, path, fixed_dims=dims)
-            self.cuda_graphs[SAM_DECODER] = refused or "captured"
-        else:
-            self.decoder = self._make_session(path, fixed_dims=dims)
+        # CUDA graphs only behind a capturing encoder: the decoder's input is its fixed buffer.
+        self.decoder, graphs = open_session(self._make_session, self._manifest.model_path(SAM_DECODER),
+                                            {"num_boxes": int(boxes)}, cuda_graphs=self.cuda_graphs.get(SAM_ENCODER) == "captured")
+        if graphs is not None:
+            self.cuda_graphs[SAM_DECODER] = graphs
         self._decoder_runner = runner_for(self.decoder, self._io_binding, static=self.cuda_graphs.get(SAM_DECODER) == "captured")
         self.decoder_boxes = int(boxes)
         return True

@@ -201,15 +201,19 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
     return make_session
 
 
-def graph_session(make_session: Callable[..., Any], path: Path,
-                  fixed_dims: Mapping[str, int] | None = None) -> tuple[Any, str | None]:
-    """(session, None) capturing CUDA graphs, or (plain session, onnxruntime's reason) where it
-    refuses them (a node on the CPU, a dynamic shape). Run a capturing one with runner_for(...,
-    static=True)."""
+def open_session(make_session: Callable[..., Any], path: Path, fixed_dims: Mapping[str, int] | None = None,
+                 cuda_graphs: bool = False) -> tuple[Any, str | None]:
+    """A session of `path` from `make_session`, and its CUDA-graph status: None where none was
+    asked for (or the factory cannot make one: a test's stand-in), "captured", or onnxruntime's
+    reason for refusing (a node on the CPU, a dynamic shape), in which case the session is a plain
+    one. Run a capturing session with runner_for(..., static=True)."""
+    fixed = {"fixed_dims": fixed_dims} if fixed_dims else {}
+    if not (cuda_graphs and getattr(make_session, "fixes_dims", False)):
+        return make_session(path, **fixed), None
     try:
-        return make_session(path, fixed_dims=fixed_dims, cuda_graphs=True), None
+        return make_session(path, cuda_graphs=True, **fixed), "captured"
     except EngineError as err:
-        return make_session(path, fixed_dims=fixed_dims, cuda_graphs=False), str(err)
+        return make_session(path, cuda_graphs=False, **fixed), str(err)
 
 
 def named_dims(session: Any, feeds: Mapping[str, Any]) -> dict[str, int]:
