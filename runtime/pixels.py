@@ -5,7 +5,8 @@ top left and zeros elsewhere. Their transforms normalise in float32: torchvision
 ToTensor + Normalize ((x / 255 - mean) / std) and Sam.preprocess ((x - mean) / std). One
 parallel numba pass does the same float32 operations in the same order, so the values are
 bit-equal to the numpy expressions it replaced. It also writes channels-first straight into the
-canvas: numpy took two temporaries and a transposing copy (7 ms for 1024x1024 on 2 cores).
+canvas, where numpy took two temporaries and a transposing copy (the whole SAM input, resize
+included: bench/results/host_prep_cpu_2026-11-26.json).
 """
 from __future__ import annotations
 
