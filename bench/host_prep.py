@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench.latency import summarize
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ def _median_ms(call: Callable[[], Any], iters: int) -> float:
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1000.0)
-    return round(float(np.median(times)), 3)
+    return summarize(times)["p50_ms"]
 
 
 def time_preparation(engine_dir: Path, image_path: Path, iters: int) -> dict[str, Any]:

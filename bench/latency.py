@@ -183,6 +183,9 @@ def versions(with_torch: bool) -> dict[str, str]:
             pass
     import onnxruntime
 
+    # Both distributions may be installed (a GPU machine's image ships the CPU one; the GPU wheel
+    # goes first on the path): say which one this process runs.
+    out["onnxruntime_imported"] = f"{onnxruntime.__version__} ({Path(onnxruntime.__file__).parent})"
     out["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())
     return out
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from .errors import ManifestError
 
@@ -58,6 +58,12 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class InputSpec(NamedTuple):
+    """A graph input as the manifest records it (what onnxruntime's NodeArg gives: name, shape)."""
+    name: str
+    shape: list[int | str]
+
+
 @dataclass(frozen=True)
 class Manifest:
     engine_dir: Path
@@ -94,6 +100,15 @@ class Manifest:
         if key not in self.models:
             raise ManifestError(f"{self.engine_dir / MANIFEST_NAME}: profile {self.profile!r} has no model {key!r}")
         return self.engine_dir / self.models[key]["file"]
+
+    def inputs(self, key: str) -> list[InputSpec] | None:
+        """Model `key`'s inputs as the exporter recorded them from the graph (names, shapes with
+        named dimensions as strings); None where the record lacks them or is malformed."""
+        records = self.models.get(key, {}).get("inputs")
+        try:
+            return [InputSpec(str(r["name"]), list(r["shape"])) for r in records]
+        except (TypeError, KeyError):
+            return None
 
     def file_path(self, key: str) -> Path:
         """A non-model file listed under "files" (tokenizer, ...)."""

@@ -122,8 +122,11 @@ class Pipeline:
                 try:
                     self.detector.fix_head_shapes(self.text_features)
                     self.segmenter.fix_box_count(options.decoder_chunk)
-                except EngineError as err:  # the dynamic-shape sessions stay: same results, slower
+                except EngineError as err:  # the dynamic-shape sessions instead: same results, slower
                     self.static_shapes_refused = str(err)
+            # Both open now where nothing fixed them: a broken engine fails here, not on the first image.
+            self.detector.head_session()
+            self.segmenter.decoder_session()
 
     @property
     def cuda_graphs(self) -> dict[str, str]:

@@ -190,12 +190,13 @@ class SaliencyExtractor:
 
     # ------------------------------------------------------------------ CNN
 
-    def features(self, image: np.ndarray, size: int) -> np.ndarray:
-        """CNN features [C, size/4, size/4] float32 of `image` (uint8 HxWx3, as given) resized to size x size."""
+    def features(self, image: np.ndarray, size: int, on_device: bool = False) -> Any:
+        """CNN features [C, size/4, size/4] float32 of `image` (uint8 HxWx3, as given) resized to
+        size x size; on_device: see _run."""
         _check_image(image)
         size = _check_size(size, "input size")
         resized = cv2.resize(image, (size, size))  # INTER_LINEAR, as the reference
-        return self._run(resized)
+        return self._run(resized, on_device)
 
     def _run(self, resized: np.ndarray, on_device: bool = False) -> Any:
         """CNN features [C, h/4, w/4] of an already resized uint8 image [h, w, 3]; on_device: the
@@ -243,9 +244,7 @@ class SaliencyExtractor:
         settings = self._with(n, mode)
         if self.knn_session is not None and self.channel_index is None and not settings.pad and settings.contrast == "none":
             # The CNN's output goes straight into the kNN graph on the device: only the means come back.
-            _check_image(image)
-            resized = cv2.resize(image, (self.single_size, self.single_size))  # INTER_LINEAR, as the reference
-            features = self._run(resized, on_device=True)
+            features = self.features(image, self.single_size, on_device=True)
             _, _, height, width = features.shape()
             try:
                 scores = knn_distance_mean_graph(features, settings.n, settings.mode, settings.exclude_self, self.knn_session)

@@ -68,16 +68,19 @@ class Segmenter:
         self.encoder, graphs = open_session(make_session, manifest.model_path(SAM_ENCODER), cuda_graphs=cuda_graphs)
         if graphs is not None:
             self.cuda_graphs[SAM_ENCODER] = graphs
-        self.decoder = make_session(manifest.model_path(SAM_DECODER))
         self._encoder_runner = runner_for(self.encoder, io_binding, static=self.cuda_graphs.get(SAM_ENCODER) == "captured")
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
         self.decoder_boxes: int | None = None  # boxes per decoder call once fixed (fix_box_count)
-        self._decoder_runner = runner_for(self.decoder, io_binding)
+        # The decoder opens on first need (decoder_session): a GPU pipeline fixes its box count
+        # first, so it is optimised once, not twice.
+        self.decoder: Any = None
+        self._decoder_runner: Any = None
         # With IO binding (GPU) the decoder's logits stay on the device and one graph upscales all
         # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).
+        # The decoder runs where the encoder does: same factory, same binding.
         self._mask_runner = None
-        if isinstance(self._decoder_runner, DeviceRunner):
-            self._mask_runner = DeviceRunner(mask_session(self._decoder_runner.device))
+        if isinstance(self._encoder_runner, DeviceRunner):
+            self._mask_runner = DeviceRunner(mask_session(self._encoder_runner.device))
         self._embedding: Any = None  # numpy, or an OrtValue on the device
         self._original_size: tuple[int, int] = (0, 0)
         self._input_size: tuple[int, int] = (0, 0)
@@ -127,6 +130,7 @@ class Segmenter:
             raise EngineError("Segmenter: call set_image() before predicting masks")
         feeds = {DECODER_INPUTS[0]: self._embedding, DECODER_INPUTS[1]: np.ascontiguousarray(boxes_input_frame, dtype=np.float32)}
         keep = DECODER_OUTPUTS[:1] if keep_on_device else ()
+        self.decoder_session()
         try:
             low_res, iou = self._decoder_runner.run(DECODER_OUTPUTS, feeds, keep=keep)
         except Exception as err:
@@ -136,6 +140,13 @@ class Segmenter:
         if shape != expected:
             raise EngineError(f"{SAM_DECODER} returned masks of shape {shape}, expected {expected}")
         return low_res, iou
+
+    def decoder_session(self) -> Any:
+        """The decoder's session: the one fix_box_count opened, else the dynamic one (opened now)."""
+        if self.decoder is None:
+            self.decoder = self._make_session(self._manifest.model_path(SAM_DECODER))
+            self._decoder_runner = runner_for(self.decoder, self._io_binding)
+        return self.decoder
 
     def fix_box_count(self, boxes: int) -> bool:
         """Reopen the decoder for exactly `boxes` boxes per call (GPU paths, where the masks are

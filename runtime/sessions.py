@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -216,11 +216,12 @@ def open_session(make_session: Callable[..., Any], path: Path, fixed_dims: Mappi
         return make_session(path, cuda_graphs=False, **fixed), str(err)
 
 
-def named_dims(session: Any, feeds: Mapping[str, Any]) -> dict[str, int]:
-    """The sizes `feeds` give the session's named dimensions, e.g. {"prompts": 6, "tokens": 12};
+def named_dims(inputs: Iterable[Any], feeds: Mapping[str, Any]) -> dict[str, int]:
+    """The sizes `feeds` give the named dimensions of `inputs` (a session's get_inputs() or the
+    manifest's Manifest.inputs: anything with .name and .shape), e.g. {"prompts": 6, "tokens": 12};
     EngineError when two inputs disagree on one."""
     dims: dict[str, int] = {}
-    for spec in session.get_inputs():
+    for spec in inputs:
         value = feeds.get(spec.name)
         if value is None:
             continue

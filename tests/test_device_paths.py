@@ -8,6 +8,7 @@ docs/latency.md.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,55 @@ def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image
     pipeline = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True)
     assert "override refused" in pipeline.static_shapes_refused and not pipeline.detector.head_dims
     assert len(pipeline(image).regions) > 0  # still runs, with the dynamic-shape head and decoder
+
+
+@pytest.mark.parametrize("static_shapes", [True, False])
+def test_pipelines_open_each_graph_once(full_tiny, monkeypatch, static_shapes):
+    """The head and SAM's decoder are not opened dynamic first and then again with fixed
+    shapes; a broken one still fails when the pipeline is built, not on its first image."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import Pipeline
+
+    make = session_factory("cpu", threads=1)
+    opened: list[tuple[str, bool]] = []
+
+    def counting(path, fixed_dims=None, cuda_graphs=None):
+        opened.append((Path(path).stem, bool(fixed_dims)))
+        return make(path, fixed_dims=fixed_dims, cuda_graphs=cuda_graphs)
+
+    counting.fixes_dims = True
+    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: counting)
+    config = resolve_config("mvtec", "bottle", None, {})
+    Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=static_shapes)
+    graphs = [name for name, _ in opened]
+    assert sorted(graphs) == sorted(set(graphs)) and {"gdino_head", "sam_decoder"} <= set(graphs)
+    assert dict(opened)["gdino_head"] == dict(opened)["sam_decoder"] == static_shapes
+
+    def broken_decoder(path, fixed_dims=None, cuda_graphs=None):
+        if "sam_decoder" in str(path):
+            raise EngineError(f"{path}: cannot load engine (truncated)")
+        return make(path, fixed_dims=fixed_dims, cuda_graphs=cuda_graphs)
+
+    broken_decoder.fixes_dims = True
+    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: broken_decoder)
+    with pytest.raises(EngineError, match="sam_decoder.onnx: cannot load engine"):
+        Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=static_shapes)
+
+
+def test_head_dims_come_from_the_manifest_or_the_session(full_tiny):
+    """fix_head_shapes names the dimensions from the manifest's input records; where a
+    manifest lacks them (hand-edited, older), from the dynamic session's inputs."""
+    make = session_factory("cpu", threads=1)
+    specs = full_tiny.inputs("gdino_head")
+    assert specs is not None and [s.name for s in specs] == [i.name for i in make(full_tiny.model_path("gdino_head")).get_inputs()]
+    text = Detector(full_tiny, make).encode_text(CAPTIONS)
+    expected = {"prompts": len(CAPTIONS), "tokens": int(text.encoded.lengths.max())}
+    assert Detector(full_tiny, make, io_binding=True).fix_head_shapes(text) == expected
+    data = copy.deepcopy(full_tiny.data)
+    del data["models"]["gdino_head"]["inputs"]
+    bare = mf.Manifest(full_tiny.engine_dir, data)
+    assert bare.inputs("gdino_head") is None
+    assert Detector(bare, make, io_binding=True).fix_head_shapes(text) == expected
 
 
 @pytest.mark.gpu
