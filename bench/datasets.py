@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.errors import ImageError, SaaError
-from runtime.image_io import IMAGE_SUFFIXES
+from runtime.errors import SaaError
+from runtime.image_io import IMAGE_SUFFIXES, decode_file
 
 DATASETS = ("mvtec", "visa", "mtd", "folder")
 MTD_CATEGORY = "mtd"  # the whole MTD set is one category, as runtime/data/prompts/mtd.json
@@ -65,9 +65,7 @@ def read_mask(sample: Sample, shape: tuple[int, int] | None = None) -> np.ndarra
         if shape is None:
             raise ValueError(f"{sample.image_path}: no mask file, so the image shape is needed")
         return np.zeros(shape, bool)
-    values = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
-    if values is None:
-        raise ImageError(f"{sample.mask_path}: not a readable mask image")
+    values = decode_file(sample.mask_path, cv2.IMREAD_GRAYSCALE)
     if shape is not None and values.shape != tuple(shape):
         raise DatasetError(f"{sample.mask_path}: mask is {values.shape[1]}x{values.shape[0]} but its image "
                            f"{sample.image_path.name} is {shape[1]}x{shape[0]}")

@@ -36,7 +36,7 @@ from .decision import Thresholds, image_score
 from .config import add_config_arguments
 from .sessions import DEVICES
 from .errors import ConfigError, ImageError, SaaError
-from .image_io import IMAGE_SUFFIXES, read_image
+from .image_io import IMAGE_SUFFIXES, decode_file, is_mask_file, read_image
 
 FORMAT = "saa-calibration"
 FORMAT_VERSION = 1
@@ -104,7 +104,7 @@ def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
     stems = {p.stem for p in files if p.suffix.lower() != ".png"}
     parts = []
     for path in files:
-        if path.stem.endswith("_mask") or (path.suffix.lower() == ".png" and path.stem in stems):
+        if is_mask_file(path, stems):
             continue
         candidates = [folder / "masks" / f"{path.stem}.png", path.with_name(f"{path.stem}_mask.png")]
         if path.suffix.lower() != ".png":
@@ -116,9 +116,7 @@ def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    values = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if values is None:
-        raise ImageError(f"{path}: not a readable mask image")
+    values = decode_file(path, cv2.IMREAD_GRAYSCALE)
     if values.shape != shape:
         raise ImageError(f"{path}: mask is {values.shape[1]}x{values.shape[0]}, its image {shape[1]}x{shape[0]}")
     return values > MASK_THRESHOLD

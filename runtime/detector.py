@@ -215,6 +215,8 @@ class Detector:
         if height < 1 or width < 1:
             raise ImageError(f"image of size {height}x{width} is empty")
         (content_h, content_w), exact = self.content_shape(height, width)
+        if content_h < 1 or content_w < 1:  # a line-scan strip: the reference's resize makes it empty too
+            raise ImageError(f"image of {height}x{width} is too thin for GroundingDINO: it resizes to {content_h}x{content_w}")
         resized = resize_like_pil(image_rgb, (content_h, content_w))
         # ToTensor then Normalize, in float32 as torchvision does
         pixels = normalised_canvas(resized, (self.height, self.width), self.mean, self.std, divisor=255.0)

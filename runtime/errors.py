@@ -20,3 +20,7 @@ class EngineError(SaaError, RuntimeError):
 
 class ManifestError(SaaError, ValueError):
     """The engines dir is missing, incomplete, from another version or fails its sha256 checks."""
+
+
+class OutputError(SaaError, OSError):
+    """An output file or folder cannot be written (missing folder, no space, no permission)."""

@@ -6,12 +6,13 @@ file's name in the message.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import ImageError
+from .errors import ImageError, OutputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm", ".webp")
 # Our own one-line errors replace OpenCV's decoder chatter on stderr.
@@ -24,8 +25,20 @@ MIN_SIDE = 2  # SAM, GroundingDINO and the saliency grid all need at least a 2x2
 MAX_PIXELS = 100_000_000  # 100 MP: beyond this a line camera frame is almost surely a mistake
 
 
+# Any depth and colour layout as stored, turned upright by the file's EXIF orientation as the
+# reference's cv2.imread does (IMREAD_UNCHANGED would skip that); an alpha channel is dropped.
+IMAGE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 HxWx3 BGR; raise ImageError naming the file otherwise."""
+    path = Path(path)
+    return to_bgr8(decode_file(path, IMAGE_FLAGS), source=str(path))
+
+
+def decode_file(path: str | Path, flags: int) -> np.ndarray:
+    """An image file decoded by OpenCV with `flags`; ImageError naming the file where it cannot be.
+    The bytes are read by numpy: OpenCV's own file functions crash on names that are not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
@@ -35,10 +48,45 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({err.strerror})") from None
     if raw.size == 0:
         raise ImageError(f"{path}: empty file")
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    image = cv2.imdecode(raw, flags)
     if image is None:
         raise ImageError(f"{path}: not a readable image (corrupt, truncated or unsupported format)")
-    return to_bgr8(image, source=str(path))
+    return image
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Encode `image` in the format its suffix names and write it; OutputError naming the file
+    where it cannot be (cv2.imwrite only returns False, and crashes on names that are not UTF-8)."""
+    path = Path(path)
+    try:
+        ok, encoded = cv2.imencode(path.suffix, image)
+    except cv2.error as err:
+        raise OutputError(f"{path}: cannot encode the image ({str(err).strip().splitlines()[-1]})") from None
+    if not ok:
+        raise OutputError(f"{path}: cannot encode the image as {path.suffix}")
+    write_bytes(path, encoded.tobytes())
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """Before long work: OutputError where the file `path` could not be written afterwards
+    (its folder missing, not a folder, or not writable; the path itself a folder)."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder, not a file")
+    if not folder.is_dir():
+        raise OutputError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{what} {path}: the folder {folder} is not writable")
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path`; OutputError naming the file and the reason otherwise."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
@@ -77,15 +125,27 @@ def _to_uint8(image: np.ndarray, source: str) -> np.ndarray:
     raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
+def is_mask_file(path: Path, stems_of_other_images: set[str]) -> bool:
+    """A defect mask stored beside its image, not a part: <stem>_mask.png (also what
+    `runtime.infer` writes), or <stem>.png beside a non-PNG image of that stem (MTD's layout)."""
+    return path.stem.endswith("_mask") or (path.suffix.lower() == ".png" and path.stem in stems_of_other_images)
+
+
+def list_images(inputs: list[str | Path], exclude: str | Path | None = None) -> list[Path]:
     """Expand files and folders (recursively, sorted) into image paths; missing inputs are kept
-    so the caller reports them as per-file failures."""
+    so the caller reports them as per-file failures. In folders, masks beside their images
+    (is_mask_file) and anything under `exclude` (the output folder: an earlier run's maps) are
+    left out; files named one by one are always kept."""
+    skip = Path(exclude).resolve() if exclude is not None else None
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
-        if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                               and not any(part.startswith(".") for part in p.relative_to(item).parts)))
-        else:
+        if not item.is_dir():
             paths.append(item)
+            continue
+        found = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(item).parts)
+                 and (skip is None or not p.resolve().is_relative_to(skip))]
+        stems = {(p.parent, p.stem) for p in found if p.suffix.lower() != ".png"}
+        paths.extend(sorted(p for p in found if not is_mask_file(p, {s for d, s in stems if d == p.parent})))
     return list(dict.fromkeys(paths))  # a file named twice is processed once

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -16,8 +17,11 @@ import numpy as np
 from .config import add_config_arguments
 from .sessions import DEVICES
 from .errors import SaaError
-from .image_io import list_images, read_image
+from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .pipeline import AnomalyResult, Pipeline
+
+
+MAX_OUT_SIZE = 16384  # square maps: 16384^2 float32 is 1 GB per map
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,17 +60,19 @@ def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem:
     """<stem>_map.npy (exact), <stem>_map.png (16-bit, scaled by the JSON's png_max), overlay, regions JSON,
     and <stem>_mask.png (0/255) when a pixel threshold is set."""
     values = result.anomaly_map.astype(np.float32)
-    np.save(out_dir / f"{stem}_map.npy", values)
+    exact = io.BytesIO()
+    np.save(exact, values)
+    write_bytes(out_dir / f"{stem}_map.npy", exact.getvalue())
     png_max = float(values.max()) if values.size and values.max() > 0 else 1.0
-    cv2.imwrite(str(out_dir / f"{stem}_map.png"), np.round(np.clip(values / png_max, 0, 1) * 65535).astype(np.uint16))
-    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), overlay(image, values, result))
+    write_image(out_dir / f"{stem}_map.png", np.round(np.clip(values / png_max, 0, 1) * 65535).astype(np.uint16))
+    write_image(out_dir / f"{stem}_overlay.png", overlay(image, values, result))
     if result.pred_mask is not None:
-        cv2.imwrite(str(out_dir / f"{stem}_mask.png"), result.pred_mask.astype(np.uint8) * 255)
+        write_image(out_dir / f"{stem}_mask.png", result.pred_mask.astype(np.uint8) * 255)
     payload = {"image": stem, "map_shape": list(values.shape), "map_max": float(values.max()), "png_max": png_max,
                **({"thresholds": thresholds} if thresholds is not None else {}),
                **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                "engine_ms": {k: round(v, 2) for k, v in result.engine_ms.items()}}  # each stage's share inside onnxruntime
-    (out_dir / f"{stem}_regions.json").write_text(json.dumps(payload, indent=1))
+    write_bytes(out_dir / f"{stem}_regions.json", json.dumps(payload, indent=1).encode())
 
 
 def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.ndarray:
@@ -93,8 +99,15 @@ def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out_size is not None and not 1 <= args.out_size <= MAX_OUT_SIZE:
+        parser.error(f"--out-size must be from 1 to {MAX_OUT_SIZE}, got {args.out_size}")
+    if args.save_memory and args.memory is None and args.stream_memory is None:
+        parser.error("--save-memory needs a memory to save: --memory FILE or --stream-memory N")
     try:
+        if args.save_memory:
+            check_output_file(args.save_memory, "--save-memory")  # now, not after all the images
         pipeline = Pipeline.open(args.engine_dir, dataset=args.dataset, category=args.category, config=args.config,
                                  device=args.device, threads=args.threads, options=options_from_args(args),
                                  calibration=args.calibration, memory=args.memory, stream_memory=args.stream_memory,
@@ -108,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot create output folder {out_dir}: {err.strerror}", file=sys.stderr)
         return 2
-    paths = list_images(args.inputs)
+    paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
     if not paths:
         print("error: no images found in the inputs", file=sys.stderr)
         return 2
@@ -151,6 +164,7 @@ def unique_stems(paths: list[Path]) -> dict[Path, str]:
     taken: set[str] = set()
     for path in paths:
         stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.name.replace('.', '_')}"
+        stem = stem.encode("utf-8", "replace").decode("utf-8")  # bytes no encoding can show (not UTF-8) -> "?"
         candidate, index = stem, 1
         while candidate in taken:
             candidate, index = f"{stem}_{index}", index + 1

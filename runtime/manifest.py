@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -118,9 +119,39 @@ class Manifest:
         return self.engine_dir / files[key]["file"]
 
 
+# Preprocessing constants the runtime computes with: positive integers, and per-channel
+# (mean, std) triples of finite numbers with std > 0. Other keys are descriptions.
+_SIZES = ("height", "width", "short_side", "max_side", "max_text_len", "num_queries", "image_size", "mask_size",
+          "channels", "single_size", "multi_size", "stride")
+_TRIPLES = ("mean", "std", "pixel_mean", "pixel_std")
+
+
+def _check_preprocess(path: Path, preprocess: dict[str, Any]) -> None:
+    for section, record in preprocess.items():
+        if not isinstance(record, dict):
+            raise ManifestError(f"{path}: preprocess[{section!r}] must be an object")
+        for key, value in record.items():
+            where = f"{path}: preprocess[{section!r}][{key!r}] = {value!r}"
+            if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ManifestError(f"{where} must be a positive integer")
+            if key in _TRIPLES:
+                if not (isinstance(value, list) and len(value) == 3 and all(_finite(v) for v in value)):
+                    raise ManifestError(f"{where} must be 3 finite numbers, one per colour channel")
+                if key.endswith("std") and min(value) <= 0:
+                    raise ManifestError(f"{where}: a standard deviation must be > 0")
+            if key == "mask_threshold" and not _finite(value):
+                raise ManifestError(f"{where} must be a finite number")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
     """Read and check `engine_dir/manifest.json`; raise ManifestError naming the problem."""
     engine_dir = Path(engine_dir)
+    if engine_dir.is_file():
+        raise ManifestError(f"engines dir {engine_dir} is a file: give the folder `python -m export --out` wrote")
     if not engine_dir.is_dir():
         raise ManifestError(f"engines dir {engine_dir} does not exist (run `python -m export --out {engine_dir}` first)")
     path = engine_dir / MANIFEST_NAME
@@ -133,22 +164,33 @@ def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifes
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a manifest (top level is not an object)")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        written = f"the string {version!r}" if isinstance(version, str) else repr(version)
         raise ManifestError(
-            f"{path} has format_version {version!r}, this runtime reads {FORMAT_VERSION}: re-export the engines with this version"
+            f"{path} has format_version {written}, this runtime reads {FORMAT_VERSION}: re-export the engines with this version"
         )
     for key in ("profile", "models", "preprocess"):
         if key not in data:
             raise ManifestError(f"{path} lacks the key {key!r}")
     profile = data["profile"]
-    if profile not in PROFILE_MODELS:
+    if not isinstance(profile, str) or profile not in PROFILE_MODELS:
         raise ManifestError(f"{path}: unknown profile {profile!r} (expected one of {sorted(PROFILE_MODELS)})")
+    for key in ("models", "preprocess", "files"):
+        if not isinstance(data.get(key, {}), dict):
+            raise ManifestError(f"{path}: {key!r} must be an object, got {type(data[key]).__name__}")
     missing = [key for key in PROFILE_MODELS[profile] if key not in data["models"]]
     if missing:
         raise ManifestError(f"{path}: profile {profile!r} lacks models {missing}")
-    entries = list(data["models"].values()) + list(data.get("files", {}).values())
-    entries += [side for entry in data["models"].values() for side in entry.get("external_data", [])]
-    for entry in entries:
+    models = [(f"models.{key}", entry) for key, entry in data["models"].items()]
+    entries = models + [(f"files.{key}", entry) for key, entry in data.get("files", {}).items()]
+    entries += [(f"{name}.external_data", side) for name, entry in models if isinstance(entry, dict)
+                for side in entry.get("external_data", [])]
+    for name, entry in entries:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "sha256")):
+            raise ManifestError(f"{path}: {name} needs a file name and its sha256 (strings): the manifest was edited "
+                                "or damaged (re-export)")
+    _check_preprocess(path, data["preprocess"])
+    for _, entry in entries:
         file = engine_dir / entry["file"]
         if not file.is_file():
             raise ManifestError(f"{file} is listed in the manifest but missing: the engines dir is incomplete")

@@ -254,10 +254,13 @@ class SaliencyExtractor:
         features = self.single_object_features(image)
         channels, height, width = features.shape
         flat = features.reshape(channels, -1)
-        if self.knn_session is not None:
-            scores = knn_distance_mean_graph(flat, settings.n, settings.mode, settings.exclude_self, self.knn_session)
-        else:
-            scores = knn_distance_mean(flat, settings.n, settings.mode, settings.exclude_self, settings.block_bytes)
+        try:
+            if self.knn_session is not None:
+                scores = knn_distance_mean_graph(flat, settings.n, settings.mode, settings.exclude_self, self.knn_session)
+            else:
+                scores = knn_distance_mean(flat, settings.n, settings.mode, settings.exclude_self, settings.block_bytes)
+        except ValueError as err:  # NaN or inf features: the CNN (or its preprocessing) is broken
+            raise EngineError(f"{self.path}: {err}") from None
         return smooth_grid(scores.reshape(height, width), settings.blur_sigma)
 
     def single_object_saliency(self, image: np.ndarray, n: int | None = None, mode: str | None = None) -> np.ndarray:
@@ -293,7 +296,10 @@ class SaliencyExtractor:
             return None
         features = self.features(image, self.multi_size)
         channels = features.shape[0]
-        scores = multi_instance_distance(features.reshape(channels, -1), small, self.settings.block_bytes)
+        try:
+            scores = multi_instance_distance(features.reshape(channels, -1), small, self.settings.block_bytes)
+        except ValueError as err:  # NaN or inf features
+            raise EngineError(f"{self.path}: {err}") from None
         return scores.reshape(grid, grid)
 
     def multi_object_saliency(self, image: np.ndarray, object_masks: np.ndarray) -> np.ndarray:

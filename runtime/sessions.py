@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineError
+from .errors import ConfigError, EngineError
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 TRT_CACHE_DIR = "trt_cache"  # inside the engines dir: TensorRT plans are tied to the GPU and TensorRT version
@@ -166,6 +166,16 @@ def _profile_if_asked(options: ort.SessionOptions, name: str) -> None:
         options.profile_file_prefix = str(Path(folder) / name)
 
 
+MAX_THREADS = 1024  # onnxruntime starts them all at once: a typo (100000) would hang the process
+
+
+def check_threads(threads: Any) -> int:
+    """threads per engine: 0 (onnxruntime's default) up to MAX_THREADS; ConfigError otherwise."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"threads must be an integer from 0 (onnxruntime's default) to {MAX_THREADS}, got {threads!r}")
+    return int(threads)
+
+
 def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = False,
                     cuda_graph: bool = False) -> SessionFactory:
     """A function making one InferenceSession per engine file with shared settings.
@@ -175,6 +185,7 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
     graphs with fixed input shapes run through `DeviceRunner` (onnxruntime's requirement).
     """
     providers_for(device)  # fail before any file is read
+    check_threads(threads)
 
     def make_session(path: Path, fixed_dims: Mapping[str, int] | None = None,
                      cuda_graphs: bool | None = None) -> ort.InferenceSession:

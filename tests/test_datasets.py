@@ -155,7 +155,7 @@ def test_folder_layout(tmp_path: Path) -> None:
 def test_unreadable_mask_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "m.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ImageError, match="m.png: not a readable mask"):
+    with pytest.raises(ImageError, match="m.png: not a readable image"):
         read_mask(Sample(tmp_path / "i.png", bad, 1, "x"))
 
 

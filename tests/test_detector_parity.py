@@ -199,6 +199,9 @@ def test_bad_images_and_manifests_raise_clear_errors(detector, engines):
     for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), np.zeros((0, 5, 3), np.uint8), "image.png"):
         with pytest.raises(ImageError):
             detector.encode_image(bad)
+    strip = np.zeros((2, 5 * detector.max_side, 3), np.uint8)  # a line-scan strip resizes to nothing
+    with pytest.raises(ImageError, match=f"2x{5 * detector.max_side} is too thin for GroundingDINO"):
+        detector.encode_image(strip)
     with pytest.raises(ManifestError, match="gdino"):
         Detector(Manifest(engine_dir, {"profile": "full", "models": {}, "preprocess": {}}), ort_session)
     with pytest.raises(ManifestError, match="224x224"):

@@ -58,10 +58,41 @@ def test_folder_run_reports_bad_files_and_goes_on(lite_engine_dir, data_dir, tmp
     np.testing.assert_allclose(np.load(tmp_path / "out" / "good_map.npy"), np.load(tmp_path / "out" / "good_ppm_map.npy"))
 
 
+def test_folders_skip_masks_and_earlier_outputs_and_names_need_not_be_utf8(lite_engine_dir, data_dir, tmp_path, capsys):
+    """MTD keeps each defect's mask beside its image (<stem>.png); an earlier run's maps sit in
+    the output folder, which may be inside the input. A file name that is not UTF-8 (an old
+    camera's Latin-1) crashed OpenCV's own file functions; the outputs take a readable name."""
+    folder = tmp_path / "in"
+    shutil.copytree(data_dir / "mtd-mini" / "MT_Blowhole" / "Imgs", folder)
+    odd = folder / (b"\xffpart".decode("utf-8", "surrogateescape") + ".jpg")
+    shutil.copy(defect_images(data_dir)[0], odd)
+    parts = sorted(p.stem for p in folder.glob("*.jpg"))
+    args = ["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress", str(folder)]
+    assert infer.main([*args, "--out", str(folder / "out")]) == 0
+    written = sorted(p.name[:-len("_map.npy")] for p in (folder / "out").glob("*_map.npy"))
+    assert written == sorted(stem.encode("utf-8", "replace").decode() for stem in parts) and "?part" in written
+    assert infer.main([*args, "--out", str(folder / "out")]) == 0  # again: the first run's maps are not parts
+    assert f"{len(parts)} of {len(parts)} images written" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_reported_and_the_batch_goes_on(lite_engine_dir, data_dir, tmp_path, capsys):
+    images = defect_images(data_dir)[:2]
+    out = tmp_path / "out"
+    (out / f"{images[0].stem}_overlay.png").mkdir(parents=True)  # in the way of the first image's overlay
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       *map(str, images), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{images[0].stem}_overlay.png: cannot write" in err and "1 of 2 images written" in err
+    assert (out / f"{images[1].stem}_regions.json").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--engine-dir", "/nonexistent/engines", "--dataset", "mtd", "--category", "mtd"], "does not exist"),
     (["--dataset", "mtd", "--category", "nope"], "no category 'nope'"),
     (["--dataset", "mtd"], "a prompt config is needed"),
+    (["--dataset", "mtd", "--category", "mtd", "--threads", "-1"], "threads must be an integer from 0"),
+    (["--dataset", "mtd", "--category", "mtd", "--stream-memory", "50", "--save-memory", "/nonexistent/m.npz"],
+     "the folder /nonexistent does not exist"),
 ])
 def test_bad_setup_is_one_line(lite_engine_dir, data_dir, tmp_path, capsys, args, message):
     if "--engine-dir" not in args:
@@ -69,6 +100,18 @@ def test_bad_setup_is_one_line(lite_engine_dir, data_dir, tmp_path, capsys, args
     code = infer.main([*args, str(defect_images(data_dir)[0]), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out-size", "0"], "--out-size must be from 1 to 16384"),
+    (["--out-size", "100000"], "--out-size must be from 1 to 16384"),
+    (["--save-memory", "m.npz"], "--save-memory needs a memory to save"),
+])
+def test_bad_options_are_refused_before_any_work(lite_engine_dir, data_dir, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exited:
+        infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", *args,
+                    str(defect_images(data_dir)[0]), "--out", str(tmp_path)])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_tampered_engine_is_refused(lite_engine_dir, data_dir, tmp_path, capsys):

@@ -29,6 +29,16 @@ def test_valid_dir_loads(tmp_path):
     (lambda d: write_dir(d, profile="full"), "lacks models"),
     (lambda d: (d / "saliency.onnx").unlink(), "missing: the engines dir is incomplete"),
     (lambda d: (d / "saliency.onnx").write_bytes(b"tampered"), "fails its sha256 check"),
+    (lambda d: write_dir(d, format_version=str(mf.FORMAT_VERSION)), "format_version the string"),
+    (lambda d: write_dir(d, profile=["lite"]), "unknown profile"),
+    (lambda d: write_dir(d, models="saliency.onnx"), "'models' must be an object"),
+    (lambda d: write_dir(d, files=["tokenizer.json"]), "'files' must be an object"),
+    (lambda d: write_dir(d, models={"saliency": {"file": "saliency.onnx"}}), "models.saliency needs a file name and its sha256"),
+    (lambda d: write_dir(d, preprocess={"saliency": {"single_size": "abc"}}), "must be a positive integer"),
+    (lambda d: write_dir(d, preprocess={"saliency": {"mean": [1.0, 2.0]}}), "must be 3 finite numbers"),
+    (lambda d: write_dir(d, preprocess={"saliency": {"std": [0.0, 0.0, 0.0]}}), "standard deviation must be > 0"),
+    (lambda d: write_dir(d, preprocess={"sam": {"mask_threshold": "x"}}), "must be a finite number"),
+    (lambda d: write_dir(d, preprocess={"gdino": {"short_side": 0}}), "must be a positive integer"),
 ])
 def test_faults_are_named(tmp_path, change, message):
     write_dir(tmp_path)
@@ -40,3 +50,6 @@ def test_faults_are_named(tmp_path, change, message):
 def test_missing_dir_and_error_family(tmp_path):
     with pytest.raises(SaaError, match="does not exist"):
         mf.load_manifest(tmp_path / "nope")
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(ManifestError, match="is a file"):
+        mf.load_manifest(tmp_path / "README.md")
