@@ -303,6 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise SaaError("--dataset folder needs --config my_prompts.yaml (the prompts for your part)")
     if args.limit is not None and args.limit < 1:
         raise SaaError(f"--limit must be at least 1, got {args.limit}")
+    if args.bins < 2:
+        raise SaaError(f"--bins must be at least 2, got {args.bins}")
     np.random.seed(args.seed)
     listed = list_samples(args.dataset, args.root, args.category)
     args.out.mkdir(parents=True, exist_ok=True)  # the spill files go here too, not to a RAM-backed /tmp

@@ -490,16 +490,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config and (args.dataset or args.category):
         print("error: give either --config FILE or --dataset D --category C, not both", file=sys.stderr)
         return 2
+    from runtime.errors import SaaError
+    from runtime.sessions import check_threads
+
+    out = Path(args.out)
+    folder = out.parent if out.suffix == ".json" else out
     try:
+        check_threads(args.threads)
+        if not args.no_write:  # now, not after minutes of timing
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise BenchError(f"--out: the folder {folder} is not writable")
         record = run_benchmark(args)
-    except BenchError as err:
+    except (BenchError, SaaError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: --out: cannot create the folder {folder} ({err.strerror or err})", file=sys.stderr)
         return 2
     print(format_table(record))
     if not args.no_write:
-        path = result_path(Path(args.out), record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        path = result_path(out, record)
+        try:
+            path.write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as err:
+            print(json.dumps(record, indent=1))  # the measurement is not lost
+            print(f"error: cannot write {path} ({err.strerror or err}); the record is printed above", file=sys.stderr)
+            return 2
         print(f"wrote {path}")
     return 0
 

@@ -36,7 +36,7 @@ from .decision import Thresholds, image_score
 from .config import add_config_arguments
 from .sessions import DEVICES
 from .errors import ConfigError, ImageError, SaaError
-from .image_io import IMAGE_SUFFIXES, decode_file, is_mask_file, read_image
+from .image_io import IMAGE_SUFFIXES, check_output_file, decode_file, is_mask_file, read_image, write_bytes
 
 FORMAT = "saa-calibration"
 FORMAT_VERSION = 1
@@ -125,6 +125,9 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------- what a calibration belongs to
 
 
+FINGERPRINT_KEYS = ("engines", "profile", "config_sha256", "config_name", "saliency_settings", "memory")
+
+
 def fingerprint(pipeline: Any) -> dict[str, Any]:
     """What thresholds depend on: engines, prompt config, saliency settings, memory."""
     config = json.dumps(pipeline.config.to_dict(), sort_keys=True, default=str)
@@ -187,6 +190,11 @@ def load_calibration(path: str | Path) -> Calibration:
                                f"{FORMAT_VERSION}: calibrate again")
     if not isinstance(data.get("thresholds"), dict) or not isinstance(data.get("fingerprint"), dict):
         raise CalibrationError(f"{path}: calibration file lacks thresholds or fingerprint")
+    made = data["fingerprint"]
+    if not isinstance(made.get("engines"), dict) or not all(key in made for key in FINGERPRINT_KEYS):
+        missing = [key for key in FINGERPRINT_KEYS if key not in made] or ["engines (an object)"]
+        raise CalibrationError(f"{path}: the fingerprint lacks {', '.join(missing)}: the file was edited or "
+                               "damaged (calibrate again)")
     calibration = Calibration(path, data)
     try:
         calibration.thresholds
@@ -255,6 +263,9 @@ def calibrate(pipeline: Any, good: Sequence[tuple[Path, Path | None]],
         image_threshold, image_how = false_reject_threshold(good_scores, false_reject_rate)
     if masked:
         values, labels = pool.arrays()
+        if not labels.any():
+            raise ConfigError(f"the {masked} defect masks given mark no pixel as defect (none above "
+                              f"{MASK_THRESHOLD}): save defect pixels as 255 on 0")
         pixel_threshold, pixel_f1 = max_f1_threshold(values, labels)
         pixel_how = f"max pixel F1 ({pixel_f1:.4f}) over {len(good_scores)} good and {masked} masked defect parts"
         measured["pixel_f1"] = pixel_f1
@@ -302,17 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .pipeline import Pipeline
 
     try:
+        check_output_file(args.out, "--out")  # before calibrating, not after
         good = list_parts(args.good)
         defects = list_parts(args.defects) if args.defects else []
         with Pipeline.open(args.engine_dir, args.dataset, args.category, args.config, device=args.device,
                            threads=args.threads, memory=args.memory) as pipeline:
             record = calibrate(pipeline, good, defects, args.false_reject_rate, args.image_rule, args.verbose)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        write_bytes(args.out, (json.dumps(record, indent=1) + "\n").encode())
     except SaaError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
         return 2
     thresholds = record["thresholds"]
     print(f"{args.out}: image threshold {thresholds['image']:.6g} ({record['rules']['image']}); pixel threshold "

@@ -169,3 +169,13 @@ def test_calibration_for_other_engines_config_or_memory_is_refused(lite_engine_d
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(cal.CalibrationError, match="not a calibration file"):
         cal.load_calibration(tmp_path / "junk.json")
+    for damage, message in (({"config_sha256": None}, "lacks config_sha256"), ({"engines": ["x"]}, "lacks engines")):
+        data = json.loads(path.read_text())
+        for key, value in damage.items():
+            if value is None:
+                del data["fingerprint"][key]
+            else:
+                data["fingerprint"][key] = value
+        (tmp_path / "damaged.json").write_text(json.dumps(data))
+        with pytest.raises(cal.CalibrationError, match=message):
+            cal.load_calibration(tmp_path / "damaged.json")

@@ -53,3 +53,26 @@ def test_list_images(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in list_images([tmp_path])] == ["a.jpg", "b.png"]
+    (tmp_path / "a.png").write_bytes(b"x")  # a.jpg's mask (MTD's layout)
+    (tmp_path / "b_mask.png").write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_map.png").write_bytes(b"x")
+    assert [p.name for p in list_images([tmp_path], exclude=tmp_path / "out")] == ["a.jpg", "b.png"]
+    assert [p.name for p in list_images([tmp_path / "a.png"])] == ["a.png"]  # named one by one: always kept
+
+
+def test_exif_orientation_is_applied_as_cv2_imread_does(tmp_path):
+    """Phones and some cameras store JPEGs sideways with an EXIF Orientation tag; the reference
+    reads with cv2.imread, which turns them upright, so the runtime does too."""
+    import struct
+
+    picture = np.zeros((20, 40, 3), np.uint8)
+    picture[:, :10] = 255  # a bright left edge
+    jpeg = cv2.imencode(".jpg", picture)[1].tobytes()
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack("<I", 0)
+    exif = b"Exif\x00\x00" + tiff  # one IFD entry: Orientation = 6 (rotate 90 degrees clockwise)
+    path = tmp_path / "sideways.jpg"
+    path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + jpeg[2:])
+    upright = read_image(path)
+    assert upright.shape == cv2.imread(str(path)).shape == (40, 20, 3)
+    np.testing.assert_array_equal(upright, cv2.imread(str(path)))

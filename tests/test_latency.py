@@ -68,12 +68,20 @@ def test_cli_names_its_file_by_device_profile_precision_and_date(lite_engine_dir
         (("--engine-dir", "{lite}", "--iters", "0"), "--iters must be >= 1"),
         (("--engine-dir", "{lite}", "--config", "x.yaml", "--dataset", "mvtec"), "not both"),
         (("--engine-dir", "{lite}", "--image", "/nonexistent.png"), "no such file"),
+        (("--engine-dir", "{lite}", "--threads", "-1"), "threads must be an integer from 0"),
+        (("--engine-dir", "{lite}", "--option", "object_iou_threshold=abc"), "object_iou_threshold"),
     ],
 )
 def test_cli_bad_input_is_one_line(lite_engine_dir, args, message, capsys):
     assert L.main([*(a.format(lite=lite_engine_dir) for a in args), "--no-write"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_timing(lite_engine_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert L.main(["--engine-dir", str(lite_engine_dir), "--out", str(tmp_path / "file" / "run.json")]) == 2
+    assert "--out: cannot create the folder" in capsys.readouterr().err
 
 
 def test_summaries_and_stage_groups():
