@@ -130,6 +130,18 @@ def test_calibration_reproduces_and_infer_uses_it(lite_engine_dir, parts, tmp_pa
     assert pipe.thresholds.image == 123.0 and pipe.thresholds.pixel == a["thresholds"]["pixel"]
 
 
+def test_masks_that_mark_nothing_and_unwritable_outputs_are_named_first(lite_engine_dir, parts, tmp_path, capsys):
+    blank = tmp_path / "blank"
+    shutil.copytree(parts / "defects", blank)
+    for mask in blank.glob("*.png"):
+        cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)))
+    assert run_calibrate(lite_engine_dir, tmp_path / "c.json", "--good", parts / "good", "--defects", blank) == 2
+    assert "the 2 defect masks given mark no pixel as defect" in capsys.readouterr().err
+    assert run_calibrate(lite_engine_dir, tmp_path / "nope" / "c.json", "--good", parts / "good") == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'nope' / 'c.json'}: the folder {tmp_path / 'nope'} does not exist" in err
+
+
 def test_calibration_for_other_engines_config_or_memory_is_refused(lite_engine_dir, parts, tmp_path, capsys):
     path = tmp_path / "calibration.json"
     assert run_calibrate(lite_engine_dir, path, "--good", parts / "good") == 0
