@@ -99,9 +99,10 @@ def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
         raise ImageError(f"{source}: unsupported shape {image.shape} (expected HxW, HxWx1, HxWx3 or HxWx4)")
     height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE:
-        raise ImageError(f"{source}: image is {width}x{height}, smaller than {MIN_SIDE}x{MIN_SIDE}")
+        raise ImageError(f"{source}: image is {height} x {width} (height x width), smaller than {MIN_SIDE}x{MIN_SIDE}")
     if height * width > MAX_PIXELS:
-        raise ImageError(f"{source}: image is {width}x{height}, more than {MAX_PIXELS // 1_000_000} megapixels")
+        raise ImageError(f"{source}: image is {height} x {width} (height x width), more than "
+                         f"{MAX_PIXELS // 1_000_000} megapixels")
     image = _to_uint8(image, source)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)

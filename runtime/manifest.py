@@ -150,6 +150,12 @@ def _finite(value: Any) -> bool:
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
     """Read and check `engine_dir/manifest.json`; raise ManifestError naming the problem."""
     engine_dir = Path(engine_dir)
+    try:
+        engine_dir.stat()
+    except FileNotFoundError:
+        pass  # said below
+    except OSError as err:  # a name too long, a loop of links, no permission
+        raise ManifestError(f"engines dir {engine_dir}: {err.strerror}") from None
     if engine_dir.is_file():
         raise ManifestError(f"engines dir {engine_dir} is a file: give the folder `python -m export --out` wrote")
     if not engine_dir.is_dir():

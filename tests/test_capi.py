@@ -247,11 +247,17 @@ def test_binding_errors(pipe, frame):
         (lambda: pipe(np.full((4, 4), np.nan, np.float32)), abi.E_IMAGE, "NaN"),
         (lambda: pipe([[1, 2], [3, 4]]), abi.E_INVALID_ARGUMENT, "numpy array"),
         (lambda: CPipeline.open("x", dataset="mtd", category="mtd", config="y.yaml"), abi.E_CONFIG, "not both"),
+        (lambda: pipe(frame, max_regions=2**31), abi.E_INVALID_ARGUMENT, "max_regions = 2147483648"),
+        (lambda: pipe(frame, out_size=(20_000, 20_000), max_regions=0), abi.E_INVALID_ARGUMENT,
+         "map size 20000 x 20000 is over 100 megapixels"),
+        (lambda: pipe.set_thresholds(image=float("inf")), abi.E_INVALID_ARGUMENT, "finite number"),
     ]
     for call, status, words in cases:
         with pytest.raises(CapiError) as caught:
             call()
         assert caught.value.status == status and words in str(caught.value), (words, str(caught.value))
+    # numpy integers are integers (sizes often come out of array shapes)
+    assert pipe(frame, out_size=np.int64(12), max_regions=np.int64(2)).anomaly_map.shape == (12, 12)
 
 
 # ---- frames and results: the same as the Python API --------------------------------------------

@@ -3,7 +3,7 @@ calibration files opened (saa_open_ex), memory saved and reset."""
 import numpy as np
 import pytest
 
-from runtime.capi import E_CONFIG, CapiError, CPipeline
+from runtime.capi import E_CONFIG, CapiError, CPipeline, abi
 from runtime.pipeline import Pipeline
 
 
@@ -40,6 +40,14 @@ def test_closed_handle_is_refused(lite_engine_dir):
     pipe.close()
     assert library.saa_reset_memory(handle) != 0
     assert b"closed" in library.saa_last_error(handle)
+    for call in (pipe.set_thresholds, pipe.last_decision, pipe.last_mask, pipe.reset_memory):
+        with pytest.raises(CapiError) as caught:  # the binding's own methods say so too, not "handle is NULL"
+            call()
+        assert caught.value.status == abi.E_CLOSED
+    fresh = CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd")
+    with pytest.raises(CapiError, match="no successful call on this CPipeline yet"):
+        fresh.last_mask()
+    fresh.close()
 
 
 # ---- saa_open_ex: calibration, memory, streaming memory, thresholds; saa_last_mask, saa_save_memory
@@ -134,6 +142,10 @@ def test_save_memory_without_one_and_bad_options(lite_engine_dir, tmp_path):
     with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd") as pipe:
         with pytest.raises(CapiError, match="no memory to save"):
             pipe.save_memory(tmp_path / "none.npz")
+    with CPipeline.open(str(lite_engine_dir), dataset="mtd", category="mtd", stream_memory=64) as pipe:
+        with pytest.raises(CapiError, match="cannot write the memory") as caught:  # the path, not a configuration
+            pipe.save_memory(tmp_path / "missing-folder" / "m.npz")
+        assert caught.value.status == abi.E_INVALID_ARGUMENT
     library = load_library()
     options = abi.OpenOptions()  # not filled by saa_open_options_init: struct_size 0
     handle = ctypes.c_void_p(7)

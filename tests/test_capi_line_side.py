@@ -288,6 +288,52 @@ def test_c_threads_in_embedded_interpreter(flags, lite_engine_dir, images, tmp_p
     np.testing.assert_allclose(np.fromfile(out, np.float32).reshape(crop.shape), expected, rtol=0, atol=MAP_TOLERANCE)
 
 
+SIGNALS_C = r"""
+#include <saa.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *sigint(void) {
+    struct sigaction action;
+    sigaction(SIGINT, NULL, &action);
+    return action.sa_handler == SIG_DFL ? "default" : "changed";
+}
+
+int main(int argc, char **argv) {
+    saa_pipeline *pipe = NULL, *none = NULL;
+    static uint8_t pixels[64 * 64];
+    static float map[64 * 64];
+    int regions = 0;
+    signal(SIGINT, SIG_DFL);
+    int opened = saa_open(argv[1], "mtd/mtd", NULL, &pipe);
+    printf("open %d, SIGINT %s\n", opened, sigint());
+    int ran = saa_infer(pipe, pixels, 64, 64, 64, 1, map, 0, 0, NULL, 0, &regions);
+    printf("infer %d, SIGINT %s\n", ran, sigint());
+    int failed = saa_open(argv[2], "mtd/mtd", NULL, &none); /* a path that is not UTF-8 */
+    const char *message = saa_last_error(NULL);
+    printf("bad open %d, message %s\n", failed, strstr(message, "does not exist") ? "names the fault" : message);
+    saa_close(pipe);
+    return 0;
+}
+"""
+
+
+def test_plain_c_program_keeps_its_signal_handlers_and_gets_messages_for_any_path(flags, lite_engine_dir,  # noqa: F811
+                                                                                tmp_path):
+    """Ctrl-C must still stop a C program after saa_open (Python's signal module took SIGINT
+    over); a failure on a path that is not UTF-8 still comes with its message."""
+    source, binary = tmp_path / "signals.c", tmp_path / "signals"
+    source.write_text(SIGNALS_C)
+    subprocess.run(["cc", "-O2", "-Wall", str(source), *flags, "-pthread", "-o", str(binary)], check=True)
+    odd = os.fsencode(tmp_path) + b"/\xff-engines"
+    done = subprocess.run([str(binary).encode(), os.fsencode(lite_engine_dir), odd], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["open 0, SIGINT default", "infer 0, SIGINT default",
+                                        "bad open -4, message names the fault"], done.stderr
+
+
 def test_soak_quick(flags, lite_engine_dir, tmp_path):  # noqa: F811
     """bench.soak end to end with a handful of calls (the real soak is 1,000)."""
     from bench import soak

@@ -219,12 +219,10 @@ class CPipeline:
                  map_out: np.ndarray | None = None, max_regions: int = DEFAULT_MAX_REGIONS) -> CapiResult:
         """Anomaly map (into map_out when given, else a new array) at out_size / map_out's shape /
         the image size, and up to max_regions regions."""
-        if self._handle is None:
-            raise CapiError(E_CLOSED, "this CPipeline was closed")
+        self._open_handle()
         frame, height, width, stride, channels = frame_arguments(image)
         values = self._map_buffer(map_out, out_size, height, width)
-        if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 0:
-            raise CapiError(E_INVALID_ARGUMENT, f"max_regions = {max_regions!r} must be an integer >= 0")
+        max_regions = _count(max_regions, "max_regions", MAX_REGIONS)
         regions = np.zeros(max_regions, REGION_DTYPE)
         count = ctypes.c_int(0)
         status = self._library.saa_infer(
@@ -240,10 +238,10 @@ class CPipeline:
                     width: int) -> np.ndarray:
         wanted = None
         if out_size is not None:
-            wanted = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-            if len(wanted) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-                                       for v in wanted):
+            wanted = (out_size, out_size) if _is_integer(out_size) else tuple(out_size)
+            if len(wanted) != 2 or any(not _is_integer(v) or v < 1 for v in wanted):
                 raise CapiError(E_INVALID_ARGUMENT, f"out_size {out_size!r} must be a positive int or (height, width)")
+            wanted = (int(wanted[0]), int(wanted[1]))
         if map_out is None:
             return np.empty(wanted or (height, width), np.float32)
         if not isinstance(map_out, np.ndarray) or map_out.dtype != np.float32 or map_out.ndim != 2:
@@ -257,29 +255,39 @@ class CPipeline:
                                                 f"{expected[0]}x{expected[1]} (height x width)")
         return map_out
 
+    def _open_handle(self) -> int:
+        """The handle; E_CLOSED once close() ran (the library would be handed NULL)."""
+        if self._handle is None:
+            raise CapiError(E_CLOSED, "this CPipeline was closed")
+        return self._handle
+
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> None:
         """Image / pixel thresholds in the map's units (None: off), as Pipeline.set_thresholds."""
+        self._open_handle()
         nan = float("nan")
         _check(self._library.saa_set_thresholds(self._handle, nan if image is None else image,
                                                 nan if pixel is None else pixel), self._handle)
 
     def last_decision(self) -> tuple[float, int | None]:
         """(pred_score, pred_label) of the last call; pred_label None without an image threshold."""
+        self._open_handle()
         score, label = ctypes.c_float(), ctypes.c_int()
         _check(self._library.saa_last_decision(self._handle, ctypes.byref(score), ctypes.byref(label)), self._handle)
         return float(score.value), None if label.value < 0 else label.value
 
     def reset_memory(self) -> None:
-        _check(self._library.saa_reset_memory(self._handle), self._handle)
+        _check(self._library.saa_reset_memory(self._open_handle()), self._handle)
 
     def last_mask(self, shape: tuple[int, int] | None = None) -> np.ndarray:
         """The last call's defect mask (map > pixel threshold) as bool, at the map's size.
 
         shape: the (height, width) to ask saa_last_mask for (None: the last call's map size);
         a shape other than that map's is refused by the library."""
+        self._open_handle()
+        if shape is None and self._last_map_shape == (0, 0):
+            raise CapiError(E_INVALID_ARGUMENT, "no successful call on this CPipeline yet")
         height, width = self._last_map_shape if shape is None else shape
-        if isinstance(height, bool) or not isinstance(height, (int, np.integer)) or height < 1 \
-                or isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        if not _is_integer(height) or height < 1 or not _is_integer(width) or width < 1:
             raise CapiError(E_INVALID_ARGUMENT, f"mask shape {shape!r} must be two positive integers")
         mask = np.zeros((height, width), np.uint8)
         _check(self._library.saa_last_mask(self._handle, mask.ctypes.data, height, width), self._handle)
@@ -287,7 +295,7 @@ class CPipeline:
 
     def save_memory(self, path: str | os.PathLike) -> None:
         """Write the memory (a stream's with what it learned) to `path`, to reopen with memory=path."""
-        _check(self._library.saa_save_memory(self._handle, os.fsencode(path)), self._handle)
+        _check(self._library.saa_save_memory(self._open_handle(), os.fsencode(path)), self._handle)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -301,6 +309,19 @@ class CPipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+MAX_REGIONS = 1 << 20  # regions buffer the binding allocates per call (96 bytes each)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _count(value: object, name: str, limit: int) -> int:
+    if not _is_integer(value) or not 0 <= value <= limit:
+        raise CapiError(E_INVALID_ARGUMENT, f"{name} = {value!r} must be an integer from 0 to {limit}")
+    return int(value)
 
 
 def _region(row: np.void) -> CapiRegion:

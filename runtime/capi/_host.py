@@ -19,6 +19,7 @@ import numpy as np
 
 from ..calibrate import CalibrationError
 from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaError
+from ..image_io import MAX_PIXELS
 from ..memory import MemoryFileError
 from ..pipeline import Pipeline
 from ..regions import Region
@@ -108,6 +109,9 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
           map_height: int, map_width: int, regions_address: int, max_regions: int) -> tuple[int, Any]:
     """Arguments were checked by saa.c (sizes positive, stride >= row, pointers non-NULL)."""
     try:
+        if map_height * map_width > MAX_PIXELS:  # the image has the same limit (image_io)
+            return E_INVALID_ARGUMENT, (f"map size {map_height} x {map_width} is over {MAX_PIXELS // 1_000_000} "
+                                        "megapixels")
         image = frame_view(pixels, height, width, stride, channels)
         same_size = (map_height, map_width) == (height, width)
         result = pipeline(image, out_size=None if same_size else (map_height, map_width))
@@ -131,7 +135,10 @@ def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: i
     (arguments checked by saa.c)."""
     try:
         if command == "thresholds":
-            pipeline.set_thresholds(None if math.isnan(a) else a, None if math.isnan(b) else b)
+            try:
+                pipeline.set_thresholds(None if math.isnan(a) else a, None if math.isnan(b) else b)
+            except ConfigError as err:  # the caller's numbers, not a configuration file
+                return E_INVALID_ARGUMENT, _one_line(str(err))
             return OK, 0
         if command == "reset_memory":
             pipeline.reset_memory()
@@ -140,7 +147,10 @@ def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: i
             if pipeline.memory is None:
                 return E_INVALID_ARGUMENT, ("this handle has no memory to save (open it with saa_open_ex and "
                                             "options.memory or options.stream_memory)")
-            pipeline.save_memory(os.fsdecode(text))
+            try:
+                pipeline.save_memory(os.fsdecode(text))
+            except MemoryFileError as err:  # the path cannot be written: the caller's argument
+                return E_INVALID_ARGUMENT, _one_line(str(err))
             return OK, 0
         decision = getattr(pipeline, "_capi_decision", None)
         if command in ("decision", "mask") and decision is None:
@@ -187,7 +197,8 @@ def failure(err: BaseException) -> tuple[int, str]:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()) or "unknown error"
+    # Paths that are not UTF-8 come back from os.fsdecode with surrogates, which C cannot take as UTF-8.
+    return " ".join(text.split()).encode("utf-8", "replace").decode("utf-8") or "unknown error"
 
 
 def describe() -> str:

@@ -16,6 +16,7 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,8 +83,22 @@ struct saa_pipeline {
 static _Thread_local char thread_error[ERROR_CAPACITY];
 static _Thread_local char returned_error[ERROR_CAPACITY];
 
+/* Drop a UTF-8 sequence left incomplete at the end of `text` (a message cut to fit its buffer). */
+static void utf8_trim(char *text) {
+    size_t length = strlen(text), lead = length;
+    while (lead > 0 && ((unsigned char)text[lead - 1] & 0xC0) == 0x80)
+        --lead;
+    if (lead == 0)
+        return;
+    unsigned char first = (unsigned char)text[lead - 1];
+    size_t expected = first >= 0xF0 ? 4 : first >= 0xE0 ? 3 : first >= 0xC0 ? 2 : 1;
+    if (length - (lead - 1) < expected)
+        text[lead - 1] = '\0';
+}
+
 static void copy_text(char *to, const char *from, size_t size) {
     snprintf(to, size, "%s", from ? from : "");
+    utf8_trim(to);
 }
 
 /* Record a failure for the calling thread and, when given, the handle; return status. */
@@ -93,6 +108,7 @@ static int fail(saa_pipeline *handle, int status, const char *format, ...) {
     va_start(args, format);
     vsnprintf(message, sizeof message, format, args);
     va_end(args);
+    utf8_trim(message);
     copy_text(thread_error, message, sizeof thread_error);
     if (handle) {
         pthread_mutex_lock(&handle->error_lock);
@@ -238,6 +254,30 @@ static const char *choose_interpreter(const char *root, char *found, size_t size
     return SAA_BUILD_PYTHON;
 }
 
+/*
+ * The host program's handlers for the signals Python touches. install_signal_handlers = 0
+ * is not enough: importing Python's signal module (onnxruntime, numba and tqdm do) still
+ * points SIGINT at Python's handler, so Ctrl-C no longer stopped a plain C program but made
+ * the call in flight fail with KeyboardInterrupt. Saved before Python starts and put back
+ * after every call that may import.
+ */
+static const int host_signals[] = {SIGINT, SIGTERM, SIGPIPE, SIGXFSZ};
+static struct sigaction host_actions[sizeof host_signals / sizeof host_signals[0]];
+static int host_actions_saved;
+
+static void save_host_signals(void) {
+    for (size_t i = 0; i < sizeof host_signals / sizeof host_signals[0]; ++i)
+        sigaction(host_signals[i], NULL, &host_actions[i]);
+    host_actions_saved = 1;
+}
+
+static void restore_host_signals(void) {
+    if (!host_actions_saved) /* Python was there first (ctypes, an embedding program): its handlers stay */
+        return;
+    for (size_t i = 0; i < sizeof host_signals / sizeof host_signals[0]; ++i)
+        sigaction(host_signals[i], &host_actions[i], NULL);
+}
+
 /* Start an interpreter in a program without one; leaves the GIL released. */
 static void start_embedded(void) {
     char root[PATH_MAX], found[PATH_MAX + 32];
@@ -253,7 +293,8 @@ static void start_embedded(void) {
         fprintf(stderr, "saa: starting Python %s (%s)\n", interpreter, why);
     PyConfig config;
     py_PyConfig_InitPythonConfig(&config);
-    config.install_signal_handlers = 0; /* the host program keeps SIGINT and friends */
+    save_host_signals();
+    config.install_signal_handlers = 0; /* the host program keeps SIGINT and friends (and see above) */
     config.parse_argv = 0;
     /* The interpreter's path decides sys.prefix: a venv's python gives the venv's site-packages. */
     PyStatus status = py_PyConfig_SetBytesString(&config, &config.program_name, interpreter);
@@ -278,6 +319,7 @@ static void start_embedded(void) {
         py_Py_DecRef(sys);
     }
     import_host(interpreter);
+    restore_host_signals();
     py_PyEval_SaveThread(); /* the main thread state stays; any thread now takes the GIL with PyGILState_Ensure */
 }
 
@@ -410,6 +452,7 @@ static int open_pipeline(const char *function, const char *engine_dir, const cha
                                                options->image_threshold, options->pixel_threshold);
     status = unpack_reply(reply, &pipeline, NULL, message, sizeof message);
     py_PyGILState_Release(gil);
+    restore_host_signals(); /* opening imports the pipeline's modules */
     if (status != SAA_OK) {
         free(opened);
         return fail(NULL, status, "%s: %s", function, message);

@@ -17,7 +17,10 @@
  *    Its sys.prefix, and so its site-packages (a venv's when it is a venv's python), are
  *    computed from that path as `python` itself does. The `runtime` package beside this
  *    library comes first on sys.path, so the Python half always matches the library.
- *    It must be the Python minor version the library was built for (checked).
+ *    The loaded libpython must be the Python minor version the library was built for
+ *    (checked); $SAA_PYTHON must belong to that same libpython (docs/capi.md). The host's
+ *    SIGINT/SIGTERM/SIGPIPE/SIGXFSZ handlers are put back after Python starts and after
+ *    each saa_open. A fork() child without exec must not call the library.
  *    Other environment variables, read once at start:
  *      SAA_LIBPYTHON  the libpython3.X.so to load (default: the building interpreter's).
  *      SAA_VERBOSE=1  print the interpreter (and why it was chosen), sys.prefix,
@@ -66,7 +69,8 @@ extern "C" {
 /* Status codes: 0 is success, every failure is negative. */
 enum saa_status {
     SAA_OK = 0,
-    SAA_E_INVALID_ARGUMENT = -1, /* NULL pointer, size <= 0, stride < row, channels not 1/3/4, map size */
+    SAA_E_INVALID_ARGUMENT = -1, /* NULL pointer, size <= 0, stride < row, channels not 1/3/4, map size
+                                    (over 100 MP too), threshold, a path that cannot be written */
     SAA_E_BAD_HANDLE = -2,       /* NULL or not returned by saa_open */
     SAA_E_CLOSED = -3,           /* the handle was closed by saa_close */
     SAA_E_ENGINES = -4,          /* engines dir missing, incomplete, corrupt or from another version */
@@ -146,14 +150,15 @@ SAA_API const char *saa_last_error(const saa_pipeline *handle);
 
 /*
  * Release the handle's engines. Waits for a saa_infer running on it. Later calls with
- * the handle return SAA_E_CLOSED (a closed handle keeps a few hundred bytes so that it
+ * the handle return SAA_E_CLOSED (a closed handle keeps about 1 KB so that it
  * can say so; it is never reused for another pipeline).
  */
 SAA_API int saa_close(saa_pipeline *handle);
 
 /*
  * Line-side decisions (serialised with saa_infer on the handle).
- * saa_set_thresholds: image and pixel thresholds in the anomaly map's units; NAN turns one off.
+ * saa_set_thresholds: image and pixel thresholds in the anomaly map's units; NAN turns one off;
+ *   infinite ones are SAA_E_INVALID_ARGUMENT.
  * saa_last_decision: of the handle's last successful saa_infer: pred_score (max of the map at
  *   the image size) and pred_label (1 NG, 0 OK, -1 when no image threshold is set).
  * saa_reset_memory: a normal / streaming memory back to how it was opened (no-op without one).
@@ -169,7 +174,7 @@ SAA_API int saa_reset_memory(saa_pipeline *handle);
  *   SAA_E_INVALID_ARGUMENT when no pixel threshold was set at that call.
  * saa_save_memory: write the handle's memory (a streaming memory with what it learned) to
  *   `path` (.npz), to open it again with saa_open_options.memory. SAA_E_INVALID_ARGUMENT
- *   when the handle has no memory.
+ *   when the handle has no memory or the file cannot be written (the message says why).
  */
 SAA_API int saa_last_mask(saa_pipeline *handle, uint8_t *mask_out, int map_height, int map_width);
 SAA_API int saa_save_memory(saa_pipeline *handle, const char *path);
@@ -185,7 +190,7 @@ SAA_API int saa_save_memory(saa_pipeline *handle, const char *path);
  *
  * Strings are UTF-8 / file-system bytes, read during the call only. A calibration made for
  * other engines, another prompt config or another memory is refused (SAA_E_CONFIG), as are
- * memory files of other engines. options NULL: all defaults (saa_open with device "cpu").
+ * memory files of other engines (a memory does not depend on the prompt config). options NULL: all defaults (saa_open with device "cpu").
  */
 typedef struct saa_open_options {
     int32_t struct_size;     /* sizeof(saa_open_options), set by saa_open_options_init (checked) */
