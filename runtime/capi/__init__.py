@@ -117,6 +117,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.saa_save_memory.argtypes = [c_void_p, c_char_p]
     library.saa_open_options_init.restype = None
     library.saa_open_options_init.argtypes = [ctypes.POINTER(OpenOptions)]
+    library.saa_open_options_init_sized.restype = None
+    library.saa_open_options_init_sized.argtypes = [ctypes.POINTER(OpenOptions), ctypes.c_int32]
     library.saa_open_ex.restype = c_int
     library.saa_open_ex.argtypes = [c_char_p, c_char_p, ctypes.POINTER(OpenOptions), ctypes.POINTER(c_void_p)]
 

@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <math.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -477,13 +478,30 @@ SAA_API const char *saa_version(void) {
 
 SAA_API int saa_abi_version(void) { return SAA_ABI_VERSION; }
 
-SAA_API void saa_open_options_init(saa_open_options *options) {
-    if (!options)
-        return;
-    memset(options, 0, sizeof *options);
-    options->struct_size = (int32_t)sizeof *options;
-    options->image_threshold = NAN;
-    options->pixel_threshold = NAN;
+/* The struct as ABI 1 defined it: every later version only appends fields. */
+#define OPEN_OPTIONS_V1_SIZE ((int32_t)(offsetof(saa_open_options, pixel_threshold) + sizeof(double)))
+
+static saa_open_options default_options(void) {
+    saa_open_options options;
+    memset(&options, 0, sizeof options);
+    options.struct_size = (int32_t)sizeof options;
+    options.image_threshold = NAN;
+    options.pixel_threshold = NAN;
+    return options;
+}
+
+SAA_API void saa_open_options_init_sized(saa_open_options *options, int32_t struct_size) {
+    if (!options || struct_size < OPEN_OPTIONS_V1_SIZE)
+        return; /* too small to be any version's struct: saa_open_ex refuses what it holds */
+    saa_open_options defaults = default_options();
+    /* Only the fields this library knows and the caller's struct holds; a newer header's extra
+       fields stay as they are, and saa_open_ex refuses a struct larger than it knows. */
+    memcpy(options, &defaults, (size_t)(struct_size < (int32_t)sizeof defaults ? struct_size : (int32_t)sizeof defaults));
+    options->struct_size = struct_size;
+}
+
+SAA_API void(saa_open_options_init)(saa_open_options *options) {
+    saa_open_options_init_sized(options, (int32_t)sizeof *options);
 }
 
 SAA_API int saa_open(const char *engine_dir, const char *config, const char *device, saa_pipeline **handle) {
@@ -495,17 +513,18 @@ SAA_API int saa_open(const char *engine_dir, const char *config, const char *dev
 
 SAA_API int saa_open_ex(const char *engine_dir, const char *config, const saa_open_options *options,
                         saa_pipeline **handle) {
-    saa_open_options defaults;
-    saa_open_options_init(&defaults);
-    if (options && options->struct_size != (int32_t)sizeof *options) {
+    saa_open_options merged = default_options();
+    if (options && (options->struct_size < OPEN_OPTIONS_V1_SIZE || options->struct_size > (int32_t)sizeof merged)) {
         if (handle)
             *handle = NULL;
         return fail(NULL, SAA_E_INVALID_ARGUMENT,
-                    "saa_open_ex: options->struct_size is %d, expected %d (fill the options with "
-                    "saa_open_options_init, and build against this library's saa.h)",
-                    (int)options->struct_size, (int)sizeof *options);
+                    "saa_open_ex: options->struct_size is %d, expected %d to %d (fill the options with "
+                    "saa_open_options_init; a larger struct comes from a newer saa.h than this library)",
+                    (int)options->struct_size, (int)OPEN_OPTIONS_V1_SIZE, (int)sizeof merged);
     }
-    return open_pipeline("saa_open_ex", engine_dir, config, options ? options : &defaults, handle);
+    if (options) /* an older program's struct: the fields it lacks keep their defaults */
+        memcpy(&merged, options, (size_t)options->struct_size);
+    return open_pipeline("saa_open_ex", engine_dir, config, &merged, handle);
 }
 
 SAA_API int saa_infer(saa_pipeline *handle, const uint8_t *pixels, int height, int width, int stride_bytes,

@@ -193,7 +193,7 @@ SAA_API int saa_save_memory(saa_pipeline *handle, const char *path);
  * memory files of other engines (a memory does not depend on the prompt config). options NULL: all defaults (saa_open with device "cpu").
  */
 typedef struct saa_open_options {
-    int32_t struct_size;     /* sizeof(saa_open_options), set by saa_open_options_init (checked) */
+    int32_t struct_size;     /* the caller's sizeof(saa_open_options), set by saa_open_options_init (checked) */
     int32_t threads;         /* CPU threads per engine; 0: onnxruntime's default */
     const char *device;      /* "cpu" (or NULL), "cuda" or "tensorrt" */
     const char *calibration; /* thresholds file from `python -m runtime.calibrate`; NULL: none */
@@ -206,7 +206,16 @@ typedef struct saa_open_options {
     double pixel_threshold;  /* NAN (the default): the calibration's, else off */
 } saa_open_options;
 
-SAA_API void saa_open_options_init(saa_open_options *options);
+/*
+ * saa_open_options_init(&options) fills the defaults and sets struct_size to the size this
+ * program was compiled with (a macro over saa_open_options_init_sized), so a later library
+ * with more fields never writes past an older program's struct, and saa_open_ex reads only
+ * what the program's struct holds. The plain function (for bindings that cannot expand the
+ * macro, e.g. ctypes) uses this library's size.
+ */
+SAA_API void saa_open_options_init_sized(saa_open_options *options, int32_t struct_size);
+SAA_API void(saa_open_options_init)(saa_open_options *options);
+#define saa_open_options_init(options) saa_open_options_init_sized((options), (int32_t)sizeof *(options))
 SAA_API int saa_open_ex(const char *engine_dir, const char *config, const saa_open_options *options,
                         saa_pipeline **handle);
 
