@@ -109,8 +109,7 @@ static int fail(saa_pipeline *handle, int status, const char *format, ...) {
     va_start(args, format);
     vsnprintf(message, sizeof message, format, args);
     va_end(args);
-    utf8_trim(message);
-    copy_text(thread_error, message, sizeof thread_error);
+    copy_text(thread_error, message, sizeof thread_error); /* cut at a character boundary */
     if (handle) {
         pthread_mutex_lock(&handle->error_lock);
         copy_text(handle->error, message, sizeof handle->error);

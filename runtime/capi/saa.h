@@ -190,7 +190,8 @@ SAA_API int saa_save_memory(saa_pipeline *handle, const char *path);
  *
  * Strings are UTF-8 / file-system bytes, read during the call only. A calibration made for
  * other engines, another prompt config or another memory is refused (SAA_E_CONFIG), as are
- * memory files of other engines (a memory does not depend on the prompt config). options NULL: all defaults (saa_open with device "cpu").
+ * memory files of other engines (a memory does not depend on the prompt config).
+ * options NULL: all defaults (saa_open with device "cpu").
  */
 typedef struct saa_open_options {
     int32_t struct_size;     /* the caller's sizeof(saa_open_options), set by saa_open_options_init (checked) */
