@@ -377,6 +377,33 @@ print("ok")
 """
 
 
+FIRST_OPEN_SCRIPT = r"""
+import ctypes, sys, threading, time
+from runtime import capi
+path = str(capi.library_path())
+released, holding = ctypes.CDLL(path), ctypes.PyDLL(path)  # PyDLL keeps the GIL held during each call
+capi._declare(released)
+capi._declare(holding)
+statuses = []
+def open_with(library):
+    handle = ctypes.c_void_p()
+    statuses.append(library.saa_open(sys.argv[1].encode(), b"mtd/mtd", b"cpu", ctypes.byref(handle)))
+first = threading.Thread(target=open_with, args=(released,))
+first.start()
+time.sleep(0.05)  # the thread is inside the library's one-time start-up (importing the pipeline)
+open_with(holding)
+first.join()
+print(statuses)
+"""
+
+
+def test_first_opens_from_a_gil_holding_caller_and_a_thread_do_not_deadlock(library, lite_engine_dir):  # noqa: F811
+    """The one-time start-up needs the GIL; a PyDLL caller waiting for it must not hold it."""
+    done = subprocess.run([sys.executable, "-c", FIRST_OPEN_SCRIPT, str(lite_engine_dir)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 0]", done.stderr
+
+
 def test_gil_holding_callers_do_not_deadlock(library, lite_engine_dir):  # noqa: F811
     """Through ctypes.PyDLL the caller holds the GIL: a thread waiting for a busy handle must
     let the GIL go, or the thread inside the pipeline could never finish."""

@@ -362,8 +362,39 @@ static void python_start(void) {
     start_embedded();
 }
 
-static int ensure_python(void) {
+/*
+ * A caller through ctypes.PyDLL holds the GIL. If another thread is inside the one-time
+ * start-up (python_start takes the GIL to import the host module), waiting on pthread_once
+ * with the GIL held deadlocked both: let it go while waiting. The Python API is looked up
+ * here directly, since python_start may not have resolved it yet.
+ */
+static int (*running_initialized)(void), (*running_holds_gil)(void);
+static PyThreadState *(*running_save)(void);
+static void (*running_restore)(PyThreadState *);
+static pthread_once_t running_lookup_once = PTHREAD_ONCE_INIT;
+
+static void look_up_running_python(void) {
+    *(void **)&running_initialized = dlsym(RTLD_DEFAULT, "Py_IsInitialized");
+    *(void **)&running_holds_gil = dlsym(RTLD_DEFAULT, "PyGILState_Check");
+    *(void **)&running_save = dlsym(RTLD_DEFAULT, "PyEval_SaveThread");
+    *(void **)&running_restore = dlsym(RTLD_DEFAULT, "PyEval_RestoreThread");
+}
+
+static void start_python_once(void) {
+    pthread_once(&running_lookup_once, look_up_running_python);
+    int (*initialized)(void) = running_initialized, (*holds_gil)(void) = running_holds_gil;
+    PyThreadState *(*save)(void) = running_save;
+    void (*restore)(PyThreadState *) = running_restore;
+    PyThreadState *state = NULL;
+    if (initialized && holds_gil && save && restore && initialized() && holds_gil())
+        state = save();
     pthread_once(&python_once, python_start);
+    if (state)
+        restore(state);
+}
+
+static int ensure_python(void) {
+    start_python_once();
     if (python_status != SAA_OK)
         return fail(NULL, python_status, "%s", python_error);
     return SAA_OK;
