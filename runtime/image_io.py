@@ -7,6 +7,7 @@ file's name in the message.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,13 @@ try:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 except AttributeError:  # builds without the logging module
     pass
+
+LOW_DEPTH_MAX = 4096  # a 16-bit image whose values stay below 2^12 (Mono8/10/12 camera data) maps to 0..15
+
+
+class LowBitDepthWarning(UserWarning):
+    """A 16-bit image holds fewer significant bits than its type: taken as 16-bit, it is nearly black."""
+
 
 MIN_SIDE = 2  # SAM, GroundingDINO and the saliency grid all need at least a 2x2 picture
 MAX_PIXELS = 100_000_000  # 100 MP: beyond this a line camera frame is almost surely a mistake
@@ -115,7 +123,14 @@ def _to_uint8(image: np.ndarray, source: str) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
-        return (image >> 8).astype(np.uint8)  # keep the top 8 bits, as viewers show 16-bit files
+        top = int(image.max(initial=0))
+        if 0 < top < LOW_DEPTH_MAX:
+            bits = top.bit_length()
+            warnings.warn(f"{source}: 16-bit image uses only {bits} bits (max {top}); keeping its top 8 bits, as "
+                          f"the reference's cv2.imread does, leaves it nearly black: scale it to 16 bits "
+                          f"(<< {16 - bits}) first if it came from a {bits}-bit camera", LowBitDepthWarning,
+                          stacklevel=3)
+        return (image >> 8).astype(np.uint8)  # keep the top 8 bits, as viewers and cv2.imread do
     if image.dtype == bool:
         return image.astype(np.uint8) * 255
     if np.issubdtype(image.dtype, np.floating):

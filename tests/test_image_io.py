@@ -76,3 +76,19 @@ def test_exif_orientation_is_applied_as_cv2_imread_does(tmp_path):
     upright = read_image(path)
     assert upright.shape == cv2.imread(str(path)).shape == (40, 20, 3)
     np.testing.assert_array_equal(upright, cv2.imread(str(path)))
+
+
+def test_sixteen_bit_images_with_few_bits_are_taken_as_the_reference_does_with_a_warning():
+    """12-bit camera data in a 16-bit file keeps its top 8 bits (0..15), as cv2.imread does: the
+    map matches the reference, and the user is told why the picture is dark."""
+    from runtime.image_io import LowBitDepthWarning
+
+    twelve = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)  # 0..4032
+    with pytest.warns(LowBitDepthWarning, match="uses only 12 bits.*<< 4"):
+        dark = to_bgr8(twelve)
+    assert dark.max() == 15
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert to_bgr8(twelve << 4).max() == 252  # the full 16-bit range: no warning
