@@ -111,6 +111,12 @@ def export_engines(args: argparse.Namespace) -> Path:
     _START = time.monotonic()
     out = Path(args.out)
     check_target(out, args.force)
+    if args.profile == "lite":  # a file given for GroundingDINO or SAM would be silently unused
+        unused = [flag for flag, key in (("--gdino-checkpoint", "gdino_checkpoint"), ("--sam-checkpoint", "sam_checkpoint"),
+                                         ("--tokenizer-zip", "tokenizer_zip")) if getattr(args, key, None)]
+        if unused:
+            raise ExportError(f"{', '.join(unused)}: only the full profile uses them (lite exports the "
+                              "EfficientNet-Lite0 saliency CNN alone)")
     if getattr(args, "trt", False):
         from .common import require_tensorrt
 

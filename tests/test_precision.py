@@ -150,3 +150,13 @@ def test_trt_without_tensorrt_fails_before_exporting(tmp_path):
     out = tmp_path / "engines"
     assert main(["--profile", "lite", "--trt", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_lite_refuses_files_only_the_full_profile_uses(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from export.__main__ import main
+
+    out = tmp_path / "engines"
+    assert main(["--profile", "lite", "--tokenizer-zip", "tok.zip", "--sam-checkpoint", "sam.pth", "--out", str(out)]) == 2
+    assert "--sam-checkpoint, --tokenizer-zip: only the full profile uses them" in capsys.readouterr().err
+    assert not out.exists()
