@@ -139,7 +139,8 @@ class Detector:
                          id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE))}
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
         # The head opens on first need (head_session): a GPU pipeline fixes its shapes first, so
-        # the largest graph is optimised once, not twice (1.6 s of a 4.3 s start on the CPU provider).
+        # the largest graph is optimised once, not twice (ViT-B on the CPU provider: 3.1 -> 2.5 s to build,
+        # bench/results/fp16_folding_cpu_2026-11-26.json).
         self._head: Any = None
         self.head_dims: dict[str, int] = {}  # the head's named dimensions once fixed (fix_head_shapes)
         engine_hw = tuple(self._image.get_inputs()[0].shape[2:])
