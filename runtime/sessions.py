@@ -63,29 +63,44 @@ def _require(provider: str, device: str, hint: str) -> None:
         )
 
 
-def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool = False) -> list:
-    """The execution providers (with options) for a device name; EngineError naming what is missing."""
+TF32_GRAPHS = {"head": ("gdino_head",)}  # SAA_CUDA_TF32=head: TF32 where the fp32 FLOPs are, nowhere else
+
+
+def cuda_options(graph: str | None = None, cuda_graph: bool = False) -> dict[str, str]:
+    """onnxruntime CUDA provider options for the graph named `graph` (its file stem, None for
+    one of the runtime's own), from the SAA_CUDNN_SEARCH and SAA_CUDA_TF32 switches."""
+    search = os.environ.get("SAA_CUDNN_SEARCH", "HEURISTIC")  # EXHAUSTIVE times every algorithm on the first run
+    if search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
+        raise EngineError(f"SAA_CUDNN_SEARCH={search!r}: expected HEURISTIC (the default), EXHAUSTIVE or DEFAULT")
+    options = {"cudnn_conv_algo_search": search, "do_copy_in_default_stream": "1"}
+    # onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 unless told not to (measured on an
+    # H200: 2.8e-4 relative error on a 2048^3 MatMul, and the tiny pipeline then kept 53 of the CPU's
+    # 59 regions; bench/results/tf32_check_cuda-h200_2026-11-26.json). The reference's torch keeps
+    # fp32 matmuls in fp32, so we do too; SAA_CUDA_TF32=1 trades that fidelity for speed everywhere,
+    # SAA_CUDA_TF32=head only in GroundingDINO's fp32 head (1246 of the fp32 GFLOP per image; the
+    # kNN graph, whose top-n selection TF32 moved, stays exact).
+    tf32 = os.environ.get("SAA_CUDA_TF32", "0")
+    if tf32 not in ("0", "1", *TF32_GRAPHS):
+        raise EngineError(f"SAA_CUDA_TF32={tf32!r}: expected 0 (fp32 matmuls in full fp32, the default), "
+                          "1 (TF32 allowed) or head (TF32 in GroundingDINO's head only)")
+    options["use_tf32"] = "1" if tf32 == "1" or graph in TF32_GRAPHS.get(tf32, ()) else "0"
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return options
+
+
+def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool = False,
+                  graph: str | None = None) -> list:
+    """The execution providers (with options) for a device name; EngineError naming what is missing.
+    graph: the graph's name (file stem), for switches that apply to some graphs only."""
     if device not in DEVICES:
         raise EngineError(f"unknown device {device!r} (expected one of {', '.join(DEVICES)})")
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    search = os.environ.get("SAA_CUDNN_SEARCH", "HEURISTIC")  # EXHAUSTIVE times every algorithm on the first run
-    if search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
-        raise EngineError(f"SAA_CUDNN_SEARCH={search!r}: expected HEURISTIC (the default), EXHAUSTIVE or DEFAULT")
-    cuda_options = {"cudnn_conv_algo_search": search, "do_copy_in_default_stream": "1"}
-    # onnxruntime's CUDA provider runs fp32 MatMul/Conv in TF32 unless told not to (measured on an
-    # H200: 2.8e-4 relative error on a 2048^3 MatMul, and the tiny pipeline then kept 53 of the CPU's
-    # 59 regions; bench/results/tf32_check_cuda-h200_2026-11-26.json). The reference's torch keeps
-    # fp32 matmuls in fp32, so we do too; SAA_CUDA_TF32=1 trades that fidelity for speed.
-    tf32 = os.environ.get("SAA_CUDA_TF32", "0")
-    if tf32 not in ("0", "1"):
-        raise EngineError(f"SAA_CUDA_TF32={tf32!r}: expected 0 (fp32 matmuls in full fp32, the default) or 1 (TF32 allowed)")
-    cuda_options["use_tf32"] = tf32
-    if cuda_graph:
-        cuda_options["enable_cuda_graph"] = "1"
+    cuda = cuda_options(graph, cuda_graph)
     if device == "cuda":
         _require("CUDAExecutionProvider", device, "install onnxruntime-gpu, or use --device cpu")
-        return [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     _require("TensorrtExecutionProvider", device,
              "install onnxruntime-gpu built with TensorRT and the TensorRT libraries (libnvinfer), or use --device cuda")
     trt_options: dict[str, Any] = {
@@ -95,7 +110,7 @@ def providers_for(device: str, cache_dir: Path | None = None, cuda_graph: bool =
         cache_dir.mkdir(parents=True, exist_ok=True)
         trt_options.update(trt_engine_cache_path=str(cache_dir), trt_timing_cache_path=str(cache_dir))
     # Nodes TensorRT rejects fall back to CUDA, then CPU.
-    return [("TensorrtExecutionProvider", trt_options), ("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", trt_options), ("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
 def worker_affinities(threads: int, cpus: set[int] | None = None) -> str | None:
@@ -196,7 +211,7 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
         through DeviceRunner(static=True). onnxruntime refuses it for graphs with CPU nodes."""
         path = Path(path)
         graphs = cuda_graph if cuda_graphs is None else cuda_graphs
-        providers = providers_for(device, path.parent / TRT_CACHE_DIR, graphs)
+        providers = providers_for(device, path.parent / TRT_CACHE_DIR, graphs, graph=path.stem)
         try:
             options = session_options(threads, spinning)
             if device == "cpu":

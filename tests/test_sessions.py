@@ -1,6 +1,8 @@
 """Session options per device, and IO binding (DeviceRunner) checked on the CPU provider."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -49,6 +51,15 @@ def test_cuda_keeps_fp32_matmuls_out_of_tf32_unless_asked(monkeypatch):
     monkeypatch.setenv("SAA_CUDA_TF32", "1")
     (_, options), _ = S.providers_for("cuda")
     assert options["use_tf32"] == "1"
+    monkeypatch.setenv("SAA_CUDA_TF32", "head")  # only GroundingDINO's fp32 head: the kNN graph stays exact
+    assert [S.providers_for("cuda", graph=name)[0][1]["use_tf32"] for name in ("gdino_head", "sam_decoder", None)] \
+        == ["1", "0", "0"]
+    opened = {}
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, options, providers: opened.update({path: providers}))
+    make = S.session_factory("cuda")
+    for name in ("gdino_head", "gdino_image"):  # the factory names each graph by its file
+        make(Path(f"engines/{name}.onnx"))
+    assert [opened[f"engines/{n}.onnx"][0][1]["use_tf32"] for n in ("gdino_head", "gdino_image")] == ["1", "0"]
     monkeypatch.setenv("SAA_CUDA_TF32", "yes")
     with pytest.raises(EngineError, match="SAA_CUDA_TF32='yes'"):
         S.providers_for("cuda")

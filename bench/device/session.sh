@@ -5,7 +5,7 @@
 #                                     the gpu-marked tests while they run            (about 6 min)
 #   bench/device/session.sh measure   ViT-B and ViT-H: bench.latency with the reference and the per-graph
 #                                     profile (bench/device/profile_graphs.py); ViT-B A/B runs: CUDA
-#                                     graphs, CUDA graphs + TF32, dynamic shapes (about 7 min)
+#                                     graphs, CUDA graphs + TF32 in the head only, dynamic shapes (about 7 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
 # latency-*.json (ViT-B, ViT-H, three ViT-B A/B runs), profile-*.json: 8.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
@@ -55,7 +55,7 @@ case "${1:?step: prepare | measure}" in
       --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
     [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs 90 --engine-dir "$vit_b" --iters 30
-    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=1 latency latency-vit_b-fp16-cuda-graphs-tf32 90 \
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head latency latency-vit_b-fp16-cuda-graphs-tf32-head 90 \
       --engine-dir "$vit_b" --iters 30
     [ "$(left)" -gt 120 ] && latency latency-vit_h-fp16 $(( $(left) - 15 )) --engine-dir "$vit_h" \
       --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
