@@ -162,6 +162,9 @@ def list_images(inputs: list[str | Path], exclude: str | Path | None = None) -> 
         found = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                  and not any(part.startswith(".") for part in p.relative_to(item).parts)
                  and (skip is None or not p.resolve().is_relative_to(skip))]
-        stems = {(p.parent, p.stem) for p in found if p.suffix.lower() != ".png"}
-        paths.extend(sorted(p for p in found if not is_mask_file(p, {s for d, s in stems if d == p.parent})))
+        stems: dict[Path, set[str]] = {}  # per folder, the stems of its non-PNG images
+        for p in found:
+            if p.suffix.lower() != ".png":
+                stems.setdefault(p.parent, set()).add(p.stem)
+        paths.extend(sorted(p for p in found if not is_mask_file(p, stems.get(p.parent, set()))))
     return list(dict.fromkeys(paths))  # a file named twice is processed once
