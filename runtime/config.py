@@ -8,13 +8,13 @@ form is one setting away (see `AlgorithmOptions`).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .values import is_finite_number, is_integer
 
 DATASETS = ("mvtec", "visa", "mtd")
 GENERAL_TEMPLATES = ("defect on {}", "damage on {}", "flaw on {}")
@@ -135,15 +135,6 @@ def config_from_dict(data: Any, source: str = "config") -> PromptConfig:
     return PromptConfig(name.strip(), object_prompt.strip(), object_count, tuple(prompts), top_k, ratio, general, options)
 
 
-def _number(value: Any) -> bool:
-    """A real number as JSON/YAML give it: int or float, not bool, not NaN or infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 MAX_RESCORE_GAIN = 50.0  # exp(gain * mean saliency) with a mean in [0, 1]: beyond ~88 float32 overflows to inf
 
 
@@ -152,17 +143,17 @@ def _validate_options(options: AlgorithmOptions, source: str) -> AlgorithmOption
     checks = [
         (options.saliency_preset in (None, "reference", "tuned"), "saliency_preset must be null, 'reference' or 'tuned'"),
         (options.saliency_mode in (None, "farthest", "nearest"), "saliency_mode must be 'farthest' or 'nearest'"),
-        (options.saliency_n is None or _integer(options.saliency_n) and options.saliency_n >= 1,
+        (options.saliency_n is None or is_integer(options.saliency_n) and options.saliency_n >= 1,
          "saliency_n must be an integer >= 1"),
-        (_number(options.rescore_gain) and 0 <= options.rescore_gain <= MAX_RESCORE_GAIN,
+        (is_finite_number(options.rescore_gain) and 0 <= options.rescore_gain <= MAX_RESCORE_GAIN,
          f"rescore_gain must be a number from 0 to {MAX_RESCORE_GAIN:g}"),
         (isinstance(options.fusion_plus_one, bool), "fusion_plus_one must be true or false"),
-        (iou is None or _number(iou) and 0.0 <= iou <= 1.0, "object_iou_threshold must be null or a number in [0, 1]"),
+        (iou is None or is_finite_number(iou) and 0.0 <= iou <= 1.0, "object_iou_threshold must be null or a number in [0, 1]"),
         (isinstance(options.reference_object_caption, bool), "reference_object_caption must be true or false"),
-        (_number(options.box_threshold) and 0.0 <= options.box_threshold < 1.0, "box_threshold must be a number in [0, 1)"),
-        (_number(options.text_threshold) and 0.0 <= options.text_threshold < 1.0, "text_threshold must be a number in [0, 1)"),
-        (_integer(options.decoder_chunk) and options.decoder_chunk >= 1, "decoder_chunk must be an integer >= 1"),
-        (options.max_boxes_per_prompt is None or _integer(options.max_boxes_per_prompt) and options.max_boxes_per_prompt >= 1,
+        (is_finite_number(options.box_threshold) and 0.0 <= options.box_threshold < 1.0, "box_threshold must be a number in [0, 1)"),
+        (is_finite_number(options.text_threshold) and 0.0 <= options.text_threshold < 1.0, "text_threshold must be a number in [0, 1)"),
+        (is_integer(options.decoder_chunk) and options.decoder_chunk >= 1, "decoder_chunk must be an integer >= 1"),
+        (options.max_boxes_per_prompt is None or is_integer(options.max_boxes_per_prompt) and options.max_boxes_per_prompt >= 1,
          "max_boxes_per_prompt must be null or an integer >= 1"),
     ]
     for ok, rule in checks:

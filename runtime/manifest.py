@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from .errors import ManifestError
+from .values import is_finite_number, is_integer
 
 # Bumped whenever the graphs' inputs/outputs or the manifest's keys change meaning.
 FORMAT_VERSION = 1
@@ -132,19 +132,15 @@ def _check_preprocess(path: Path, preprocess: dict[str, Any]) -> None:
             raise ManifestError(f"{path}: preprocess[{section!r}] must be an object")
         for key, value in record.items():
             where = f"{path}: preprocess[{section!r}][{key!r}] = {value!r}"
-            if key in _SIZES and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if key in _SIZES and not (is_integer(value) and value >= 1):
                 raise ManifestError(f"{where} must be a positive integer")
             if key in _TRIPLES:
-                if not (isinstance(value, list) and len(value) == 3 and all(_finite(v) for v in value)):
+                if not (isinstance(value, list) and len(value) == 3 and all(is_finite_number(v) for v in value)):
                     raise ManifestError(f"{where} must be 3 finite numbers, one per colour channel")
                 if key.endswith("std") and min(value) <= 0:
                     raise ManifestError(f"{where}: a standard deviation must be > 0")
-            if key == "mask_threshold" and not _finite(value):
+            if key == "mask_threshold" and not is_finite_number(value):
                 raise ManifestError(f"{where} must be a finite number")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
