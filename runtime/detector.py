@@ -133,11 +133,11 @@ class Detector:
             raise ValueError(f"max_prompts_per_run must be >= 1, got {max_prompts_per_run}")
         self.max_prompts_per_run = max_prompts_per_run
         self.cuda_graphs: dict[str, str] = {}
-        self._text = self._open(make_session, manifest, GDINO_TEXT)
-        self._image = self._open(make_session, manifest, GDINO_IMAGE, cuda_graphs=cuda_graphs)
+        self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
+        self._text = self._open(GDINO_TEXT)
+        self._image = self._open(GDINO_IMAGE, cuda_graphs=cuda_graphs)
         self._runners = {id(self._text): runner_for(self._text, io_binding),
                          id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE))}
-        self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
         # The head opens on first need (head_session): a GPU pipeline fixes its shapes first, so
         # the largest graph is optimised once, not twice (ViT-B on the CPU provider: 3.1 -> 2.5 s to build,
         # bench/results/fp16_folding_cpu_2026-11-26.json).
@@ -153,13 +153,12 @@ class Detector:
     def _captures(self, name: str) -> bool:
         return self.cuda_graphs.get(name) == "captured"
 
-    def _open(self, make_session: Callable[..., Any], manifest: Manifest, key: str,
-              fixed_dims: Mapping[str, int] | None = None, cuda_graphs: bool = False) -> Any:
+    def _open(self, key: str, fixed_dims: Mapping[str, int] | None = None, cuda_graphs: bool = False) -> Any:
         """One graph's session (runtime.sessions.open_session); its CUDA-graph status, where one was
         asked for, goes into self.cuda_graphs."""
-        path = manifest.model_path(key)
+        path = self._manifest.model_path(key)
         try:
-            session, graphs = open_session(make_session, path, fixed_dims, cuda_graphs)
+            session, graphs = open_session(self._make_session, path, fixed_dims, cuda_graphs)
         except Exception as err:  # onnxruntime raises its own exception types
             raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         if graphs is not None:
@@ -169,7 +168,7 @@ class Detector:
     def head_session(self) -> Any:
         """The head's session: the one fix_head_shapes opened, else the dynamic one (opened now)."""
         if self._head is None:
-            self._use_head(self._open(self._make_session, self._manifest, GDINO_HEAD))
+            self._use_head(self._open(GDINO_HEAD))
         return self._head
 
     def _use_head(self, head: Any) -> None:
@@ -273,8 +272,7 @@ class Detector:
         inputs = inputs or self.head_session().get_inputs()
         dims = named_dims(inputs, self._text_feeds(text, slice(0, count)))
         # CUDA graphs only behind a capturing image graph: the head's inputs are its fixed buffers.
-        self._use_head(self._open(self._make_session, self._manifest, GDINO_HEAD, dims,
-                                  cuda_graphs=self._captures(GDINO_IMAGE)))
+        self._use_head(self._open(GDINO_HEAD, dims, cuda_graphs=self._captures(GDINO_IMAGE)))
         self.max_prompts_per_run = count
         self.head_dims = dims
         return dims
