@@ -66,7 +66,43 @@ def export_onnx(
             dynamic_axes=dict(dynamic_axes or {}),
             do_constant_folding=True,
         )
+    tile_bools_as_int32(path)
     onnx.checker.check_model(str(path))
+
+
+def tile_bools_as_int32(path: Path) -> int:
+    """Rewrite each Tile of a bool tensor as Cast(int32) -> Tile -> Cast(bool); returns how many.
+
+    onnxruntime's CUDA provider has no bool Tile kernel, so GroundingDINO's attention-mask repeats
+    (torch `.repeat` on bool masks: 4 in the head) ran on the CPU, with copies each way, and kept the
+    head out of CUDA graph capture ("all compute graph nodes have not been partitioned to the
+    CUDAExecutionProvider", H200, onnxruntime-gpu 1.31.1). The result is the same bits.
+    """
+    model = onnx.load(str(path), load_external_data=False)  # weights untouched: a side file stays valid
+    if not any(node.op_type == "Tile" for node in model.graph.node):
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    types.update((tensor.name, tensor.data_type) for tensor in inferred.initializer)
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "Tile" or types.get(node.input[0]) != onnx.TensorProto.BOOL:
+            nodes.append(node)
+            continue
+        wide_in, wide_out = f"{node.input[0]}_as_int32", f"{node.output[0]}_as_int32"
+        tile = onnx.helper.make_node("Tile", [wide_in, *node.input[1:]], [wide_out], name=node.name)
+        nodes += [onnx.helper.make_node("Cast", [node.input[0]], [wide_in], to=onnx.TensorProto.INT32,
+                                        name=f"{node.name}_to_int32"),
+                  tile,
+                  onnx.helper.make_node("Cast", [wide_out], [node.output[0]], to=onnx.TensorProto.BOOL,
+                                        name=f"{node.name}_to_bool")]
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save_model(model, str(path))
+    return rewritten
 
 
 _ONNX_DTYPES = {
@@ -199,6 +235,42 @@ def _rename_initializers(graph: onnx.GraphProto) -> None:
         value.name = names.get(value.name, value.name)
 
 
+def _merge_repeated_nodes(graph: onnx.GraphProto) -> int:
+    """Keep one of each set of identical nodes (same op, inputs, outputs, attributes); give any
+    other repeated node name a suffix. Returns how many nodes were dropped.
+
+    onnxruntime 1.31's fp16 converter (onnxruntime.transformers.float16) added one Cast per
+    consumer when an fp16 constant fed several fp32-kept nodes, all with the same output and node
+    name, and onnxruntime then refused the graph ("two nodes with same node name"; found on the
+    GPU machine, whose onnxruntime-gpu was 1.31). 1.32 shares one Cast. Constant folding made
+    such sharing common: it merges equal constants.
+    """
+    made: dict[str, tuple] = {}
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        key = (node.op_type, node.domain, tuple(node.input), tuple(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))
+        repeated = [name for name in node.output if name and name in made]
+        if repeated and all(made[name] == key for name in node.output if name):
+            continue
+        if repeated:
+            raise ExportError(f"the fp16 graph defines {repeated[0]!r} twice, differently (onnxruntime's "
+                              "fp16 converter; export --precision fp32 works meanwhile)")
+        made.update((name, key) for name in node.output if name)
+        kept.append(node)
+    dropped = len(graph.node) - len(kept)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(kept)
+    seen: dict[str, int] = {}
+    for node in graph.node:
+        if node.name and node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        seen.setdefault(node.name, 0)
+    return dropped
+
+
 def convert_to_fp16(path: Path, keep_ops: Sequence[str] = FP32_OPS) -> dict[str, Any]:
     """Rewrite the graph at `path` in float16, inputs and outputs left float32 (the runtime is unchanged).
 
@@ -226,6 +298,7 @@ def convert_to_fp16(path: Path, keep_ops: Sequence[str] = FP32_OPS) -> dict[str,
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops),
                                              disable_shape_infer=True)
     del model
+    _merge_repeated_nodes(converted.graph)
     side.unlink(missing_ok=True)
     if converted.ByteSize() > _PROTOBUF_LIMIT:
         onnx.save_model(converted, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -243,6 +316,9 @@ def _run_all(path: Path, feeds: Sequence[dict[str, np.ndarray]], provider: str) 
         providers = [(provider, {"use_tf32": "0"}), "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), providers=providers)
     return [session.run(None, case) for case in feeds]
+
+
+_OrtNotImplemented = ort.capi.onnxruntime_pybind11_state.NotImplemented  # no kernel for an op on this provider
 
 
 def fp16_provider() -> str:
@@ -335,8 +411,11 @@ def convert_engines_fp16(engine_dir: Path, models: Sequence[ExportedModel]) -> N
             model.source.pop("external_data", None)  # fp16 halved it under protobuf's 2 GB: one file now
         try:
             model.parity["fp16_vs_fp32"] = fp16_parity(expected, path, cases, fp16_provider())
-        except Exception as err:  # onnxruntime lacks a CPU fp16 kernel: the graph may still run on a GPU
+        except _OrtNotImplemented as err:  # onnxruntime lacks a CPU fp16 kernel: the graph may still run on a GPU
             model.parity["fp16_vs_fp32"] = {"measured": False, "reason": str(err).splitlines()[0][:300]}
+        except Exception as err:  # an engine that cannot open must not reach a manifest
+            raise ExportError(f"{model.file}: the fp16 graph does not open in onnxruntime {ort.__version__} "
+                              f"({str(err).splitlines()[0][:300]}); export --precision fp32 works meanwhile") from None
 
 
 # ---------------------------------------------------------------------------------- TensorRT

@@ -84,6 +84,63 @@ def test_convert_to_fp16_reads_a_graph_with_its_weights_beside_it(tmp_path):
     assert 0 < np.abs(before - after).max() < 1e-2
 
 
+def shared_constant_graph(path: Path) -> None:
+    """x -> LayerNormalization(scale, bias) twice, both with the same scale and bias: one fp32-kept
+    op type fed by one constant from two places (what constant folding makes of equal weights)."""
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [8], np.full(8, 0.5, np.float32))
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [8], np.zeros(8, np.float32))
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.eye(8, dtype=np.float32).ravel())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "scale", "bias"], ["a"], axis=-1),
+             helper.make_node("LayerNormalization", ["a", "scale", "bias"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [weight, scale, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_fp16_conversion_shares_the_casts_onnxruntime_1_31_repeated(tmp_path, monkeypatch):
+    """onnxruntime-gpu 1.31's converter wrote one Cast per consumer of a shared fp16 constant, all
+    with one name and one output, and onnxruntime refused the graph: every full-size fp16 export
+    on the GPU machine failed to open. The converter's 1.31 output is replayed here (each Cast
+    written twice) whichever onnxruntime runs the test."""
+    from onnxruntime.transformers import float16
+
+    real = float16.convert_float_to_float16
+
+    def as_in_1_31(model, **kwargs):
+        converted = real(model, **kwargs)
+        casts = [n for n in converted.graph.node if n.op_type == "Cast"]
+        converted.graph.node.extend(copy for copy in (onnx.NodeProto() for _ in casts))
+        for copy, cast in zip(converted.graph.node[-len(casts):], casts):
+            copy.CopyFrom(cast)
+        return converted
+
+    monkeypatch.setattr(float16, "convert_float_to_float16", as_in_1_31)
+    path = tmp_path / "g.onnx"
+    shared_constant_graph(path)
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    (before,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    common.convert_to_fp16(path)
+    model = onnx.load(str(path))
+    names = [n.name for n in model.graph.node if n.name]
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert any(n.op_type == "Cast" for n in model.graph.node)
+    assert len(names) == len(set(names)) and len(outputs) == len(set(outputs))
+    (after,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after, before, atol=1e-2)
+
+
+def test_repeated_node_names_get_suffixes_and_conflicting_outputs_are_refused():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Neg", ["a"], ["b"], name="n")]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert common._merge_repeated_nodes(graph) == 0 and [n.name for n in graph.node] == ["n", "n_1"]
+    clash = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["a"])], "g", [], [])
+    with pytest.raises(common.ExportError, match="defines 'a' twice"):
+        common._merge_repeated_nodes(clash)
+
+
 def test_fp16_decoder_opens_with_its_box_count_fixed(full_tiny_engine_dir, tmp_path):
     """GPU pipelines open SAM's decoder with num_boxes fixed (Segmenter.fix_box_count). Folded
     by onnxruntime and saved, the graph was refused then until its constants were renamed."""
@@ -160,3 +217,62 @@ def test_lite_refuses_files_only_the_full_profile_uses(tmp_path, capsys):
     assert main(["--profile", "lite", "--tokenizer-zip", "tok.zip", "--sam-checkpoint", "sam.pth", "--out", str(out)]) == 2
     assert "--sam-checkpoint, --tokenizer-zip: only the full profile uses them" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("error, kept", [
+    (ort.capi.onnxruntime_pybind11_state.NotImplemented("Could not find an implementation for Mul(14)"), True),
+    (ort.capi.onnxruntime_pybind11_state.Fail("Load model failed: two nodes with same node name (c)"), False),
+])
+def test_an_fp16_graph_that_does_not_open_fails_the_export(tmp_path, monkeypatch, error, kept):
+    """A missing CPU fp16 kernel is recorded (the graph still runs on a GPU); any other failure to
+    open stops the export. It was recorded too, and a manifest listed unloadable engines."""
+    small_graph(tmp_path / "g.onnx")
+    model = common.ExportedModel("saliency", "g.onnx", [], [], {})
+    monkeypatch.setattr(common, "precision_feeds", lambda *_: {})
+
+    def refuse(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(common, "fp16_parity", refuse)
+    if kept:
+        common.convert_engines_fp16(tmp_path, [model])
+        assert model.parity["fp16_vs_fp32"]["measured"] is False
+    else:
+        with pytest.raises(common.ExportError, match="g.onnx: the fp16 graph does not open.*two nodes"):
+            common.convert_engines_fp16(tmp_path, [model])
+
+
+def test_bool_tiles_become_int32_tiles_with_the_same_result(tmp_path):
+    """onnxruntime's CUDA provider has no bool Tile: such nodes ran on the CPU and kept
+    GroundingDINO's head out of CUDA graph capture. The rewrite tiles int32 between two Casts."""
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["mask"]),
+             helper.make_node("Tile", ["mask", "repeats"], ["tiled"], name="t"),
+             helper.make_node("Tile", ["x", "repeats"], ["x_tiled"])]  # float: left alone
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("tiled", TensorProto.BOOL, [4, 9]),
+         helper.make_tensor_value_info("x_tiled", TensorProto.FLOAT, [4, 9])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("repeats", TensorProto.INT64, [2], [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert common.tile_bools_as_int32(path) == 1
+    rewritten = onnx.load(str(path))
+    onnx.checker.check_model(rewritten)
+    assert [n.op_type for n in rewritten.graph.node] == ["Greater", "Cast", "Tile", "Cast", "Tile"]
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert common.tile_bools_as_int32(path) == 0  # nothing left to rewrite
+
+
+def test_exported_detector_head_tiles_no_bool_tensor(full_tiny_engine_dir):
+    """The head's attention-mask repeats (4 bool Tiles in GroundingDINO) come out of export as int32."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(full_tiny_engine_dir / "gdino_head.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    tiles = [n for n in model.graph.node if n.op_type == "Tile"]
+    assert tiles and all(types.get(n.input[0]) == TensorProto.INT32 for n in tiles)

@@ -50,15 +50,17 @@ case "${1:?step: prepare | measure}" in
       timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$2" --device "$DEVICE" \
         --iters 10 --out "$OUT/profile-$1-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
     }
+    with_reference() {  # with_reference NAME DIR: latency with the reference; without it if the reference fails
+      latency "$1" $(( $(left) - 15 )) --engine-dir "$2" --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
+      [ -f "$OUT/$1.json" ] || { [ "$(left)" -gt 90 ] && latency "$1-no-reference" 75 --engine-dir "$2" --iters 30; }
+    }
     # In the order of what matters most: each step runs only while the budget allows.
-    [ "$(left)" -gt 120 ] && latency latency-vit_b-fp16 $(( $(left) - 15 )) --engine-dir "$vit_b" \
-      --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
+    [ "$(left)" -gt 120 ] && with_reference latency-vit_b-fp16 "$vit_b"
     [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs 90 --engine-dir "$vit_b" --iters 30
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head latency latency-vit_b-fp16-cuda-graphs-tf32-head 90 \
       --engine-dir "$vit_b" --iters 30
-    [ "$(left)" -gt 120 ] && latency latency-vit_h-fp16 $(( $(left) - 15 )) --engine-dir "$vit_h" \
-      --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
+    [ "$(left)" -gt 120 ] && with_reference latency-vit_h-fp16 "$vit_h"
     [ "$(left)" -gt 100 ] && SAA_STATIC_SHAPES=0 latency latency-vit_b-fp16-dynamic-shapes 90 --engine-dir "$vit_b" --iters 30
     [ "$(left)" -gt 60 ] && profile vit_h "$vit_h"
     echo "== done ($(left) s left)" | tee -a "$log"
