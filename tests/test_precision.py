@@ -276,3 +276,19 @@ def test_exported_detector_head_tiles_no_bool_tensor(full_tiny_engine_dir):
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
     tiles = [n for n in model.graph.node if n.op_type == "Tile"]
     assert tiles and all(types.get(n.input[0]) == TensorProto.INT32 for n in tiles)
+
+
+def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_engine_dir, lite_engine_dir, tmp_path):
+    from bench import fp16_head
+
+    head = full_tiny_engine_dir / "gdino_head.onnx"
+    before = head.read_bytes()
+    out = tmp_path / "r.json"
+    assert fp16_head.main(["--engine-dir", str(full_tiny_engine_dir), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert head.read_bytes() == before
+    assert record["conversion"]["precision"] == "fp16" and "TopK" in record["conversion"]["ops_kept_fp32"]
+    case = record["fp16_vs_fp32"]["cases"][0]
+    assert case["max_abs_diff"] > 0 and "index_mismatch" in case  # random tiny weights: the selection moves
+    with pytest.raises(SystemExit, match="no gdino_image.onnx"):
+        fp16_head.main(["--engine-dir", str(lite_engine_dir)])
