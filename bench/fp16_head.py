@@ -28,7 +28,7 @@ def compare_head_fp16(engine_dir: Path) -> dict[str, Any]:
     names = [mf.GDINO_IMAGE, mf.GDINO_TEXT, mf.GDINO_HEAD]
     for name in names:
         if not (engine_dir / f"{name}.onnx").is_file():
-            raise SystemExit(f"error: {engine_dir} has no {name}.onnx: a `full` profile engine dir is needed")
+            raise FileNotFoundError(f"{engine_dir} has no {name}.onnx: a `full` profile engine dir is needed")
     feeds = common.precision_feeds(engine_dir, names)[mf.GDINO_HEAD]
     with tempfile.TemporaryDirectory() as scratch:
         head = Path(scratch) / "gdino_head.onnx"
@@ -48,14 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         manifest = load_manifest(args.engine_dir)
-    except ManifestError as err:
+        compared = compare_head_fp16(args.engine_dir)
+    except (ManifestError, FileNotFoundError) as err:
         parser.error(str(err))
     record = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "engine_dir": str(args.engine_dir),
         "weights_source": manifest.models.get("gdino_head", {}).get("source"),
         "onnxruntime": ort.__version__,
-        **compare_head_fp16(args.engine_dir),
+        **compared,
     }
     parity = record["fp16_vs_fp32"]
     mismatch = max((case.get("index_mismatch", 0.0) for case in parity["cases"]), default=0.0)

@@ -278,7 +278,8 @@ def test_exported_detector_head_tiles_no_bool_tensor(full_tiny_engine_dir):
     assert tiles and all(types.get(n.input[0]) == TensorProto.INT32 for n in tiles)
 
 
-def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_engine_dir, lite_engine_dir, tmp_path):
+def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_engine_dir, lite_engine_dir, tmp_path,
+                                                                      capsys):
     from bench import fp16_head
 
     head = full_tiny_engine_dir / "gdino_head.onnx"
@@ -290,5 +291,6 @@ def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_
     assert record["conversion"]["precision"] == "fp16" and "TopK" in record["conversion"]["ops_kept_fp32"]
     case = record["fp16_vs_fp32"]["cases"][0]
     assert case["max_abs_diff"] > 0 and "index_mismatch" in case  # random tiny weights: the selection moves
-    with pytest.raises(SystemExit, match="no gdino_image.onnx"):
+    with pytest.raises(SystemExit):
         fp16_head.main(["--engine-dir", str(lite_engine_dir)])
+    assert "has no gdino_image.onnx: a `full` profile engine dir is needed" in capsys.readouterr().err
