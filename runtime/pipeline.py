@@ -22,6 +22,7 @@ from .config import PromptConfig, resolve_config
 from .decision import Thresholds, decide, image_score
 from .errors import EngineError, ImageError, SaaError
 from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
+from .host_memory import available_bytes, mask_bytes
 from .image_io import to_bgr8
 from .mask_fusion import DeviceMasks, MaskFusion
 from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
@@ -279,6 +280,8 @@ class Pipeline:
     def _masks(self, regions: list[Region], image_hw: tuple[int, int], on_device: bool = False) -> np.ndarray | DeviceMasks:
         if not regions:
             return np.zeros((0, *image_hw), dtype=bool)
+        if not on_device:
+            _check_mask_memory(len(regions), image_hw)
         boxes = np.array([r.box for r in regions], dtype=np.float32)
         return self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk, on_device=on_device)
 
@@ -297,6 +300,18 @@ class Pipeline:
         if on_device:
             return self.mask_fusion.fuse_masks(masks, keep, scores[keep], options.fusion_plus_one)
         return fuse_masks(masks[keep], scores[keep], options.fusion_plus_one).astype(np.float32)
+
+
+def _check_mask_memory(count: int, image_hw: tuple[int, int]) -> None:
+    """ImageError when `count` image-size masks would not fit in the host memory left: the
+    process would otherwise be killed by the kernel without a word (a batch loses every image)."""
+    need, available = mask_bytes(count, image_hw), available_bytes()
+    if available is not None and need > available:
+        raise ImageError(
+            f"{count} regions at {image_hw[0]}x{image_hw[1]} need about {need / 2**30:.1f} GiB of masks, "
+            f"more than the {available / 2**30:.1f} GiB of memory left: downscale the image or lower "
+            "max_boxes_per_prompt in the config's options"
+        )
 
 
 def _resize_map(values: np.ndarray, out_size: int | tuple[int, int]) -> np.ndarray:

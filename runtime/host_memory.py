@@ -1,0 +1,36 @@
+"""How much host memory a step may take, so that a step too big for the machine is refused with
+a message instead of ending in the kernel's out-of-memory kill (which leaves no message at all)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still get: Linux's MemAvailable, capped by a cgroup v2 limit
+    (containers see the host's MemAvailable). None where neither can be read (other systems)."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (_CGROUP / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(max(0, int(limit) - int((_CGROUP / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def mask_bytes(count: int, image_hw: tuple[int, int]) -> int:
+    """Host bytes the full pipeline's masks take for `count` regions: one bool mask per region at
+    image size, plus about 32 bytes a pixel for the float maps and one mask's upscaling buffers
+    (measured: 7 GB peak for 82 regions at 8000x8000, 1.3 bytes per region-pixel)."""
+    pixels = int(image_hw[0]) * int(image_hw[1])
+    return count * pixels + 32 * pixels

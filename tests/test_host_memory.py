@@ -1,0 +1,46 @@
+"""Masks that would not fit in host memory are refused with a message, not an OOM kill."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime import host_memory
+from runtime.errors import ImageError
+from runtime.image_io import read_image
+
+BOTTLE = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
+
+
+def test_a_cgroup_limit_caps_what_the_host_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_memory, "_CGROUP", tmp_path)
+    host = host_memory.available_bytes()
+    assert host is None or host > 0
+    (tmp_path / "memory.max").write_text("3000000000\n")
+    (tmp_path / "memory.current").write_text("1000000000\n")
+    capped = host_memory.available_bytes()
+    assert capped == (2_000_000_000 if host is None else min(host, 2_000_000_000))
+    (tmp_path / "memory.max").write_text("max\n")  # no limit set: the host's figure alone
+    assert host_memory.available_bytes() == host
+
+
+def test_mask_bytes_grow_with_regions_and_pixels():
+    assert host_memory.mask_bytes(82, (8000, 8000)) == 82 * 64_000_000 + 32 * 64_000_000
+    assert host_memory.mask_bytes(0, (10, 10)) == 3200
+
+
+def test_pipeline_refuses_masks_that_would_not_fit(full_tiny_engine_dir, monkeypatch):
+    from runtime import manifest as mf
+    from runtime import pipeline
+    from runtime.config import resolve_config
+
+    config = resolve_config("mvtec", "bottle", None, {})
+    run = pipeline.Pipeline(mf.load_manifest(full_tiny_engine_dir), config, threads=1)
+    image = read_image(BOTTLE)
+    result = run(image)
+    assert result.regions  # the check below has regions to refuse
+    monkeypatch.setattr(pipeline, "available_bytes", lambda: 1_000_000)
+    with pytest.raises(ImageError, match=r"regions at 900x900 need about .* GiB of masks, more than the 0\.0 GiB"):
+        run(image)
+    monkeypatch.setattr(pipeline, "available_bytes", lambda: None)  # unknown (not Linux): no check
+    assert run(image).regions
