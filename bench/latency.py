@@ -453,8 +453,8 @@ def format_table(record: dict[str, Any]) -> str:
     lines.append(f"end to end p50 {record['end_to_end_p50_ms']:.1f} ms, p95 {record['end_to_end_p95_ms']:.1f} ms, "
                  f"{record['images_per_s']:.1f} images/s, peak RSS {record['peak_rss_mb']:.0f} MB"
                  + (f", GPU {record['gpu_memory_mb']:.0f} MB" if record["gpu_memory_mb"] else ""))
-    lines.append("'in ORT p50': time inside onnxruntime runs, with their copies to the host (on a GPU, the "
-                 "device's compute); the rest of a stage is host work")
+    lines.append("'in ORT p50': time inside onnxruntime runs, with their copies to and from the device (on a GPU, "
+                 "the device's compute); the rest of a stage is host work")
     if record["speedup_vs_reference"] is not None:
         lines.append(f"speed-up vs the PyTorch reference: {record['speedup_vs_reference']:.1f}x (reference p50 / runtime p50 "
                      "over calls alternating with it: 'paired p50')")

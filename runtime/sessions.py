@@ -31,7 +31,7 @@ SessionFactory = Callable[[Path], ort.InferenceSession]
 
 
 class _EngineClock(threading.local):
-    """Milliseconds this thread has spent inside onnxruntime runs (with their copies to the host).
+    """Milliseconds this thread has spent inside onnxruntime: runs, and their copies to and from the device.
 
     The pipeline reads it around each stage, so a stage's time splits into the engines' share and
     the host work around them (AnomalyResult.engine_ms; bench.latency prints both). On a GPU a
@@ -350,10 +350,12 @@ class DeviceRunner:
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, Any], keep: Sequence[str] = ()) -> list[Any]:
         """Outputs in order: numpy arrays, or OrtValues on the device for names in `keep`."""
-        for name, value in feeds.items():
-            self._bind_input(name, value)
-        self._bind_outputs(output_names, keep)
+        # Binding copies host inputs to the device: onnxruntime's work, on the engine clock as in
+        # PlainRunner (whose session.run copies them), so a stage's host share is host work only.
         with engine_time():
+            for name, value in feeds.items():
+                self._bind_input(name, value)
+            self._bind_outputs(output_names, keep)
             try:
                 self.session.run_with_iobinding(self._binding)
             except Exception as err:  # onnxruntime raises several private exception types

@@ -146,6 +146,24 @@ def test_static_device_runner_holds_its_buffers():
     assert (a == 1).all() and (b == 1).all()  # the caller's arrays were copied, never written
 
 
+def test_device_runner_counts_its_input_copies_as_engine_time(monkeypatch):
+    """Binding copies host inputs to the device, as PlainRunner's session.run does inside the
+    run: both runners put that on the engine clock, so a stage's host share is host work only."""
+    import time
+
+    runner = S.DeviceRunner(gemm_session(), static=True)
+    slow_copy = runner._bind_input
+
+    def bind(name, value):
+        time.sleep(0.05)
+        slow_copy(name, value)
+
+    monkeypatch.setattr(runner, "_bind_input", bind)
+    before = S.ENGINE_CLOCK.ms
+    runner.run(["y"], {"a": np.ones((2, 3), np.float32), "b": np.ones((4, 3), np.float32)})
+    assert S.ENGINE_CLOCK.ms - before >= 100.0  # two inputs, 50 ms each
+
+
 @pytest.mark.gpu
 def test_device_runner_keeps_outputs_on_the_gpu():
     session = ort.InferenceSession(_GEMM_ONNX, S.session_options(), providers=S.providers_for("cuda"))
