@@ -209,6 +209,26 @@ def test_trt_without_tensorrt_fails_before_exporting(tmp_path):
     assert not out.exists()
 
 
+def test_a_full_disk_mid_export_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    import errno
+
+    from export import engine_dir
+    from export.__main__ import main
+
+    def disk_full(tmp, _args):
+        (tmp / "saliency.onnx").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "saliency.onnx"))
+
+    monkeypatch.setattr(engine_dir, "_export_into", disk_full)
+    out = tmp_path / "engines"
+    assert main(["--profile", "lite", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "saliency.onnx: No space left on device" in err and "nothing was installed" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the engines dir nor the partial temporary one
+
+
 def test_lite_refuses_files_only_the_full_profile_uses(tmp_path, capsys):
     pytest.importorskip("torch")
     from export.__main__ import main
