@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a full disk or a folder that cannot be written, mid-export (the partial dir is removed)
         where = err.filename or args.out
         print(f"export failed: cannot write {where}: {err.strerror or err} (full fp32 engines take about "
-              f"1.1 GB with SAM ViT-B and 3.4 GB with ViT-H; nothing was installed at {args.out})", file=sys.stderr)
+              f"1.1 GB with SAM ViT-B; ViT-H's encoder alone is 2.5 GB; nothing was installed at {args.out})", file=sys.stderr)
         return 2
     print(f"wrote {manifest_path}")
     return 0
