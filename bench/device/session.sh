@@ -3,11 +3,13 @@
 # (docs/latency.md, "GPU session"; 15 minutes of device time in all, the machine goes back 30 s idle):
 #   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side; tiny engines and
 #                                     the gpu-marked tests while they run            (about 6 min)
-#   bench/device/session.sh measure   ViT-B and ViT-H: bench.latency with the reference and the per-graph
-#                                     profile (bench/device/profile_graphs.py); ViT-B A/B runs: CUDA
-#                                     graphs, CUDA graphs + TF32 in the head only, CUDA graphs + 64 boxes a decoder call (about 7 min)
+#   bench/device/session.sh measure   ViT-B and ViT-H with CUDA graphs: bench.latency with the reference and
+#                                     every CUDA kernel's device time per stage (bench/device/kernel_times.py);
+#                                     ViT-B A/B runs: no CUDA graphs, TF32 in the head only, 64 boxes a
+#                                     decoder call; the per-graph onnxruntime profile
+#                                     (bench/device/profile_graphs.py) (about 8 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
-# latency-*.json (ViT-B, ViT-H, three ViT-B A/B runs), profile-*.json: 8.
+# latency-*.json (ViT-B, ViT-H, three ViT-B A/B runs), profile-vit_b-fp16.json, kernels-fp16.json: 8.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,22 +52,33 @@ case "${1:?step: prepare | measure}" in
       timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$2" --device "$DEVICE" \
         --iters 10 --out "$OUT/profile-$1-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
     }
+    kernels() {  # kernels VARIANT DIR: bench/device/kernel_times.py into $OUT/kernels-fp16.json (one entry a variant)
+      echo "== kernels $1 ($(left) s left)" | tee -a "$log"
+      local seconds=$(( $(left) - 10 )); [ "$seconds" -gt 150 ] && seconds=150
+      SAA_CUDA_GRAPHS=1 timeout "$seconds" $PY -m bench.device.kernel_times --engine-dir "$2" --device "$DEVICE" \
+        --iters 5 --top 12 --label "$1" --out "$OUT/kernels-fp16.json" 2>&1 \
+        | grep -v "Memcpy\|constant fold\|cudnn_fe\|USDT\|gpuGetDeviceCount" | tail -16 | tee -a "$log"
+    }
     with_reference() {  # with_reference NAME DIR: latency with the reference; without it if the reference fails
       latency "$1" $(( $(left) - 15 )) --engine-dir "$2" --iters "${ITERS:-50}" --reference --reference-iters "${REF_ITERS:-5}"
       [ -f "$OUT/$1.json" ] || { [ "$(left)" -gt 90 ] && latency "$1-no-reference" 75 --engine-dir "$2" --iters 30; }
     }
-    # In the order of what matters most: each step runs only while the budget allows.
-    [ "$(left)" -gt 120 ] && with_reference latency-vit_b-fp16 "$vit_b"
-    [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
-    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs 90 --engine-dir "$vit_b" --iters 30
+    # In the order of what matters most: each step runs only while the budget allows. CUDA graphs
+    # (opt-in) are on for the runs against the reference: the second session's best configuration.
+    [ "$(left)" -gt 120 ] && SAA_CUDA_GRAPHS=1 with_reference latency-vit_b-fp16-cuda-graphs "$vit_b"
+    # Device time per stage and kernel: what the host-side profiles cannot tell (never measured before).
+    [ "$(left)" -gt 90 ] && kernels vit_b "$vit_b"
+    [ "$(left)" -gt 120 ] && SAA_CUDA_GRAPHS=1 with_reference latency-vit_h-fp16-cuda-graphs "$vit_h"
+    [ "$(left)" -gt 90 ] && kernels vit_h "$vit_h"
+    # ViT-B A/B runs against the first: no CUDA graphs; TF32 in the head; SAM's decoder in one call
+    # for up to 64 boxes instead of two of 32 (60 boxes here; each call had ~4 ms of fixed cost on
+    # the H200). The dynamic-shapes A/B ran on 2026-11-26: 236 vs 224 ms.
+    [ "$(left)" -gt 100 ] && latency latency-vit_b-fp16 90 --engine-dir "$vit_b" --iters 30
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head latency latency-vit_b-fp16-cuda-graphs-tf32-head 90 \
       --engine-dir "$vit_b" --iters 30
-    [ "$(left)" -gt 120 ] && with_reference latency-vit_h-fp16 "$vit_h"
-    # SAM's decoder in one call for up to 64 boxes instead of two of 32 (60 boxes here; each call
-    # had ~4 ms of fixed cost on the H200). The dynamic-shapes A/B ran on 2026-11-26: 236 vs 224 ms.
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs-chunk64 90 --engine-dir "$vit_b" \
       --iters 30 --option decoder_chunk=64
-    [ "$(left)" -gt 60 ] && profile vit_h "$vit_h"
+    [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
     echo "== done ($(left) s left)" | tee -a "$log"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)

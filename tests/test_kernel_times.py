@@ -1,0 +1,71 @@
+"""bench/device/kernel_times.py: device time per stage from a torch profiler trace (CUPTI on the GPU machine)."""
+import json
+
+import pytest
+
+from bench.device import kernel_times as K
+
+
+def _span(name, ts, dur, cat="user_annotation"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {}}
+
+
+def _kernel(name, ts, dur):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": 7}}
+
+
+def test_kernels_are_charged_to_the_stage_window_holding_their_start():
+    gemm = "void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm<float, 4> >(Params<int>)"
+    events = [
+        _kernel(gemm, 5, 100),  # before the first call (warm-up): left out
+        _span(K.CALL, 100, 1000), _span(K.STAGE_PREFIX + "sam_encoder", 110, 600), _span(K.STAGE_PREFIX + "fusion", 720, 300),
+        _kernel(gemm, 120, 300), _kernel("void onnxruntime::cuda::_TransposeKernel<float>(int)", 450, 100),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 115, "dur": 60, "args": {"bytes": 4_000_000}},
+        _kernel("reduce_kernel", 730, 150),
+        _kernel("between_stages", 712, 4),
+        _span(K.CALL, 2000, 1400), _span(K.STAGE_PREFIX + "sam_encoder", 2010, 800), _span(K.STAGE_PREFIX + "fusion", 2820, 500),
+        _kernel(gemm, 2020, 500), _kernel("reduce_kernel", 2830, 250),
+        _span("aten::mm", 2020, 5, cat="cpu_op"),
+    ]
+    got = K.summarise_trace(events)
+    assert got["calls"] == 2 and got["call_wall_p50_ms"] == 1.2
+    encoder, fusion = got["stages"]["sam_encoder"], got["stages"]["fusion"]
+    assert encoder["wall_p50_ms"] == 0.7 and encoder["kernel_ms_per_call"] == 0.45  # (300 + 100 + 500) / 2 calls
+    assert encoder["kernels_per_call"] == 1.5 and encoder["copy_ms_per_call"] == 0.03 and encoder["copy_mb_per_call"] == 2.0
+    assert encoder["busy_share"] == round((900 + 60) / 1400, 3)
+    assert list(encoder["top_kernels_ms_per_call"]) == ["cutlass::Kernel2", "onnxruntime::cuda::_TransposeKernel"]
+    assert encoder["top_kernels_ms_per_call"]["cutlass::Kernel2"] == 0.4
+    assert fusion["kernel_ms_per_call"] == 0.2 and fusion["busy_share"] == 0.5
+    assert got["stages"]["outside stages"]["kernel_ms_per_call"] == 0.002 and got["stages"]["outside stages"]["wall_p50_ms"] is None
+    assert got["device_busy_ms_per_call"] == round((300 + 100 + 60 + 150 + 4 + 500 + 250) / 2 / 1000, 3)
+
+
+def test_kernel_names_shorten_to_the_function():
+    assert K.short_kernel_name("void at::native::(anonymous namespace)::softmax_warp_forward<c10::Half, float, 10>(T*, int)") \
+        == "at::native::(anonymous namespace)::softmax_warp_forward"
+    assert K.short_kernel_name("sm90_xmma_gemm_f16f16_f32") == "sm90_xmma_gemm_f16f16_f32"
+    assert K.short_kernel_name("<<<>>>") == "<<<>>>"
+
+
+def test_a_cpu_run_records_every_stage_window_and_says_no_kernels(lite_engine_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "kernels.json"
+    out.write_text(json.dumps({"vit_h": {"calls": 9}}))
+    assert K.main(["--engine-dir", str(lite_engine_dir), "--device", "cpu", "--iters", "2", "--warmup", "1",
+                   "--label", "lite", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["vit_h"] == {"calls": 9}  # other labels kept
+    lite = written["lite"]
+    assert lite["calls"] == 2 and set(lite["stages"]) == {"preprocess", "saliency"}
+    assert lite["stages"]["saliency"]["wall_p50_ms"] > 0 and lite["stages"]["saliency"]["kernels_per_call"] == 0
+    assert "no kernels were recorded" in lite["notes"][0]
+    assert "saliency" in capsys.readouterr().out
+    import runtime.pipeline
+
+    assert runtime.pipeline._timed.__name__ == "_timed"  # the stage windows are gone again
+
+
+def test_a_missing_engine_dir_is_one_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code = K.main(["--engine-dir", str(tmp_path / "nowhere"), "--device", "cpu", "--out", str(tmp_path / "k.json")])
+    assert code == 1 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "k.json").exists()
