@@ -16,6 +16,7 @@ near 1 says the kernels themselves are the cost; far below it, launches, copies 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -222,9 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("kernel_times needs torch (its profiler reaches CUPTI); it is not installed here", file=sys.stderr)
         return 2
     from runtime.errors import SaaError
