@@ -413,7 +413,7 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
 
 
 def _default_notes(manifest: Any, pipeline: Any) -> list[str]:
-    notes = []
+    notes = [f"engines variant: {manifest.data['variant']}"] if manifest.data.get("variant") else []
     if pipeline.config.options.max_boxes_per_prompt is not None:
         notes.append("max_boxes_per_prompt is a runtime option the reference ignores: a speed-up is not like for like")
     if manifest.random_init:

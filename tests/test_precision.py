@@ -314,3 +314,33 @@ def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_
     with pytest.raises(SystemExit):
         fp16_head.main(["--engine-dir", str(lite_engine_dir)])
     assert "has no gdino_image.onnx: a `full` profile engine dir is needed" in capsys.readouterr().err
+
+
+def test_fp16_head_engines_are_a_complete_labelled_engines_dir(full_tiny_engine_dir, tmp_path, capsys):
+    from bench import fp16_head
+    from bench.latency import _default_notes
+    from runtime.image_io import read_image
+    from runtime.manifest import load_manifest
+    from runtime.pipeline import Pipeline
+
+    out = tmp_path / "head16"
+    assert fp16_head.main(["--engine-dir", str(full_tiny_engine_dir), "--write-engines", str(out)]) == 0
+    manifest = load_manifest(out)  # every sha256 checked
+    original = load_manifest(full_tiny_engine_dir, verify_hashes=False)
+    assert manifest.data["precision"] == original.data.get("precision", "fp32") + "-head-fp16"
+    assert manifest.data["variant"] == fp16_head.HEAD_VARIANT and "variant" not in original.data
+    head = manifest.models["gdino_head"]
+    assert head["sha256"] != original.models["gdino_head"]["sha256"]
+    assert head["parity"]["fp16_vs_fp32"]["max_abs_diff"] > 0
+    assert (out / "sam_encoder.onnx").read_bytes() == (full_tiny_engine_dir / "sam_encoder.onnx").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".head16")]  # no staging folder left
+    assert out.stat().st_mode & 0o777 == full_tiny_engine_dir.stat().st_mode & 0o777
+    pipeline = Pipeline.open(out, dataset="mvtec", category="bottle")
+    assert pipeline(read_image(Path(__file__).parent / "data" / "bottle_demo.png")).anomaly_map.shape == (900, 900)
+    assert _default_notes(manifest, pipeline)[0] == f"engines variant: {fp16_head.HEAD_VARIANT}"
+    # a second write into the same folder, and a variant as the source, are refused with one line
+    for source, target in ((full_tiny_engine_dir, out), (out, tmp_path / "again")):
+        with pytest.raises(SystemExit):
+            fp16_head.main(["--engine-dir", str(source), "--write-engines", str(target)])
+    err = capsys.readouterr().err
+    assert "already exists: name a new folder" in err and "is already a variant" in err

@@ -5,11 +5,11 @@
 #                                     the gpu-marked tests while they run            (about 6 min)
 #   bench/device/session.sh measure   ViT-B and ViT-H with CUDA graphs: bench.latency with the reference and
 #                                     every CUDA kernel's device time per stage (bench/device/kernel_times.py);
-#                                     ViT-B A/B runs: no CUDA graphs, TF32 in the head only, 64 boxes a
-#                                     decoder call; the per-graph onnxruntime profile
-#                                     (bench/device/profile_graphs.py) (about 8 min)
+#                                     ViT-B A/B runs: GroundingDINO's head in fp16 (bench.fp16_head), no
+#                                     CUDA graphs, TF32 in the head only, 64 boxes a decoder call (about 8 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log. measure: checks.log (every table),
-# latency-*.json (ViT-B, ViT-H, three ViT-B A/B runs), profile-vit_b-fp16.json, kernels-fp16.json: 8.
+# latency-*.json (ViT-B, ViT-H, four ViT-B A/B runs), kernels-fp16.json: 8. onnxruntime's per-graph
+# profile (python -m bench.device.profile_graphs) ran for both in the second session; run it by hand.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,11 +47,6 @@ case "${1:?step: prepare | measure}" in
     }
     root=${ENGINES_ROOT:-/tmp}
     vit_b=$root/engines-vit_b-fp16 vit_h=$root/engines-vit_h-fp16
-    profile() {  # profile VARIANT DIR: bench/device/profile_graphs.py into $OUT/profile-VARIANT-fp16.json
-      echo "== profile $1 ($(left) s left)" | tee -a "$log"
-      timeout $(( $(left) - 10 )) $PY -m bench.device.profile_graphs --engine-dir "$2" --device "$DEVICE" \
-        --iters 10 --out "$OUT/profile-$1-fp16.json" 2>&1 | grep -v "Memcpy\|constant fold\|cudnn_fe" | tail -30 | tee -a "$log"
-    }
     kernels() {  # kernels VARIANT DIR: bench/device/kernel_times.py into $OUT/kernels-fp16.json (one entry a variant)
       echo "== kernels $1 ($(left) s left)" | tee -a "$log"
       local seconds=$(( $(left) - 10 )); [ "$seconds" -gt 150 ] && seconds=150
@@ -70,6 +65,16 @@ case "${1:?step: prepare | measure}" in
     [ "$(left)" -gt 90 ] && kernels vit_b "$vit_b"
     [ "$(left)" -gt 120 ] && SAA_CUDA_GRAPHS=1 with_reference latency-vit_h-fp16-cuda-graphs "$vit_h"
     [ "$(left)" -gt 90 ] && kernels vit_h "$vit_h"
+    # What a lower-precision head would buy (the open product decision; docs/latency.md): ViT-B with
+    # GroundingDINO's head converted to fp16 by bench.fp16_head, CUDA graphs on. Not faithful: timing only.
+    if [ "$(left)" -gt 120 ]; then
+      echo "== fp16 head engines ($(left) s left)" | tee -a "$log"
+      rm -rf "$root/engines-vit_b-fp16-head16"
+      timeout 90 $PY -m bench.fp16_head --engine-dir "$vit_b" --write-engines "$root/engines-vit_b-fp16-head16" 2>&1 \
+        | tail -3 | tee -a "$log"
+      [ -f "$root/engines-vit_b-fp16-head16/manifest.json" ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-head-fp16-cuda-graphs 90 \
+        --engine-dir "$root/engines-vit_b-fp16-head16" --iters 30
+    fi
     # ViT-B A/B runs against the first: no CUDA graphs; TF32 in the head; SAM's decoder in one call
     # for up to 64 boxes instead of two of 32 (60 boxes here; each call had ~4 ms of fixed cost on
     # the H200). The dynamic-shapes A/B ran on 2026-11-26: 236 vs 224 ms.
@@ -78,7 +83,6 @@ case "${1:?step: prepare | measure}" in
       --engine-dir "$vit_b" --iters 30
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 latency latency-vit_b-fp16-cuda-graphs-chunk64 90 --engine-dir "$vit_b" \
       --iters 30 --option decoder_chunk=64
-    [ "$(left)" -gt 60 ] && profile vit_b "$vit_b"
     echo "== done ($(left) s left)" | tee -a "$log"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
