@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing engines dir")
     # Precision and TensorRT (export.common: convert_engines_fp16, build_trt_engines).
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                        help="fp16: graphs converted after export (I/O stay fp32, LayerNorm/Softmax/grid_sample and "
-                             "GroundingDINO's head stay fp32); fp16-vs-fp32 parity recorded per model")
+                        help="fp16: graphs converted after export (I/O stay fp32; reductions, grid_sample and "
+                             "GroundingDINO's head stay fp32, LayerNorm/Softmax too outside SAM's encoder and the "
+                             "Swin image graph); fp16-vs-fp32 parity recorded per model")
     parser.add_argument("--trt", action="store_true",
                         help="also build native TensorRT plans (needs the tensorrt package and the target GPU)")
     return parser

@@ -344,3 +344,25 @@ def test_fp16_head_engines_are_a_complete_labelled_engines_dir(full_tiny_engine_
             fp16_head.main(["--engine-dir", str(source), "--write-engines", str(target)])
     err = capsys.readouterr().err
     assert "already exists: name a new folder" in err and "is already a variant" in err
+
+
+def test_sam_encoder_runs_layernorm_softmax_and_erf_in_fp16_without_casts(full_tiny_engine_dir, tmp_path):
+    from runtime import manifest as mf
+
+    assert set(common.FP16_NATIVE_MODELS) <= set(mf.PROFILE_MODELS["full"])
+    assert "Softmax" in common.fp32_ops(mf.GDINO_TEXT) and "Softmax" not in common.fp32_ops(mf.SAM_ENCODER)
+    feeds = common.precision_feeds(full_tiny_engine_dir, [mf.SAM_ENCODER])[mf.SAM_ENCODER]
+    expected = common._run_all(full_tiny_engine_dir / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
+    records = {}
+    for name, keep in (("islands", common.FP32_OPS), ("native", common.fp32_ops(mf.SAM_ENCODER))):
+        path = tmp_path / f"{name}.onnx"
+        shutil.copy(full_tiny_engine_dir / "sam_encoder.onnx", path)
+        records[name] = (common.convert_to_fp16(path, keep), common.fp16_parity(expected, path, feeds))
+        model = onnx.load(str(path))
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+        softmax_inputs = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "Softmax"]
+        assert softmax_inputs and set(softmax_inputs) == {TensorProto.FLOAT if name == "islands" else TensorProto.FLOAT16}
+    (islands, islands_parity), (native, native_parity) = records["islands"], records["native"]
+    assert native["ops_kept_fp32"] == ["Pow", "ReduceMean", "Sqrt"]  # SAM neck's hand-written LayerNorm2d: x^2 in fp32
+    assert native["nodes_fp16"] < islands["nodes_fp16"]  # the Casts around every LayerNorm, Softmax and Erf are gone
+    assert native_parity["relative"] < max(2 * islands_parity["relative"], 2e-3)
