@@ -19,6 +19,7 @@ from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .pipeline import AnomalyResult, Pipeline
+from .summary import RunSummary
 
 
 MAX_OUT_SIZE = 16384  # square maps: 16384^2 float32 is 1 GB per map
@@ -131,16 +132,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     rejected = 0
     progress = _progress(paths, disable=args.no_progress)
     stems = unique_stems(paths)
-    for path in progress:
-        try:
-            image = read_image(path)
-            result = pipeline(image, out_size=args.out_size)
-            write_outputs(result, image, out_dir, stems[path], pipeline.thresholds.to_json())
-            rejected += result.pred_label or 0
-        except SaaError as err:
-            failures.append((path, str(err)))
-            progress.write(f"failed: {err}", file=sys.stderr)
-    saved = True
+    try:
+        summary = RunSummary(out_dir)
+    except SaaError as err:
+        pipeline.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with summary:
+        for path in progress:
+            try:
+                image = read_image(path)
+                result = pipeline(image, out_size=args.out_size)
+                write_outputs(result, image, out_dir, stems[path], pipeline.thresholds.to_json())
+                rejected += result.pred_label or 0
+            except SaaError as err:
+                failures.append((path, str(err)))
+                progress.write(f"failed: {err}", file=sys.stderr)
+                summary.add_failure(path, stems[path], str(err))
+            else:
+                summary.add(path, stems[path], result)
+    saved = summary.error is None
+    if summary.error:
+        print(f"error: {summary.error}", file=sys.stderr)
     if args.save_memory:
         try:
             pipeline.save_memory(args.save_memory)
@@ -148,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = False
             print(f"error: {err}", file=sys.stderr)
     pipeline.close()
-    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir}", file=sys.stderr)
+    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir} (table: {summary.path})",
+          file=sys.stderr)
     if pipeline.thresholds.image is not None:
         print(f"{rejected} NG, {len(paths) - len(failures) - rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)

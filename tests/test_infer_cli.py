@@ -1,8 +1,10 @@
 """`python -m runtime.infer` on real MTD images with the real EfficientNet-Lite0 engines."""
+import csv
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -56,6 +58,60 @@ def test_folder_run_reports_bad_files_and_goes_on(lite_engine_dir, data_dir, tmp
     assert "broken.png: not a readable image" in err and "empty.jpg: empty file" in err and "missing.png: no such file" in err
     assert (tmp_path / "out" / "good_map.npy").is_file() and (tmp_path / "out" / "good_ppm_map.npy").is_file()
     np.testing.assert_allclose(np.load(tmp_path / "out" / "good_map.npy"), np.load(tmp_path / "out" / "good_ppm_map.npy"))
+    # the run's table: a row per input, failures with their reason
+    with open(tmp_path / "out" / "summary.csv", newline="") as table:
+        rows = {Path(row["image"]).name: row for row in csv.DictReader(table)}
+    assert set(rows) == {"good.jpg", "good_ppm.ppm", "broken.png", "empty.jpg", "missing.png"}
+    assert rows["good.jpg"]["status"] == "ok" and rows["good.jpg"]["outputs"] == "good" and rows["good.jpg"]["label"] == ""
+    score = float(rows["good.jpg"]["image_score"])
+    assert score == pytest.approx(float(np.load(tmp_path / "out" / "good_map.npy").max()), rel=1e-5)
+    assert float(rows["good.jpg"]["end_to_end_ms"]) > 0 and rows["good.jpg"]["fused_regions"] == "0"  # lite: no regions
+    assert rows["broken.png"]["status"] == "failed" and "not a readable image" in rows["broken.png"]["error"]
+    assert rows["missing.png"]["status"] == "failed" and "no such file" in rows["missing.png"]["error"]
+    assert "(table: " in err
+
+
+def test_the_table_labels_parts_at_the_image_threshold_and_a_table_in_the_way_is_one_line(lite_engine_dir, data_dir,
+                                                                                         tmp_path, capsys):
+    images = sorted((data_dir / "mtd-mini").glob("*/Imgs/*.jpg"))[:3]
+    args = ["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress", *map(str, images)]
+    assert infer.main([*args, "--out", str(tmp_path / "first")]) == 0
+    with open(tmp_path / "first" / "summary.csv", newline="") as table:
+        scores = sorted(float(row["image_score"]) for row in csv.DictReader(table))
+    threshold = (scores[0] + scores[1]) / 2  # one part below it, two above
+    assert infer.main([*args, "--image-threshold", str(threshold), "--out", str(tmp_path / "second")]) == 0
+    with open(tmp_path / "second" / "summary.csv", newline="") as table:
+        labels = sorted(row["label"] for row in csv.DictReader(table))
+    assert labels == ["NG", "NG", "OK"]
+    (tmp_path / "third" / "summary.csv").mkdir(parents=True)
+    capsys.readouterr()
+    assert infer.main([*args, "--out", str(tmp_path / "third")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write") and last.endswith("summary.csv: Is a directory") and "Traceback" not in err
+
+
+def test_a_table_that_stops_mid_run_is_reported_and_the_maps_go_on(lite_engine_dir, data_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    from runtime import summary
+
+    real_add = summary.RunSummary.add
+
+    class FullDisk:
+        def writerow(self, values):
+            raise OSError(28, "No space left on device")
+
+    def full_disk_after_the_first(self, image, stem, result):
+        real_add(self, image, stem, result)
+        self._writer = FullDisk()
+
+    monkeypatch.setattr(summary.RunSummary, "add", full_disk_after_the_first)
+    images = sorted((data_dir / "mtd-mini").glob("*/Imgs/*.jpg"))[:3]
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       *map(str, images), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "summary.csv: No space left on device; its rows stop there" in err
+    assert "3 of 3 images written" in err and all((tmp_path / f"{p.stem}_map.npy").is_file() for p in images)
 
 
 def test_folders_skip_masks_and_earlier_outputs_and_names_need_not_be_utf8(lite_engine_dir, data_dir, tmp_path, capsys):

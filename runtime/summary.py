@@ -1,0 +1,74 @@
+"""The run's summary table: one row per input image, written as the run goes (`<out>/summary.csv`).
+
+A folder of parts is easier to review as one table, sorted by score in a spreadsheet, than as
+hundreds of JSON files: each row names the image and its output stem, says whether it was
+processed, and gives the image score, the OK/NG label where a threshold is set, the fused defect
+regions with the best one's phrase and score, and the time it took. Rows are flushed one by one,
+so an interrupted run keeps the rows it wrote. A write that fails (a full disk) stops the table,
+not the run: `error` then says why, for the caller to report.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from .errors import SaaError
+from .pipeline import AnomalyResult
+
+SUMMARY_NAME = "summary.csv"
+COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_phrase", "top_score",
+           "end_to_end_ms", "error")
+
+
+class RunSummary:
+    """Writes `summary.csv` in `out_dir`, replacing an earlier run's (it describes this run only)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / SUMMARY_NAME
+        try:
+            # Names that are not UTF-8 (bytes Python holds as surrogates) come out with "?" marks.
+            self._file: IO[str] = open(self.path, "w", newline="", encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise SaaError(f"cannot write {self.path}: {err.strerror}") from None
+        self._writer = csv.writer(self._file)
+        self.error: str | None = None  # why the table stopped, if it did
+        self._row(COLUMNS)
+
+    def add(self, image: Path, stem: str, result: AnomalyResult) -> None:
+        """A processed image's row."""
+        fused = sorted((r for r in result.regions if r.in_top_k), key=lambda r: -r.score)
+        label = {1: "NG", 0: "OK"}.get(result.pred_label, "")  # "": no image threshold set
+        self._row((str(image), stem, "ok", _number(result.pred_score), label, len(fused),
+                   fused[0].phrase if fused else "", _number(fused[0].score) if fused else "",
+                   _number(result.timings_ms.get("end_to_end"), ".1f"), ""))
+
+    def add_failure(self, image: Path, stem: str, error: str) -> None:
+        """An image that could not be read, processed or written."""
+        self._row((str(image), stem, "failed", "", "", "", "", "", "", error))
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:  # the last buffered bytes did not reach the disk
+            self.error = self.error or f"cannot write {self.path}: {err.strerror}"
+
+    def __enter__(self) -> "RunSummary":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
+
+    def _row(self, values: tuple) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._writer.writerow(values)
+            self._file.flush()
+        except OSError as err:
+            self.error = f"cannot write {self.path}: {err.strerror}; its rows stop there"
+
+
+def _number(value: float | None, spec: str = ".6g") -> str:
+    return "" if value is None else format(float(value), spec)
