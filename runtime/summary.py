@@ -3,7 +3,7 @@
 A folder of parts is easier to review as one table, sorted by score in a spreadsheet, than as
 hundreds of JSON files: each row names the image and its output stem, says whether it was
 processed, and gives the image score, the OK/NG label where a threshold is set, the fused defect
-regions with the best one's phrase and score, and the time it took. Rows are flushed one by one,
+regions with the best one's prompt, phrase and score, and the time it took. Rows are flushed one by one,
 so an interrupted run keeps the rows it wrote. A write that fails (a full disk) stops the table,
 not the run: `error` then says why, for the caller to report.
 """
@@ -18,8 +18,8 @@ from .errors import SaaError
 from .pipeline import AnomalyResult
 
 SUMMARY_NAME = "summary.csv"
-COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_phrase", "top_score",
-           "end_to_end_ms", "error")
+COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_prompt", "top_phrase",
+           "top_score", "end_to_end_ms", "error")
 
 
 class RunSummary:
@@ -40,13 +40,14 @@ class RunSummary:
         """A processed image's row."""
         fused = sorted((r for r in result.regions if r.in_top_k), key=lambda r: -r.score)
         label = {1: "NG", 0: "OK"}.get(result.pred_label, "")  # "": no image threshold set
+        top = fused[0] if fused else None
         self._row((str(image), stem, "ok", _number(result.pred_score), label, len(fused),
-                   fused[0].phrase if fused else "", _number(fused[0].score) if fused else "",
+                   top.prompt if top else "", top.phrase if top else "", _number(top.score) if top else "",
                    _number(result.timings_ms.get("end_to_end"), ".1f"), ""))
 
     def add_failure(self, image: Path, stem: str, error: str) -> None:
         """An image that could not be read, processed or written."""
-        self._row((str(image), stem, "failed", "", "", "", "", "", "", error))
+        self._row((str(image), stem, "failed", "", "", "", "", "", "", "", error))
 
     def close(self) -> None:
         try:
