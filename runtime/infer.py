@@ -19,6 +19,7 @@ from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .pipeline import AnomalyResult, Pipeline
+from .gallery import write_gallery
 from .summary import RunSummary
 
 
@@ -154,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = summary.error is None
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)
+    try:
+        write_gallery(out_dir, summary.rows, f"SAA+ anomaly maps: {args.category or args.config}")
+    except OSError as err:
+        saved = False
+        print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)
     if args.save_memory:
         try:
             pipeline.save_memory(args.save_memory)
@@ -161,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = False
             print(f"error: {err}", file=sys.stderr)
     pipeline.close()
-    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir} (table: {summary.path})",
-          file=sys.stderr)
+    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir} (table: {summary.path.name}, "
+          f"overlays by score: {(out_dir / 'index.html').name})", file=sys.stderr)
     if pipeline.thresholds.image is not None:
         print(f"{rejected} NG, {len(paths) - len(failures) - rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)

@@ -34,6 +34,7 @@ class RunSummary:
             raise SaaError(f"cannot write {self.path}: {err.strerror}") from None
         self._writer = csv.writer(self._file)
         self.error: str | None = None  # why the table stopped, if it did
+        self.rows: list[dict[str, str]] = []  # every row added, by column (the gallery's input)
         self._row(COLUMNS)
 
     def add(self, image: Path, stem: str, result: AnomalyResult) -> None:
@@ -62,6 +63,8 @@ class RunSummary:
         self.close()
 
     def _row(self, values: tuple) -> None:
+        if values is not COLUMNS:
+            self.rows.append({column: str(value) for column, value in zip(COLUMNS, values)})
         if self.error is not None:
             return
         try:

@@ -68,7 +68,12 @@ def test_folder_run_reports_bad_files_and_goes_on(lite_engine_dir, data_dir, tmp
     assert float(rows["good.jpg"]["end_to_end_ms"]) > 0 and rows["good.jpg"]["fused_regions"] == "0"  # lite: no regions
     assert rows["broken.png"]["status"] == "failed" and "not a readable image" in rows["broken.png"]["error"]
     assert rows["missing.png"]["status"] == "failed" and "no such file" in rows["missing.png"]["error"]
-    assert "(table: " in err
+    assert "(table: summary.csv, overlays by score: index.html)" in err
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert page.count("<img ") == 2 and "3 failed" in page and "not a readable image" in page
+    by_score = sorted(("good.jpg", "good_ppm.ppm"), key=lambda name: -float(rows[name]["image_score"]))
+    stems = [rows[name]["outputs"] for name in by_score]
+    assert page.index(f'src="{stems[0]}_overlay.png"') < page.index(f'src="{stems[1]}_overlay.png"')
 
 
 def test_the_table_labels_parts_at_the_image_threshold_and_a_table_in_the_way_is_one_line(lite_engine_dir, data_dir,

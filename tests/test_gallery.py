@@ -1,0 +1,22 @@
+"""runtime/gallery.py: the run's overlays on one page, highest score first."""
+from runtime.gallery import write_gallery
+from runtime.summary import COLUMNS
+
+
+def _row(image, stem, score, label="", prompt="", status="ok", error=""):
+    values = dict.fromkeys(COLUMNS, "")
+    values.update(image=image, outputs=stem, status=status, image_score=score, label=label, top_prompt=prompt,
+                  top_score="0.5" if prompt else "", error=error)
+    return values
+
+
+def test_cards_run_from_the_highest_score_and_names_are_escaped(tmp_path):
+    rows = [_row("low.png", "low", "0.1", "OK"), _row("<b>odd & part</b>.png", "odd part#1", "0.9", "NG", "black hole"),
+            _row("mid.png", "mid", "0.5"), _row("bad.png", "bad", "", status="failed", error="bad.png: empty file")]
+    page = write_gallery(tmp_path, rows, "SAA+ anomaly maps: <mtd>").read_text()
+    order = [page.index(f'src="{name}_overlay.png"') for name in ("odd%20part%231", "mid", "low")]
+    assert order == sorted(order)  # 0.9, 0.5, 0.1
+    assert "&lt;b&gt;odd &amp; part&lt;/b&gt;.png" in page and "<b>odd" not in page and "&lt;mtd&gt;" in page
+    assert 'class="card NG"' in page and 'class="card OK"' in page and "black hole (0.5)" in page
+    assert "1 failed" in page and "bad.png: empty file" in page and page.count("<img ") == 3
+    assert write_gallery(tmp_path, [], "empty").read_text().count("<img ") == 0
