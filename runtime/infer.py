@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from .config import add_config_arguments
 from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
+from .overlay import overlay
 from .pipeline import AnomalyResult, Pipeline
 from .gallery import write_gallery
 from .summary import RunSummary
@@ -75,29 +75,6 @@ def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem:
                **result.regions_json(), "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                "engine_ms": {k: round(v, 2) for k, v in result.engine_ms.items()}}  # each stage's share inside onnxruntime
     write_bytes(out_dir / f"{stem}_regions.json", json.dumps(payload, indent=1).encode())
-
-
-def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.ndarray:
-    """Heat map over the image, with the fused regions' boxes and scores, for a person to look at."""
-    if values.shape != image.shape[:2]:
-        values = cv2.resize(values, (image.shape[1], image.shape[0]))
-    # Saliency-only maps have no meaningful zero (distances): show their range. Fused maps start at 0.
-    low = float(values.min()) if result.saliency_only else 0.0
-    span = max(float(values.max()) - low, 1e-6)
-    heat = cv2.applyColorMap(np.uint8(np.clip((values - low) / span, 0, 1) * 255), cv2.COLORMAP_JET)
-    picture = cv2.addWeighted(image, 0.55, heat, 0.45, 0)
-    for region in result.regions:
-        if not region.in_top_k:
-            continue
-        x0, y0, x1, y1 = (int(round(v)) for v in region.box)
-        cv2.rectangle(picture, (x0, y0), (x1, y1), (255, 255, 255), 1)
-        cv2.putText(picture, f"{region.phrase[:20]} {region.score:.2f}", (max(x0, 0), max(y0 - 3, 10)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-    label = "saliency only (lite)" if result.saliency_only else f"max {values.max():.3f}"
-    if result.pred_label is not None:
-        label = f"{'NG' if result.pred_label else 'OK'} {result.pred_score:.3f}, {label}"
-    cv2.putText(picture, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    return picture
 
 
 def main(argv: Sequence[str] | None = None) -> int:
