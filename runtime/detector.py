@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import EngineError, ImageError, ManifestError
+from .errors import EngineError, ImageError, ManifestError, engine_failure
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
@@ -160,7 +160,7 @@ class Detector:
         try:
             session, graphs = open_session(self._make_session, path, fixed_dims, cuda_graphs)
         except Exception as err:  # onnxruntime raises its own exception types
-            raise EngineError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise engine_failure(f"cannot load {path}", err) from None
         if graphs is not None:
             self.cuda_graphs[key] = graphs
         return session
@@ -181,7 +181,7 @@ class Detector:
         try:
             return self._runners[id(session)].run(outputs, feeds, keep)
         except Exception as err:
-            raise EngineError(f"{name} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise engine_failure(f"{name} failed", err) from None
 
     # -- text ---------------------------------------------------------------------------------
 

@@ -24,3 +24,22 @@ class ManifestError(SaaError, ValueError):
 
 class OutputError(SaaError, OSError):
     """An output file or folder cannot be written (missing folder, no space, no permission)."""
+
+
+# What onnxruntime, CUDA, cuDNN, cuBLAS and the C++ runtime say when an allocation fails.
+OUT_OF_MEMORY_SIGNS = ("failed to allocate memory", "out of memory", "bad_alloc", "bad allocation",
+                       "alloc_failed", "cudaerrormemoryallocation")
+OUT_OF_MEMORY_HINT = ("the device ran out of memory: lower the boxes a SAM call takes (option decoder_chunk) or "
+                      "per prompt (max_boxes_per_prompt), use a smaller SAM (export --sam-variant vit_b), a smaller "
+                      "image, or --device cpu")
+
+
+def engine_failure(what: str, err: BaseException) -> EngineError:
+    """An EngineError for an engine that failed to load or run: `what` failed, with the first
+    line of the engine's message, and where that message says an allocation failed, what to lower."""
+    text = str(err)
+    first = text.splitlines()[0] if text.strip() else type(err).__name__
+    message = f"{what}: {first}"
+    if any(sign in text.lower() for sign in OUT_OF_MEMORY_SIGNS) and OUT_OF_MEMORY_HINT not in message:
+        message += f" ({OUT_OF_MEMORY_HINT})"
+    return EngineError(message)

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from . import manifest as mf
-from .errors import ConfigError, EngineError, ImageError, ManifestError
+from .errors import ConfigError, EngineError, ImageError, ManifestError, engine_failure
 from .pixels import normalised_canvas
 from .sessions import DeviceRunner, engine_time
 from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
@@ -211,7 +211,7 @@ class SaliencyExtractor:
                 with engine_time():
                     (out,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})
         except Exception as err:  # onnxruntime raises several private exception types
-            raise EngineError(f"{self.path}: saliency CNN failed at {height}x{width} ({str(err).splitlines()[0]})") from None
+            raise engine_failure(f"{self.path}: saliency CNN failed at {height}x{width}", err) from None
         expected = (1, self.channels, height // self.stride, width // self.stride)
         shape = tuple(out.shape()) if on_device else tuple(out.shape)
         if shape != expected:

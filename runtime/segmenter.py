@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineError, ImageError
+from .errors import EngineError, ImageError, engine_failure
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
@@ -109,7 +109,7 @@ class Segmenter:
         try:
             (embedding,) = self._encoder_runner.run([ENCODER_OUTPUT], {ENCODER_INPUT: tensor}, keep=(ENCODER_OUTPUT,))
         except Exception as err:
-            raise EngineError(f"{SAM_ENCODER} failed: {err}") from None
+            raise engine_failure(f"{SAM_ENCODER} failed", err) from None
         self._embedding = embedding
         self._original_size = (int(image.shape[0]), int(image.shape[1]))
         self._input_size = input_size
@@ -134,7 +134,7 @@ class Segmenter:
         try:
             low_res, iou = self._decoder_runner.run(DECODER_OUTPUTS, feeds, keep=keep)
         except Exception as err:
-            raise EngineError(f"{SAM_DECODER} failed on {len(boxes_input_frame)} boxes: {err}") from None
+            raise engine_failure(f"{SAM_DECODER} failed on {len(boxes_input_frame)} boxes", err) from None
         expected = (len(boxes_input_frame), 1, self.mask_size, self.mask_size)
         shape = tuple(low_res.shape()) if isinstance(low_res, ort.OrtValue) else low_res.shape
         if shape != expected:

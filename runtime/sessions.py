@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ConfigError, EngineError
+from .errors import ConfigError, EngineError, engine_failure
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 TRT_CACHE_DIR = "trt_cache"  # inside the engines dir: TensorRT plans are tied to the GPU and TensorRT version
@@ -221,7 +221,7 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
             _profile_if_asked(options, path.stem)
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises several private exception types
-            raise EngineError(f"{path}: cannot load engine ({str(err).splitlines()[0]})") from None
+            raise engine_failure(f"{path}: cannot load engine", err) from None
 
     make_session.fixes_dims = True  # type: ignore[attr-defined]  # callers check before passing fixed_dims
     return make_session
@@ -359,7 +359,7 @@ class DeviceRunner:
             try:
                 self.session.run_with_iobinding(self._binding)
             except Exception as err:  # onnxruntime raises several private exception types
-                raise EngineError(f"run with IO binding failed: {str(err).splitlines()[0]}") from None
+                raise engine_failure("run with IO binding failed", err) from None
             values = self._binding.get_outputs()
             if self.static and not self._outputs:  # hold them: later runs write into the same buffers
                 self._outputs = dict(zip(output_names, values))
