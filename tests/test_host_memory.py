@@ -1,6 +1,7 @@
 """Masks that would not fit in host memory are refused with a message, not an OOM kill."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,25 @@ def test_a_cgroup_limit_caps_what_the_host_reports(tmp_path, monkeypatch):
 
 
 def test_mask_bytes_grow_with_regions_and_pixels():
-    assert host_memory.mask_bytes(82, (8000, 8000)) == 82 * 64_000_000 + 32 * 64_000_000
-    assert host_memory.mask_bytes(0, (10, 10)) == 3200
+    fixed = host_memory.FIXED_BYTES
+    assert host_memory.mask_bytes(82, (8000, 8000)) == 82 * 64_000_000 + 32 * 64_000_000 + fixed
+    assert host_memory.mask_bytes(0, (10, 10)) == 3200 + fixed
+
+
+def test_the_memory_bench_measures_one_call_against_the_estimate(full_tiny_engine_dir, lite_engine_dir, tmp_path,
+                                                                 capsys):
+    from bench import host_memory as bench
+
+    out = tmp_path / "memory.json"
+    assert bench.main(["--engine-dir", str(full_tiny_engine_dir), "--sizes", "1200", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["size"] == 1200 and run["regions"] > 0 and run["call_mb"] > 0
+    expected = host_memory.mask_bytes(run["regions"], (1200, 1200)) / 2**20
+    assert run["estimate_mb"] == pytest.approx(expected, abs=1e-3)
+    assert run["measured_over_estimate"] == pytest.approx(run["call_mb"] / run["estimate_mb"], rel=1e-2)
+    with pytest.raises(SystemExit):
+        bench.main(["--engine-dir", str(lite_engine_dir)])
+    assert "masks exist only in the full profile" in capsys.readouterr().err
 
 
 def test_pipeline_refuses_masks_that_would_not_fit(full_tiny_engine_dir, monkeypatch):
