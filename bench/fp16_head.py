@@ -40,9 +40,6 @@ def compare_head_fp16(engine_dir: Path, keep_as: Path | None = None) -> dict[str
     from runtime import manifest as mf
 
     names = [mf.GDINO_IMAGE, mf.GDINO_TEXT, mf.GDINO_HEAD]
-    for name in names:
-        if not (engine_dir / f"{name}.onnx").is_file():
-            raise FileNotFoundError(f"{engine_dir} has no {name}.onnx: a `full` profile engine dir is needed")
     feeds = common.precision_feeds(engine_dir, names)[mf.GDINO_HEAD]
     with tempfile.TemporaryDirectory() as scratch:
         head = Path(scratch) / "gdino_head.onnx"
@@ -109,11 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         manifest = load_manifest(args.engine_dir)
+        if manifest.profile != "full":
+            raise ManifestError(f"{args.engine_dir} holds {manifest.profile} engines: a `full` profile engine dir is needed")
         if args.write_engines is not None:
             compared = write_fp16_head_engines(args.engine_dir, args.write_engines)
         else:
             compared = compare_head_fp16(args.engine_dir)
-    except (ManifestError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ManifestError, FileExistsError, ValueError) as err:
         parser.error(str(err))
     record = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

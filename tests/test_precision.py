@@ -313,7 +313,7 @@ def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_
     assert case["max_abs_diff"] > 0 and "index_mismatch" in case  # random tiny weights: the selection moves
     with pytest.raises(SystemExit):
         fp16_head.main(["--engine-dir", str(lite_engine_dir)])
-    assert "has no gdino_image.onnx: a `full` profile engine dir is needed" in capsys.readouterr().err
+    assert "holds lite engines: a `full` profile engine dir is needed" in capsys.readouterr().err
 
 
 def test_fp16_head_engines_are_a_complete_labelled_engines_dir(full_tiny_engine_dir, tmp_path, capsys):
