@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)
     try:
-        write_gallery(out_dir, summary.rows, f"SAA+ anomaly maps: {args.category or args.config}")
+        kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
+        write_gallery(out_dir, summary.rows, f"SAA+ {kind}: {args.category or args.config}")
     except OSError as err:
         saved = False
         print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)

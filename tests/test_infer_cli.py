@@ -71,6 +71,7 @@ def test_folder_run_reports_bad_files_and_goes_on(lite_engine_dir, data_dir, tmp
     assert "(table: summary.csv, overlays by score: index.html)" in err
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count("<img ") == 2 and "3 failed" in page and "not a readable image" in page
+    assert "<h1>SAA+ saliency-only maps (lite engines): mtd</h1>" in page
     by_score = sorted(("good.jpg", "good_ppm.ppm"), key=lambda name: -float(rows[name]["image_score"]))
     stems = [rows[name]["outputs"] for name in by_score]
     assert page.index(f'src="{stems[0]}_overlay.png"') < page.index(f'src="{stems[1]}_overlay.png"')
