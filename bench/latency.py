@@ -230,9 +230,17 @@ def settle() -> None:
     time.sleep(SETTLE_S)
 
 
-def timed_calls(fn: Callable[[], Any], count: int) -> list[Any]:
+def progress(count: int, label: str) -> Any:
+    """A progress bar over `count` calls on stderr: a full-size CPU run takes many minutes. tqdm
+    draws nothing when stderr is not a terminal (logs, the GPU session's checks.log)."""
+    from tqdm import tqdm
+
+    return tqdm(range(count), desc=label, unit="call", file=sys.stderr, disable=None, leave=False)
+
+
+def timed_calls(fn: Callable[[], Any], count: int, label: str = "calls") -> list[Any]:
     results = []
-    for _ in range(count):
+    for _ in progress(count, label):
         gc.collect()  # a collection inside a timed call would be charged to whichever stage it hit
         results.append(fn())
     return results
@@ -285,8 +293,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     speedup = None
     stage_ratios: dict[str, dict[str, float]] = {}
     try:
-        timed_calls(call, args.warmup)
-        results = timed_calls(call, args.iters)
+        timed_calls(call, args.warmup, "warm-up")
+        results = timed_calls(call, args.iters, "runtime")
         runtime_timings = [r.timings_ms for r in results]
         engine_timings = [r.engine_ms for r in results]
         rss_runtime = peak_rss_mb()
@@ -379,9 +387,9 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
     iters = args.reference_iters or args.iters
     with reference:
         try:
-            timed_calls(lambda: reference(image), max(1, min(args.warmup, 2)))
+            timed_calls(lambda: reference(image), max(1, min(args.warmup, 2)), "reference warm-up")
             ref_outputs, paired = [], []
-            for _ in range(iters):
+            for _ in progress(iters, "runtime + reference"):
                 settle()
                 paired.append(call().timings_ms)
                 settle()
