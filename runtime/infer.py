@@ -9,7 +9,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -21,9 +21,11 @@ from .overlay import overlay
 from .pipeline import AnomalyResult, Pipeline
 from .gallery import write_gallery
 from .summary import RunSummary
+from .watch import FolderWatch
 
 
 MAX_OUT_SIZE = 16384  # square maps: 16384^2 float32 is 1 GB per map
+GALLERY_EVERY = 10  # a watch rewrites index.html after this many images (and at its end)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saliency-mode", choices=["farthest", "nearest"], help="farthest: reference code; nearest: paper")
     parser.add_argument("--saliency-n", type=int, help="neighbours averaged per position (reference: 400)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    watch = parser.add_argument_group("watching a folder (a camera saving frames into it)")
+    watch.add_argument("--watch", action="store_true",
+                       help="take the images that arrive in the one input folder, as they arrive, until Ctrl-C")
+    watch.add_argument("--watch-idle", type=float, metavar="SECONDS", help="end the watch after this long without a new image")
+    watch.add_argument("--watch-count", type=int, metavar="N", help="end the watch after N images")
     line = parser.add_argument_group("line-side decisions (docs/line-side.md)")
     line.add_argument("--calibration", help="thresholds from `python -m runtime.calibrate` (checked against the engines)")
     line.add_argument("--image-threshold", type=float, help="NG when the image score (map max) exceeds it")
@@ -84,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--out-size must be from 1 to {MAX_OUT_SIZE}, got {args.out_size}")
     if args.save_memory and args.memory is None and args.stream_memory is None:
         parser.error("--save-memory needs a memory to save: --memory FILE or --stream-memory N")
+    if args.watch and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
+        parser.error(f"--watch takes one folder to watch, got {' '.join(args.inputs)}")
+    if not args.watch and (args.watch_idle is not None or args.watch_count is not None):
+        parser.error("--watch-idle and --watch-count need --watch")
+    if (args.watch_idle is not None and not args.watch_idle > 0) or (args.watch_count is not None and args.watch_count < 1):
+        parser.error("--watch-idle must be > 0 seconds and --watch-count >= 1")
     try:
         if args.save_memory:
             check_output_file(args.save_memory, "--save-memory")  # now, not after all the images
@@ -100,16 +113,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot create output folder {out_dir}: {err.strerror}", file=sys.stderr)
         return 2
-    paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
-    if not paths:
-        print("error: no images found in the inputs", file=sys.stderr)
-        return 2
+    if args.watch:
+        watch = FolderWatch(Path(args.inputs[0]), exclude=out_dir, idle_s=args.watch_idle, stop_after=args.watch_count)
+        print(f"watching {args.inputs[0]} for new images ({len(watch.existing)} there already are left alone); "
+              "Ctrl-C ends the watch", file=sys.stderr)
+        paths: Iterable[Path] = watch
+        stems: dict[Path, str] = {}  # named as they arrive (next_stem)
+    else:
+        paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
+        if not paths:
+            pipeline.close()
+            print("error: no images found in the inputs", file=sys.stderr)
+            return 2
+        stems = unique_stems(paths)
+    taken = set(stems.values())
     if pipeline.saliency_only:
         print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
+    kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
+    title = f"SAA+ {kind}: {args.category or args.config}"
     failures = []
-    rejected = 0
+    rejected = processed = 0
+    interrupted = False
     progress = _progress(paths, disable=args.no_progress)
-    stems = unique_stems(paths)
     try:
         summary = RunSummary(out_dir)
     except SaaError as err:
@@ -117,27 +142,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with summary:
-        for path in progress:
-            try:
-                image = read_image(path)
-                result = pipeline(image, out_size=args.out_size)
-                write_outputs(result, image, out_dir, stems[path], pipeline.thresholds.to_json())
-                rejected += result.pred_label or 0
-            except SaaError as err:
-                failures.append((path, str(err)))
-                progress.write(f"failed: {err}", file=sys.stderr)
-                summary.add_failure(path, stems[path], str(err))
-            else:
-                summary.add(path, stems[path], result)
+        try:
+            for path in progress:
+                stem = stems[path] if path in stems else next_stem(path, taken)
+                processed += 1
+                try:
+                    image = read_image(path)
+                    result = pipeline(image, out_size=args.out_size)
+                    write_outputs(result, image, out_dir, stem, pipeline.thresholds.to_json())
+                    rejected += result.pred_label or 0
+                except SaaError as err:
+                    failures.append((path, str(err)))
+                    progress.write(f"failed: {err}", file=sys.stderr)
+                    summary.add_failure(path, stem, str(err))
+                else:
+                    summary.add(path, stem, result)
+                if args.watch and processed % GALLERY_EVERY == 0:
+                    _write_gallery(out_dir, summary.rows, title)
+        except KeyboardInterrupt:  # the watch's normal end; a batch's early one
+            interrupted = not args.watch
+            progress.close()
+            print(f"{'watch ended' if args.watch else 'interrupted'} after {processed} image{'' if processed == 1 else 's'}",
+                  file=sys.stderr)
     saved = summary.error is None
     if summary.error:
         print(f"error: {summary.error}", file=sys.stderr)
-    try:
-        kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
-        write_gallery(out_dir, summary.rows, f"SAA+ {kind}: {args.category or args.config}")
-    except OSError as err:
-        saved = False
-        print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)
+    saved = _write_gallery(out_dir, summary.rows, title) and saved
     if args.save_memory:
         try:
             pipeline.save_memory(args.save_memory)
@@ -145,12 +175,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = False
             print(f"error: {err}", file=sys.stderr)
     pipeline.close()
-    print(f"{len(paths) - len(failures)} of {len(paths)} images written to {out_dir} (table: {summary.path.name}, "
+    print(f"{processed - len(failures)} of {processed} images written to {out_dir} (table: {summary.path.name}, "
           f"overlays by score: {(out_dir / 'index.html').name})", file=sys.stderr)
     if pipeline.thresholds.image is not None:
-        print(f"{rejected} NG, {len(paths) - len(failures) - rejected} OK at image threshold "
+        print(f"{rejected} NG, {processed - len(failures) - rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)
+    if interrupted:
+        return 130
     return 1 if failures or not saved else 0
+
+
+def _write_gallery(out_dir: Path, rows: list[dict[str, str]], title: str) -> bool:
+    try:
+        write_gallery(out_dir, rows, title)
+        return True
+    except OSError as err:
+        print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)
+        return False
 
 
 def unique_stems(paths: list[Path]) -> dict[Path, str]:
@@ -161,14 +202,33 @@ def unique_stems(paths: list[Path]) -> dict[Path, str]:
     stems: dict[Path, str] = {}
     taken: set[str] = set()
     for path in paths:
-        stem = path.stem if counts[path.stem] == 1 else f"{path.parent.name}_{path.name.replace('.', '_')}"
-        stem = stem.encode("utf-8", "replace").decode("utf-8")  # bytes no encoding can show (not UTF-8) -> "?"
-        candidate, index = stem, 1
-        while candidate in taken:
-            candidate, index = f"{stem}_{index}", index + 1
-        taken.add(candidate)
-        stems[path] = candidate
+        stem = path.stem if counts[path.stem] == 1 else _folder_and_name(path)
+        stems[path] = _claim(_readable(stem), taken)
     return stems
+
+
+def next_stem(path: Path, taken: set[str]) -> str:
+    """A watched file's stem, decided as it arrives (later arrivals are unknown): its stem, else
+    folder + file name, then a counter; added to taken."""
+    stem = _readable(path.stem)
+    return _claim(stem if stem not in taken else _readable(_folder_and_name(path)), taken)
+
+
+def _folder_and_name(path: Path) -> str:
+    return f"{path.parent.name}_{path.name.replace('.', '_')}"
+
+
+def _readable(stem: str) -> str:
+    return stem.encode("utf-8", "replace").decode("utf-8")  # bytes no encoding can show (not UTF-8) -> "?"
+
+
+def _claim(stem: str, taken: set[str]) -> str:
+    """`stem`, or with a counter where taken already has it; added to taken."""
+    candidate, index = stem, 1
+    while candidate in taken:
+        candidate, index = f"{stem}_{index}", index + 1
+    taken.add(candidate)
+    return candidate
 
 
 def _progress(paths: list[Path], disable: bool):
