@@ -145,7 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for path in progress:
                 stem = stems[path] if path in stems else next_stem(path, taken)
-                processed += 1
                 try:
                     image = read_image(path)
                     result = pipeline(image, out_size=args.out_size)
@@ -157,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     summary.add_failure(path, stem, str(err))
                 else:
                     summary.add(path, stem, result)
+                processed += 1
                 if args.watch and processed % GALLERY_EVERY == 0:
                     _write_gallery(out_dir, summary.rows, title)
         except KeyboardInterrupt:  # the watch's normal end; a batch's early one

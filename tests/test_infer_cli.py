@@ -191,3 +191,26 @@ def test_runtime_imports_no_torch():
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_ctrl_c_in_a_batch_keeps_the_table_and_page_of_what_was_done(lite_engine_dir, data_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    from runtime.pipeline import Pipeline
+
+    real_call, calls = Pipeline.__call__, []
+
+    def interrupted_on_the_second(self, image, out_size=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_call(self, image, out_size)
+
+    monkeypatch.setattr(Pipeline, "__call__", interrupted_on_the_second)
+    images = sorted((data_dir / "mtd-mini").glob("*/Imgs/*.jpg"))[:3]
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       *map(str, images), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted after 1 image\n" in err and "1 of 1 images written" in err
+    with open(tmp_path / "summary.csv", newline="") as table:
+        assert [row["outputs"] for row in csv.DictReader(table)] == [images[0].stem]
+    assert (tmp_path / "index.html").read_text().count("<img ") == 1
