@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -84,19 +85,20 @@ def write_outputs(result: AnomalyResult, image: np.ndarray, out_dir: Path, stem:
     write_bytes(out_dir / f"{stem}_regions.json", json.dumps(payload, indent=1).encode())
 
 
+@dataclass
+class Tally:
+    """What a run did: images done (written or failed), the failures, NG verdicts, a batch's Ctrl-C."""
+
+    processed: int = 0
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    rejected: int = 0
+    interrupted: bool = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out_size is not None and not 1 <= args.out_size <= MAX_OUT_SIZE:
-        parser.error(f"--out-size must be from 1 to {MAX_OUT_SIZE}, got {args.out_size}")
-    if args.save_memory and args.memory is None and args.stream_memory is None:
-        parser.error("--save-memory needs a memory to save: --memory FILE or --stream-memory N")
-    if args.watch and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
-        parser.error(f"--watch takes one folder to watch, got {' '.join(args.inputs)}")
-    if not args.watch and (args.watch_idle is not None or args.watch_count is not None):
-        parser.error("--watch-idle and --watch-count need --watch")
-    if (args.watch_idle is not None and not args.watch_idle > 0) or (args.watch_count is not None and args.watch_count < 1):
-        parser.error("--watch-idle must be > 0 seconds and --watch-count >= 1")
+    _check_arguments(parser, args)
     try:
         if args.save_memory:
             check_output_file(args.save_memory, "--save-memory")  # now, not after all the images
@@ -107,82 +109,103 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"error: cannot create output folder {out_dir}: {err.strerror}", file=sys.stderr)
-        return 2
-    if args.watch:
-        watch = FolderWatch(Path(args.inputs[0]), exclude=out_dir, idle_s=args.watch_idle, stop_after=args.watch_count)
-        print(f"watching {args.inputs[0]} for new images ({len(watch.existing)} there already are left alone); "
-              "Ctrl-C ends the watch", file=sys.stderr)
-        paths: Iterable[Path] = watch
-        stems: dict[Path, str] = {}  # named as they arrive (next_stem)
-    else:
-        paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
-        if not paths:
-            pipeline.close()
-            print("error: no images found in the inputs", file=sys.stderr)
+    with pipeline:
+        out_dir = Path(args.out)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: cannot create output folder {out_dir}: {err.strerror}", file=sys.stderr)
             return 2
-        stems = unique_stems(paths)
-    taken = set(stems.values())
-    if pipeline.saliency_only:
-        print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
-    kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
-    title = f"SAA+ {kind}: {args.category or args.config}"
-    failures = []
-    rejected = processed = 0
-    interrupted = False
-    progress = _progress(paths, disable=args.no_progress)
-    try:
-        summary = RunSummary(out_dir)
-    except SaaError as err:
-        pipeline.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with summary:
         try:
-            for path in progress:
-                stem = stems[path] if path in stems else next_stem(path, taken)
-                try:
-                    image = read_image(path)
-                    result = pipeline(image, out_size=args.out_size)
-                    write_outputs(result, image, out_dir, stem, pipeline.thresholds.to_json())
-                    rejected += result.pred_label or 0
-                except SaaError as err:
-                    failures.append((path, str(err)))
-                    progress.write(f"failed: {err}", file=sys.stderr)
-                    summary.add_failure(path, stem, str(err))
-                else:
-                    summary.add(path, stem, result)
-                processed += 1
-                if args.watch and processed % GALLERY_EVERY == 0:
-                    _write_gallery(out_dir, summary.rows, title)
-        except KeyboardInterrupt:  # the watch's normal end; a batch's early one
-            interrupted = not args.watch
-            progress.close()
-            print(f"{'watch ended' if args.watch else 'interrupted'} after {processed} image{'' if processed == 1 else 's'}",
-                  file=sys.stderr)
-    saved = summary.error is None
-    if summary.error:
-        print(f"error: {summary.error}", file=sys.stderr)
-    saved = _write_gallery(out_dir, summary.rows, title) and saved
-    if args.save_memory:
-        try:
-            pipeline.save_memory(args.save_memory)
+            summary = RunSummary(out_dir)
         except SaaError as err:
-            saved = False
             print(f"error: {err}", file=sys.stderr)
-    pipeline.close()
-    print(f"{processed - len(failures)} of {processed} images written to {out_dir} (table: {summary.path.name}, "
+            return 2
+        with summary:
+            if args.watch:
+                watch = FolderWatch(Path(args.inputs[0]), exclude=out_dir, idle_s=args.watch_idle,
+                                    stop_after=args.watch_count)
+                print(f"watching {args.inputs[0]} for new images ({len(watch.existing)} there already are left alone); "
+                      "Ctrl-C ends the watch", file=sys.stderr)
+                paths: Iterable[Path] = watch
+                stems: dict[Path, str] = {}  # named as they arrive (next_stem)
+            else:
+                paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
+                if not paths:
+                    print("error: no images found in the inputs", file=sys.stderr)
+                    return 2
+                stems = unique_stems(paths)
+            if pipeline.saliency_only:
+                print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
+            kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
+            title = f"SAA+ {kind}: {args.category or args.config}"
+            tally = _process(paths, stems, pipeline, out_dir, args, summary, title)
+        saved = summary.error is None
+        if summary.error:
+            print(f"error: {summary.error}", file=sys.stderr)
+        saved = _write_gallery(out_dir, summary.rows, title) and saved
+        if args.save_memory:
+            try:
+                pipeline.save_memory(args.save_memory)
+            except SaaError as err:
+                saved = False
+                print(f"error: {err}", file=sys.stderr)
+    done = tally.processed
+    print(f"{done - len(tally.failures)} of {done} images written to {out_dir} (table: {summary.path.name}, "
           f"overlays by score: {(out_dir / 'index.html').name})", file=sys.stderr)
     if pipeline.thresholds.image is not None:
-        print(f"{rejected} NG, {processed - len(failures) - rejected} OK at image threshold "
+        print(f"{tally.rejected} NG, {done - len(tally.failures) - tally.rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)
-    if interrupted:
+    if tally.interrupted:
         return 130
-    return 1 if failures or not saved else 0
+    return 1 if tally.failures or not saved else 0
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible requests before any work (parser.error exits with the message)."""
+    if args.out_size is not None and not 1 <= args.out_size <= MAX_OUT_SIZE:
+        parser.error(f"--out-size must be from 1 to {MAX_OUT_SIZE}, got {args.out_size}")
+    if args.save_memory and args.memory is None and args.stream_memory is None:
+        parser.error("--save-memory needs a memory to save: --memory FILE or --stream-memory N")
+    if args.watch and (len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir()):
+        parser.error(f"--watch takes one folder to watch, got {' '.join(args.inputs)}")
+    if not args.watch and (args.watch_idle is not None or args.watch_count is not None):
+        parser.error("--watch-idle and --watch-count need --watch")
+    if (args.watch_idle is not None and not args.watch_idle > 0) or (args.watch_count is not None and args.watch_count < 1):
+        parser.error("--watch-idle must be > 0 seconds and --watch-count >= 1")
+
+
+def _process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Pipeline, out_dir: Path,
+             args: argparse.Namespace, summary: RunSummary, title: str) -> Tally:
+    """Each image through the pipeline into its outputs and its table row; a failure is reported
+    and the run goes on; Ctrl-C ends it with the table and page kept."""
+    tally = Tally()
+    taken = set(stems.values())
+    progress = _progress(paths, disable=args.no_progress)
+    try:
+        for path in progress:
+            stem = stems[path] if path in stems else next_stem(path, taken)
+            try:
+                image = read_image(path)
+                result = pipeline(image, out_size=args.out_size)
+                write_outputs(result, image, out_dir, stem, pipeline.thresholds.to_json())
+                tally.rejected += result.pred_label or 0
+            except SaaError as err:
+                tally.failures.append((path, str(err)))
+                progress.write(f"failed: {err}", file=sys.stderr)
+                summary.add_failure(path, stem, str(err))
+            else:
+                summary.add(path, stem, result)
+            tally.processed += 1
+            if args.watch and tally.processed % GALLERY_EVERY == 0:
+                _write_gallery(out_dir, summary.rows, title)
+    except KeyboardInterrupt:  # the watch's normal end; a batch's early one
+        tally.interrupted = not args.watch
+        progress.close()
+        count = tally.processed
+        print(f"{'watch ended' if args.watch else 'interrupted'} after {count} image{'' if count == 1 else 's'}",
+              file=sys.stderr)
+    return tally
 
 
 def _write_gallery(out_dir: Path, rows: list[dict[str, str]], title: str) -> bool:
