@@ -31,8 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 STAGE_PREFIX = "saa_stage:"  # record_function names of the stage windows
 CALL = "saa_call"  # record_function name of a whole pipeline call
-KERNEL_CATS = ("kernel",)
-COPY_CATS = ("gpu_memcpy", "gpu_memset")
+KERNEL_CATS = ("kernel", "gpu_op")  # trace categories (lower case) of device work
+COPY_WORDS = ("memcpy", "memset")  # in the categories of copies and fills (kineto: gpu_memcpy, gpu_memset)
 
 
 def short_kernel_name(name: str) -> str:
@@ -95,15 +95,16 @@ def summarise_trace(events: Sequence[dict[str, Any]], top: int = 8) -> dict[str,
     by_name: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     in_calls_us = 0.0
     for event in events:
-        cat = event.get("cat")
-        if cat not in KERNEL_CATS + COPY_CATS or event.get("ph") != "X":
+        cat = str(event.get("cat", "")).lower()
+        is_kernel = cat in KERNEL_CATS
+        if event.get("ph") != "X" or not (is_kernel or any(word in cat for word in COPY_WORDS)):
             continue
         ts, dur = float(event["ts"]), float(event.get("dur", 0.0))
         if calls and _holder(calls, call_starts, ts) is None:
             continue  # warm-up or profiler noise outside the timed calls
         in_calls_us += dur
         stage = _holder(stages, stage_starts, ts) or "outside stages"
-        if cat in KERNEL_CATS:
+        if is_kernel:
             kernel_us[stage] += dur
             kernel_count[stage] += 1
             by_name[stage][short_kernel_name(event.get("name", "?"))] += dur
