@@ -28,6 +28,8 @@ from .mask_fusion import DeviceMasks, MaskFusion
 from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
 from .sessions import ENGINE_CLOCK, session_factory
 
+WARM_UP_HW = (480, 640)  # the synthetic frame of Pipeline.warm_up: a common camera size
+
 
 @dataclass
 class AnomalyResult:
@@ -141,10 +143,12 @@ class Pipeline:
              config: str | Path | None = None, device: str = "cpu", threads: int = 0,
              options: dict[str, Any] | None = None, verify_hashes: bool = True,
              calibration: str | Path | None = None, memory: Any = None, stream_memory: int | None = None,
-             image_threshold: float | None = None, pixel_threshold: float | None = None) -> "Pipeline":
+             image_threshold: float | None = None, pixel_threshold: float | None = None,
+             warm_up: bool = False) -> "Pipeline":
         """calibration: file from runtime.calibrate (thresholds; refused for other engines/config/memory).
         memory: normal memory file or NormalMemory (runtime.memory). stream_memory: capacity of a memory
-        that learns from parts judged normal (runtime.stream). image/pixel_threshold override the calibration's."""
+        that learns from parts judged normal (runtime.stream). image/pixel_threshold override the calibration's.
+        warm_up: one call on a synthetic frame before returning (Pipeline.warm_up)."""
         manifest = mf.load_manifest(engine_dir, verify_hashes=verify_hashes)
         prompt_config = resolve_config(dataset, category, config, options)
         pipeline = cls(manifest, prompt_config, device=device, threads=threads)
@@ -153,6 +157,8 @@ class Pipeline:
             from .lineside import attach
 
             attach(pipeline, calibration, memory, stream_memory, image_threshold, pixel_threshold)
+        if warm_up:
+            pipeline.warm_up()
         return pipeline
 
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> None:
@@ -182,6 +188,29 @@ class Pipeline:
         self.close()
 
     def __call__(self, image: np.ndarray, out_size: int | tuple[int, int] | None = None) -> AnomalyResult:
+        return self._infer(image, out_size, learn=True)
+
+    def warm_up(self, image_hw: tuple[int, int] = WARM_UP_HW) -> float:
+        """One call on a synthetic frame, so that the first real part is not the slowest (numba
+        loads its compiled kernels, onnxruntime sizes its arenas, a GPU picks its algorithms and
+        captures its CUDA graphs); returns the seconds it took. A streaming memory learns nothing
+        from it. SAM, the mask upscaling and the fusion also run on a box in the middle of the
+        frame, which trained weights would find no defect in. Call it before serving parts from
+        several threads."""
+        start = time.perf_counter()
+        height, width = image_hw
+        frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        self._infer(frame, None, learn=False)
+        if self.segmenter is not None:
+            box = (width / 4, height / 4, 3 * width / 4, 3 * height / 4)
+            regions = [Region(box, 0.5, "", 0, "", 0.25)]
+            with self._full_lock:
+                self.segmenter.set_image(frame)
+                masks = self._masks(regions, (height, width), on_device=self.mask_fusion is not None)
+                self._fuse(regions, masks, np.zeros((height, width), np.float32))
+        return time.perf_counter() - start
+
+    def _infer(self, image: np.ndarray, out_size: int | tuple[int, int] | None, learn: bool) -> AnomalyResult:
         if self.saliency is None:
             raise SaaError("pipeline is closed")
         timings: dict[str, float] = {}
@@ -198,7 +227,7 @@ class Pipeline:
             with self._full_lock:
                 result = self._full(image, timings, grids)
         result.pred_score = image_score(result.anomaly_map)  # at image size, whatever out_size
-        if self.stream is not None and grids:
+        if learn and self.stream is not None and grids:
             with _timed(timings, "memory_update"):
                 result.stream = self.stream.observe(result.pred_score, grids[0], result.anomaly_map,
                                                     self.thresholds).to_json()

@@ -88,7 +88,7 @@ def parse_config(text: str) -> dict[str, Any]:
 
 def open_pipeline(engine_dir: bytes, config: bytes, device: bytes, threads: int = 0, calibration: bytes | None = None,
                   memory: bytes | None = None, stream_memory: int = 0, image_threshold: float = math.nan,
-                  pixel_threshold: float = math.nan) -> tuple[int, Any]:
+                  pixel_threshold: float = math.nan, warm_up: int = 0) -> tuple[int, Any]:
     """saa_open / saa_open_ex (saa.c checked the pointers and the signs): None and NaN mean unset."""
     try:
         device_name = device.decode("utf-8", "replace")
@@ -100,7 +100,8 @@ def open_pipeline(engine_dir: bytes, config: bytes, device: bytes, threads: int 
             calibration=None if calibration is None else os.fsdecode(calibration),
             memory=None if memory is None else os.fsdecode(memory), stream_memory=stream_memory or None,
             image_threshold=None if math.isnan(image_threshold) else image_threshold,
-            pixel_threshold=None if math.isnan(pixel_threshold) else pixel_threshold, **keywords)
+            pixel_threshold=None if math.isnan(pixel_threshold) else pixel_threshold, warm_up=bool(warm_up),
+            **keywords)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind into C
         return failure(err)
 

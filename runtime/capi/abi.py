@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-ABI_VERSION = 2  # SAA_ABI_VERSION
+ABI_VERSION = 3  # SAA_ABI_VERSION
 
 OK = 0
 E_INVALID_ARGUMENT = -1
@@ -41,7 +41,7 @@ class OpenOptions(ctypes.Structure):
         ("calibration", ctypes.c_char_p),
         ("memory", ctypes.c_char_p),
         ("stream_memory", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("warm_up", ctypes.c_int32),
         ("image_threshold", ctypes.c_double),
         ("pixel_threshold", ctypes.c_double),
     ]

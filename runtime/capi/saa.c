@@ -477,10 +477,11 @@ static int open_pipeline(const char *function, const char *engine_dir, const cha
     PyObject *pipeline = NULL;
     PyGILState_STATE gil = py_PyGILState_Ensure();
     /* "y" turns a NULL string into None: no calibration, no memory. */
-    PyObject *reply = py_PyObject_CallFunction(host_open, "yyyiyyidd", engine_dir, config,
+    PyObject *reply = py_PyObject_CallFunction(host_open, "yyyiyyiddi", engine_dir, config,
                                                options->device ? options->device : "cpu", (int)options->threads,
                                                options->calibration, options->memory, (int)options->stream_memory,
-                                               options->image_threshold, options->pixel_threshold);
+                                               options->image_threshold, options->pixel_threshold,
+                                               (int)(options->warm_up != 0));
     status = unpack_reply(reply, &pipeline, NULL, message, sizeof message);
     py_PyGILState_Release(gil);
     restore_host_signals(); /* opening imports the pipeline's modules */

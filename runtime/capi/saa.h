@@ -57,8 +57,9 @@ extern "C" {
 
 /* Bumped on any change to a signature, a struct or a code's meaning, and when functions are added
  * (2 added saa_open_options, saa_open_ex, saa_last_mask and saa_save_memory; what version 1 had is
- * unchanged, so a version-1 program runs with this library once rebuilt against this header). */
-#define SAA_ABI_VERSION 2
+ * unchanged, so a version-1 program runs with this library once rebuilt against this header;
+ * 3 gave saa_open_options' reserved field its use, warm_up, which a version-2 program leaves 0). */
+#define SAA_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define SAA_API __attribute__((visibility("default")))
@@ -202,7 +203,10 @@ typedef struct saa_open_options {
                                 With stream_memory, the memory the stream starts from */
     int32_t stream_memory;   /* > 0: learn from parts judged normal into a memory of at most this
                                 many features (docs/line-side.md); 0: off */
-    int32_t reserved;        /* 0 */
+    int32_t warm_up;         /* nonzero: one call on a synthetic 640x480 frame before saa_open_ex returns
+                                (seconds on a GPU: algorithm choice, CUDA graph capture), so the first part
+                                is not the slowest; a streaming memory learns nothing from it. 0 (the
+                                default): the first saa_infer pays it */
     double image_threshold;  /* NAN (the default): the calibration's, else off */
     double pixel_threshold;  /* NAN (the default): the calibration's, else off */
 } saa_open_options;
