@@ -42,6 +42,7 @@ def test_cli_writes_the_schema_and_runs_the_reference(lite_result):
         assert 0 <= stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
     assert record["end_to_end_p50_ms"] == record["stages"]["end_to_end"]["p50_ms"] > 0
     assert record["images_per_s"] > 0 and record["peak_rss_mb"] > 0
+    assert record["first_call_ms"] > 0  # the first call after opening, what a line's first part pays
     reference = record["reference"]
     assert reference["ran"] and reference["iters"] == 1
     assert reference["parity_max_abs_diff"]["saliency"] < 1e-4  # the torch model rebuilt from the manifest is the engine's
