@@ -69,3 +69,18 @@ def test_a_missing_engine_dir_is_one_line(tmp_path, capsys):
     pytest.importorskip("torch")
     code = K.main(["--engine-dir", str(tmp_path / "nowhere"), "--device", "cpu", "--out", str(tmp_path / "k.json")])
     assert code == 1 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "k.json").exists()
+
+
+@pytest.mark.gpu
+def test_cupti_sees_the_kernels_onnxruntime_launches(full_tiny_engine_dir):
+    """On the GPU machine (`pytest -m gpu` in session.sh prepare): the measure step relies on this."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    from pathlib import Path
+
+    image = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
+    summary = K.profile_kernels(full_tiny_engine_dir, "cuda", image, "mvtec", "bottle", iters=2, warmup=1)
+    stages = summary["stages"]
+    assert stages["sam_encoder"]["kernels_per_call"] > 0, summary["notes"]
+    assert 0 < stages["sam_encoder"]["kernel_ms_per_call"] <= stages["sam_encoder"]["wall_p50_ms"] * 1.5
