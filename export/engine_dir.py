@@ -159,7 +159,8 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         segmenter = sam.build_sam(variant, args.sam_checkpoint, args.random_init)
         _log(f"[SAM {variant}] exporting encoder and batched-box decoder, checking parity")
         models += sam.export_sam(segmenter, tmp, source=_weights_source(args.sam_checkpoint, args.random_init,
-                                                                        variant=variant, seed=sam.RANDOM_INIT_SEED))
+                                                                        variant=variant, seed=sam.RANDOM_INIT_SEED),
+                                 attention=getattr(args, "sam_attention", "plain"))
         preprocess["sam"] = sam.preprocess_record(variant)
         del segmenter
 

@@ -27,6 +27,7 @@ from runtime.segmenter import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, EN
 from .checkpoints import checkpoint_record, resolve_checkpoint
 from .common import ExportedModel, ExportError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
 from .sam_checkpoint import describe_encoder, load_official_state_dict
+from .sam_forms import sam_attention_form
 
 
 @dataclass(frozen=True)
@@ -296,11 +297,15 @@ def _source(sam: Sam, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**source, **(extra or {})}
 
 
-def export_sam_encoder(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None) -> tuple[ExportedModel, torch.Tensor]:
-    """sam_encoder.onnx plus its parity record; also returns the embedding of the parity image."""
+def export_sam_encoder(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None,
+                       attention: str = "plain") -> tuple[ExportedModel, torch.Tensor]:
+    """sam_encoder.onnx plus its parity record; also returns the embedding of the parity image.
+    attention: "plain" (segment_anything's ops) or "mha" (export.sam_forms: onnxruntime's fused
+    MultiHeadAttention with the relative positions as its bias), checked against the plain module."""
     path = Path(out_dir) / f"{SAM_ENCODER}.onnx"
     image = parity_image()
-    export_onnx(sam.image_encoder, (image,), path, [ENCODER_INPUT], [ENCODER_OUTPUT])
+    with sam_attention_form(sam.image_encoder, attention):
+        export_onnx(sam.image_encoder, (image,), path, [ENCODER_INPUT], [ENCODER_OUTPUT])
     with torch.no_grad():
         expected = sam.image_encoder(image)
     external = gather_external_data(path)
@@ -310,7 +315,7 @@ def export_sam_encoder(sam: Sam, out_dir: Path, source: dict[str, Any] | None = 
     tolerance = _tolerance(ENCODER_ATOL, ENCODER_RTOL, [expected.numpy()])
     case = compare_outputs(SAM_ENCODER, [expected.numpy()], [got], [ENCODER_OUTPUT], tolerance, "parity_image(seed=0)")
     inputs, outputs = io_spec(path)
-    extra = {**(source or {}), **({"external_data": external} if external else {})}
+    extra = {**(source or {}), "attention": attention, **({"external_data": external} if external else {})}
     model = ExportedModel(SAM_ENCODER, path.name, inputs, outputs, parity_record([case], tolerance), _source(sam, extra))
     return model, expected
 
@@ -341,15 +346,17 @@ def export_sam_decoder(
     return ExportedModel(SAM_DECODER, path.name, inputs, outputs, parity_record(cases, tolerance), _source(sam, source))
 
 
-def export_sam(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None) -> list[ExportedModel]:
+def export_sam(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None,
+               attention: str = "plain") -> list[ExportedModel]:
     """Write sam_encoder.onnx and sam_decoder.onnx into out_dir; ParityError when ONNX Runtime disagrees.
 
     source: extra facts for the manifest (variant, checkpoint record), merged into each model's source.
+    attention: the encoder's attention form (export_sam_encoder).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sam = sam.eval()
-    encoder, embeddings = export_sam_encoder(sam, out_dir, source)
+    encoder, embeddings = export_sam_encoder(sam, out_dir, source, attention)
     decoder = export_sam_decoder(sam, out_dir, embeddings, source)
     return [encoder, decoder]
 

@@ -1,0 +1,78 @@
+"""A fused-attention form of SAM's image-encoder attention, swapped in only while tracing (`export
+--sam-attention mha`).
+
+segment_anything's Attention writes the [heads, HW, HW] logits, adds the decomposed relative-
+position terms in two broadcast passes, takes the softmax and reads the result again: seven
+passes over the largest tensor of the encoder (ViT-B's global layers: 12 x 4096 x 4096). onnxruntime's
+transformer optimizer cannot fuse it (the rel-pos Einsum sits between QK^T and the softmax). This
+form computes the same terms and hands them to onnxruntime's `com.microsoft.MultiHeadAttention`
+as its `attention_bias` (one pass to write the bias, one to read it inside the fused kernel).
+Parity is checked against the unmodified module, as for every export.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from torch import nn
+
+SAM_ATTENTIONS = ("plain", "mha")
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v over packed heads: q, k, v [B, S, heads*d], bias [B, heads, S, S].
+    Exported as onnxruntime's MultiHeadAttention (key_padding_mask and qkv bias left out)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, num_heads: int, scale: float):  # type: ignore[override]
+        batch, length, hidden = q.shape
+        heads = (t.view(batch, -1, num_heads, hidden // num_heads).transpose(1, 2) for t in (q, k, v))
+        qh, kh, vh = heads
+        attn = (qh * scale) @ kh.transpose(-2, -1) + bias
+        return (attn.softmax(-1) @ vh).transpose(1, 2).reshape(batch, length, hidden)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, num_heads: int, scale: float):  # type: ignore[override]
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor
+
+        missing = _optional_input_placeholder_tensor(g)
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, missing, missing, bias,
+                    num_heads_i=num_heads, scale_f=scale)
+
+
+class FusedRelPosAttention(Attention):
+    """segment_anything's Attention with its softmax(QK^T + rel-pos) V handed to one fused op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        heads, length = self.num_heads, height * width
+        qkv = self.qkv(x).reshape(batch, length, 3, heads, -1)
+        head_dim = qkv.shape[-1]
+        q, k, v = (qkv[:, :, i].reshape(batch, length, heads * head_dim) for i in range(3))
+        if self.use_rel_pos:
+            # add_decomposed_rel_pos's terms, as the bias: rel_h[b, h, w, kh] + rel_w[b, h, w, kw]
+            r_q = qkv[:, :, 0].permute(0, 2, 1, 3).reshape(batch * heads, height, width, head_dim)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(height, height, self.rel_pos_h))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(width, width, self.rel_pos_w))
+            bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(batch, heads, length, length)
+        else:
+            bias = q.new_zeros(batch, heads, length, length)
+        out = _MultiHeadAttention.apply(q, k, v, bias, heads, float(self.scale))
+        return self.proj(out.reshape(batch, height, width, -1))
+
+
+@contextmanager
+def sam_attention_form(encoder: nn.Module, form: str) -> Iterator[None]:
+    """Inside the block, the encoder's attention modules run `form` ("plain": unchanged)."""
+    if form not in SAM_ATTENTIONS:
+        raise ValueError(f"SAM attention form must be one of {SAM_ATTENTIONS}, got {form!r}")
+    swapped = [m for m in encoder.modules() if type(m) is Attention] if form == "mha" else []
+    for module in swapped:
+        module.__class__ = FusedRelPosAttention
+    try:
+        yield
+    finally:
+        for module in swapped:
+            module.__class__ = Attention

@@ -1,0 +1,72 @@
+"""export --sam-attention mha: SAM's encoder attention as onnxruntime's fused MultiHeadAttention, same numbers."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+pytest.importorskip("segment_anything")
+
+from export import common  # noqa: E402
+from export.sam import build_sam, export_sam, parity_image  # noqa: E402
+from export.sam_forms import FusedRelPosAttention, sam_attention_form  # noqa: E402
+from segment_anything.modeling.image_encoder import Attention  # noqa: E402
+
+
+def _random_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
+    """Official checkpoints carry learned relative positions; segment_anything initialises them to
+    zeros, which would make the bias vanish and any form of it pass."""
+    generator = torch.Generator().manual_seed(seed)
+    for attention in (m for m in module.modules() if isinstance(m, Attention) and m.use_rel_pos):
+        for table in (attention.rel_pos_h, attention.rel_pos_w):
+            table.data = torch.randn(table.shape, generator=generator) * 0.5
+
+
+@pytest.mark.parametrize("size", [(14, 14), (8, 8)])
+def test_the_fused_form_computes_the_same_attention(size):
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=size)
+    _random_rel_pos(attention)
+    x = torch.randn(3, *size, 64)
+    with torch.no_grad():
+        expected = attention(x)
+        attention.__class__ = FusedRelPosAttention
+        got = attention(x)
+    assert 0 < float((got - expected).abs().max()) < 1e-5  # another order of the same sums
+
+
+def test_an_mha_encoder_exports_with_parity_and_converts_to_fp16(tmp_path):
+    sam = build_sam("tiny", random_init=True)
+    _random_rel_pos(sam.image_encoder)
+    models = export_sam(sam, tmp_path, {"variant": "tiny"}, attention="mha")
+    encoder = next(m for m in models if m.name == "sam_encoder")
+    assert encoder.source["attention"] == "mha" and encoder.parity["passed"]
+    graph = onnx.load(str(tmp_path / "sam_encoder.onnx"))
+    fused = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == len(sam.image_encoder.blocks) and all(n.domain == "com.microsoft" for n in fused)
+    assert not [n for n in graph.graph.node if n.op_type == "Softmax"]
+    image = parity_image().numpy()
+    with torch.no_grad():
+        plain = sam.image_encoder(torch.from_numpy(image)).numpy()  # the unmodified module
+    (got,) = ort.InferenceSession(str(tmp_path / "sam_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image})
+    assert np.abs(got - plain).max() < 1e-4 and np.abs(plain).max() > 0.5
+    with sam_attention_form(sam.image_encoder, "plain"):
+        pass  # "plain" leaves the modules alone
+    assert all(type(m) is Attention for m in sam.image_encoder.modules() if isinstance(m, Attention))
+    feeds = [{"image": image}]
+    expected = common._run_all(tmp_path / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
+    record = common.convert_to_fp16(tmp_path / "sam_encoder.onnx", common.fp32_ops("sam_encoder"))
+    assert record["precision"] == "fp16"
+    try:
+        parity = common.fp16_parity(expected, tmp_path / "sam_encoder.onnx", feeds)
+    except common._OrtNotImplemented:  # no CPU fp16 MultiHeadAttention in this onnxruntime
+        return
+    assert parity["relative"] < 5e-3
+
+
+def test_an_unknown_form_is_refused():
+    sam = build_sam("tiny", random_init=True)
+    with pytest.raises(ValueError, match="must be one of"):
+        with sam_attention_form(sam.image_encoder, "flash"):
+            pass
