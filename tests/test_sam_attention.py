@@ -70,3 +70,20 @@ def test_an_unknown_form_is_refused():
     with pytest.raises(ValueError, match="must be one of"):
         with sam_attention_form(sam.image_encoder, "flash"):
             pass
+
+
+def test_the_plain_export_keeps_learned_relative_positions(tmp_path):
+    """Random-init SAM leaves its relative-position tables at zero, so the other export tests never
+    see those terms move the output; official checkpoints do."""
+    sam = build_sam("tiny", random_init=True)
+    image = parity_image()
+    with torch.no_grad():
+        without = sam.image_encoder(image).numpy()
+        _random_rel_pos(sam.image_encoder)
+        expected = sam.image_encoder(image).numpy()
+    assert np.abs(expected - without).max() > 1e-2  # the terms matter
+    (encoder, _) = export_sam(sam, tmp_path, {"variant": "tiny"})
+    assert encoder.source["attention"] == "plain" and encoder.parity["passed"]
+    (got,) = ort.InferenceSession(str(tmp_path / "sam_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image.numpy()})
+    assert np.abs(got - expected).max() < 1e-4
