@@ -53,6 +53,7 @@ PRESETS: dict[str, SamPreset] = {
     "tiny": SamPreset(32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
 }
 RANDOM_INIT_SEED = 0  # random-weight exports are reproducible file for file
+RANDOM_REL_POS_STD = 0.5  # random-weight relative-position tables (segment_anything's own start is zero)
 
 # Parity tolerance: ATOL + RTOL * (largest |output| PyTorch gives), per graph.
 ENCODER_ATOL, ENCODER_RTOL = 1e-4, 1e-4
@@ -156,7 +157,13 @@ def build_sam(variant: str, checkpoint: Path | str | None = None, random_init: b
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return make_sam(PRESETS[variant])
+            sam = make_sam(PRESETS[variant])
+            # segment_anything starts the relative-position tables at zero, which would leave those
+            # terms out of every random-weight export, parity check and test: give them values.
+            for name, table in sam.image_encoder.named_parameters():
+                if name.endswith(("rel_pos_h", "rel_pos_w")):
+                    table.data.normal_(0.0, RANDOM_REL_POS_STD)
+            return sam
     if checkpoint is None:
         if variant == "tiny":
             raise ExportError("SAM tiny exists only with random weights (random_init=True)")

@@ -14,8 +14,8 @@ from segment_anything.modeling.image_encoder import Attention  # noqa: E402
 
 
 def _random_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
-    """Official checkpoints carry learned relative positions; segment_anything initialises them to
-    zeros, which would make the bias vanish and any form of it pass."""
+    """Relative-position tables of other values (official checkpoints carry learned ones;
+    segment_anything starts them at zero, which would make the bias vanish and any form of it pass)."""
     generator = torch.Generator().manual_seed(seed)
     for attention in (m for m in module.modules() if isinstance(m, Attention) and m.use_rel_pos):
         for table in (attention.rel_pos_h, attention.rel_pos_w):
@@ -73,8 +73,11 @@ def test_an_unknown_form_is_refused():
 
 
 def test_the_plain_export_keeps_learned_relative_positions(tmp_path):
-    """Random-init SAM leaves its relative-position tables at zero, so the other export tests never
-    see those terms move the output; official checkpoints do."""
+    """segment_anything starts its relative-position tables at zero; build_sam's random init gives
+    them values (RANDOM_REL_POS_STD), and the export follows them when they change."""
+    from export.sam import RANDOM_REL_POS_STD
+
+    assert RANDOM_REL_POS_STD > 0
     sam = build_sam("tiny", random_init=True)
     image = parity_image()
     with torch.no_grad():
