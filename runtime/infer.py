@@ -125,8 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.watch:
                 watch = FolderWatch(Path(args.inputs[0]), exclude=out_dir, idle_s=args.watch_idle,
                                     stop_after=args.watch_count)
-                print(f"watching {args.inputs[0]} for new images ({len(watch.existing)} there already are left alone); "
-                      "Ctrl-C ends the watch", file=sys.stderr)
+                try:  # the first frame from the line should not be the slowest
+                    seconds = pipeline.warm_up()
+                except SaaError as err:
+                    print(f"error: warm-up failed: {err}", file=sys.stderr)
+                    return 2
+                print(f"watching {args.inputs[0]} for new images ({len(watch.existing)} there already are left alone; "
+                      f"warmed up in {seconds:.1f} s); Ctrl-C ends the watch", file=sys.stderr)
                 paths: Iterable[Path] = watch
                 stems: dict[Path, str] = {}  # named as they arrive (next_stem)
             else:

@@ -73,6 +73,7 @@ def test_infer_watch_takes_frames_as_a_camera_saves_them(lite_engine_dir, tmp_pa
     writer.join()
     err = capsys.readouterr().err
     assert code == 0 and "1 there already are left alone" in err and "2 of 2 images written" in err
+    assert "warmed up in" in err  # before the first frame from the line
     # the same name twice: the first taken keeps its stem, the second gets its folder's name too
     assert sorted(p.name for p in out.glob("*_map.npy")) in (
         ["camera_part_0001_jpg_map.npy", "part_0001_map.npy"], ["day1_part_0001_jpg_map.npy", "part_0001_map.npy"])
