@@ -59,6 +59,7 @@ def test_a_cpu_run_records_every_stage_window_and_says_no_kernels(lite_engine_di
     assert lite["calls"] == 2 and set(lite["stages"]) == {"preprocess", "saliency"}
     assert lite["stages"]["saliency"]["wall_p50_ms"] > 0 and lite["stages"]["saliency"]["kernels_per_call"] == 0
     assert "no kernels were recorded" in lite["notes"][0]
+    assert lite["onnxruntime"] and isinstance(lite["switches"], dict)
     assert "saliency" in capsys.readouterr().out
     import runtime.pipeline
 

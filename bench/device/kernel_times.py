@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import sys
 import tempfile
@@ -189,9 +190,17 @@ def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: st
     summary.update({
         "engine_dir": str(engine_dir), "device": device, "image": str(image_path), "config": f"{dataset}/{category}",
         "iters": iters, "warmup": warmup, "cuda_graphs": dict(getattr(pipeline, "cuda_graphs", {}) or {}),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__, "notes": notes,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
+        "onnxruntime": _onnxruntime_version(), "switches": {k: v for k, v in os.environ.items() if k.startswith("SAA_")},
+        "notes": notes,
     })
     return summary
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def print_table(label: str, summary: dict[str, Any], out: Any = None) -> None:
