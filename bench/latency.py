@@ -281,6 +281,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         image = read_image(image_path)
         pipeline = Pipeline.open(args.engine_dir, dataset=dataset, category=category, config=args.config,
                                  device=args.device, threads=args.threads, options=options)
+        warm_up_s = pipeline.warm_up() if args.warm_up else None
     except SaaError as err:
         raise BenchError(str(err)) from None
     manifest = pipeline.manifest
@@ -359,6 +360,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # The first call after opening (numba loading, arenas, a GPU's algorithm choice and graph
         # capture): what a line's first part pays without Pipeline.warm_up.
         "first_call_ms": round((warm or results)[0].timings_ms["end_to_end"], 1),
+        "warm_up_s": None if warm_up_s is None else round(warm_up_s, 3),  # --warm-up: Pipeline.warm_up first
         "end_to_end_p95_ms": e2e["p95_ms"],
         "end_to_end_p99_ms": e2e["p99_ms"],
         "images_per_s": round(1000.0 / e2e["mean_ms"], 2),
@@ -492,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-iters", type=int, default=0, help="reference calls (default: --iters)")
     parser.add_argument("--skip-parity", action="store_true", help="do not check the rebuilt torch models against the engines")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder, or a .json file path (default bench/results/)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="Pipeline.warm_up after opening (first_call_ms then shows what a warmed-up line pays)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     return parser
 
