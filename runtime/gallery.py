@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 GALLERY_NAME = "index.html"
 THUMB_WIDTH = 320  # CSS pixels; the link opens the full-size overlay
+MAX_CARDS = 500  # a page a browser still opens quickly: a long watch shows its highest-scoring parts
 
 _STYLE = """body{font-family:sans-serif;margin:1em;background:#f4f4f4}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
@@ -22,10 +23,16 @@ _STYLE = """body{font-family:sans-serif;margin:1em;background:#f4f4f4}
 .card img{width:100%%;display:block}.score{font-weight:bold}""" % THUMB_WIDTH
 
 
-def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str) -> Path:
-    """Writes index.html from summary rows (runtime.summary.COLUMNS); returns its path."""
+def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
+                  counts: Mapping[str, int] | None = None) -> Path:
+    """Writes index.html from summary rows (runtime.summary.COLUMNS), at most MAX_CARDS of them,
+    highest score first; counts: the run's totals where `rows` holds only some (a long watch).
+    Returns its path."""
     done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -_score(r["image_score"]))
     failed = [r for r in rows if r["status"] != "ok"]
+    total_done = (counts or {}).get("ok", len(done))
+    total_failed = (counts or {}).get("failed", len(failed))
+    done, failed = done[:MAX_CARDS], failed[-MAX_CARDS:]
     cards = []
     for row in done:
         overlay = quote(f"{row['outputs']}_overlay.png")
@@ -39,9 +46,10 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str) 
     failures = "".join(f"<li>{html.escape(r['image'])}: {html.escape(r['error'])}</li>" for r in failed)
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(done)} parts, highest image score first; click an overlay for full size. "
+            f"<p>{total_done} parts{f', the {len(done)} highest shown' if len(done) < total_done else ''}, "
+            "highest image score first; click an overlay for full size. "
             f"Table: <a href=\"summary.csv\">summary.csv</a>.</p><div class=\"grid\">{''.join(cards)}</div>"
-            + (f"<h2>{len(failed)} failed</h2><ul>{failures}</ul>" if failed else "") + "</body></html>\n")
+            + (f"<h2>{total_failed} failed</h2><ul>{failures}</ul>" if failed else "") + "</body></html>\n")
     path = Path(out_dir) / GALLERY_NAME
     path.write_text(page, encoding="utf-8", errors="replace")
     return path

@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = summary.error is None
         if summary.error:
             print(f"error: {summary.error}", file=sys.stderr)
-        saved = _write_gallery(out_dir, summary.rows, title) and saved
+        saved = _write_gallery(out_dir, summary, title) and saved
         if args.save_memory:
             try:
                 pipeline.save_memory(args.save_memory)
@@ -203,7 +203,7 @@ def _process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Pipeline, 
                 summary.add(path, stem, result)
             tally.processed += 1
             if args.watch and tally.processed % GALLERY_EVERY == 0:
-                _write_gallery(out_dir, summary.rows, title)
+                _write_gallery(out_dir, summary, title)
     except KeyboardInterrupt:  # the watch's normal end; a batch's early one
         tally.interrupted = not args.watch
         progress.close()
@@ -213,9 +213,9 @@ def _process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Pipeline, 
     return tally
 
 
-def _write_gallery(out_dir: Path, rows: list[dict[str, str]], title: str) -> bool:
+def _write_gallery(out_dir: Path, summary: RunSummary, title: str) -> bool:
     try:
-        write_gallery(out_dir, rows, title)
+        write_gallery(out_dir, summary.rows, title, summary.counts)
         return True
     except OSError as err:
         print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)

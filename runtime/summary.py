@@ -18,6 +18,7 @@ from .errors import SaaError
 from .pipeline import AnomalyResult
 
 SUMMARY_NAME = "summary.csv"
+KEEP_ROWS = 1000  # rows of each kind a long watch keeps in memory for the gallery (the table has them all)
 COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_prompt", "top_phrase",
            "top_score", "end_to_end_ms", "error")
 
@@ -34,8 +35,11 @@ class RunSummary:
             raise SaaError(f"cannot write {self.path}: {err.strerror}") from None
         self._writer = csv.writer(self._file)
         self.error: str | None = None  # why the table stopped, if it did
-        self.rows: list[dict[str, str]] = []  # every row added, by column (the gallery's input)
-        self._row(COLUMNS)
+        # The gallery's input, by column: every row of a batch; a watch that runs for days keeps
+        # the KEEP_ROWS highest-scoring parts and the KEEP_ROWS latest failures.
+        self.rows: list[dict[str, str]] = []
+        self.counts = {"ok": 0, "failed": 0}
+        self._write(COLUMNS)
 
     def add(self, image: Path, stem: str, result: AnomalyResult) -> None:
         """A processed image's row."""
@@ -63,8 +67,16 @@ class RunSummary:
         self.close()
 
     def _row(self, values: tuple) -> None:
-        if values is not COLUMNS:
-            self.rows.append({column: str(value) for column, value in zip(COLUMNS, values)})
+        row = {column: str(value) for column, value in zip(COLUMNS, values)}
+        self.rows.append(row)
+        self.counts[row["status"]] += 1
+        if len(self.rows) > 2 * KEEP_ROWS:
+            done = sorted((r for r in self.rows if r["status"] == "ok"), key=lambda r: -float(r["image_score"] or "-inf"))
+            failed = [r for r in self.rows if r["status"] != "ok"]
+            self.rows = done[:KEEP_ROWS] + failed[-KEEP_ROWS:]
+        self._write(values)
+
+    def _write(self, values: tuple) -> None:
         if self.error is not None:
             return
         try:

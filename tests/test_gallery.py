@@ -20,3 +20,13 @@ def test_cards_run_from_the_highest_score_and_names_are_escaped(tmp_path):
     assert 'class="card NG"' in page and 'class="card OK"' in page and "black hole (0.5)" in page
     assert "1 failed" in page and "bad.png: empty file" in page and page.count("<img ") == 3
     assert write_gallery(tmp_path, [], "empty").read_text().count("<img ") == 0
+
+
+def test_a_long_run_shows_its_highest_parts_and_says_how_many_there_were(tmp_path, monkeypatch):
+    from runtime import gallery
+
+    monkeypatch.setattr(gallery, "MAX_CARDS", 2)
+    rows = [_row(f"{i}.png", str(i), str(i / 10)) for i in range(5)]
+    page = write_gallery(tmp_path, rows, "watch", counts={"ok": 1234, "failed": 0}).read_text()
+    assert page.count("<img ") == 2 and 'src="4_overlay.png"' in page and 'src="3_overlay.png"' in page
+    assert "1234 parts, the 2 highest shown" in page

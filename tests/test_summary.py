@@ -31,3 +31,21 @@ def test_rows_name_the_best_fused_region_and_the_label(tmp_path):
     assert rows[1]["label"] == "OK" and rows[1]["fused_regions"] == "0" and rows[1]["top_phrase"] == ""
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "c.png: not a readable image" and rows[2]["image_score"] == ""
     assert summary.error is None
+
+
+def test_a_long_watch_keeps_the_highest_parts_and_latest_failures_in_memory(tmp_path, monkeypatch):
+    from runtime import summary as summary_module
+
+    monkeypatch.setattr(summary_module, "KEEP_ROWS", 3)
+    with RunSummary(tmp_path) as summary:
+        for index in range(20):
+            result = AnomalyResult(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32), [], [], True,
+                                   pred_score=float(index % 7))
+            summary.add(tmp_path / f"{index}.png", str(index), result)
+            summary.add_failure(tmp_path / f"bad{index}.png", f"bad{index}", "empty file")
+    assert summary.counts == {"ok": 20, "failed": 20} and len(summary.rows) <= 12
+    kept = [float(r["image_score"]) for r in summary.rows if r["status"] == "ok"]
+    assert sorted(kept, reverse=True)[:3] == [6.0, 6.0, 5.0]
+    assert [r["outputs"] for r in summary.rows if r["status"] == "failed"][-1] == "bad19"
+    with open(tmp_path / "summary.csv", newline="") as table:
+        assert len(list(csv.DictReader(table))) == 40  # the table keeps every row
