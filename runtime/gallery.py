@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import quote
 
+from .summary import row_score
+
 GALLERY_NAME = "index.html"
 THUMB_WIDTH = 320  # CSS pixels; the link opens the full-size overlay
 MAX_CARDS = 500  # a page a browser still opens quickly: a long watch shows its highest-scoring parts
@@ -28,7 +30,7 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
     """Writes index.html from summary rows (runtime.summary.COLUMNS), at most MAX_CARDS of them,
     highest score first; counts: the run's totals where `rows` holds only some (a long watch).
     Returns its path."""
-    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -_score(r["image_score"]))
+    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -row_score(r))
     failed = [r for r in rows if r["status"] != "ok"]
     total_done = (counts or {}).get("ok", len(done))
     total_failed = (counts or {}).get("failed", len(failed))
@@ -54,9 +56,3 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
     path.write_text(page, encoding="utf-8", errors="replace")
     return path
 
-
-def _score(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("-inf")

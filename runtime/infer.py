@@ -20,7 +20,7 @@ from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .overlay import overlay
 from .pipeline import AnomalyResult, Pipeline
-from .gallery import write_gallery
+from .gallery import GALLERY_NAME, write_gallery
 from .summary import RunSummary
 from .watch import FolderWatch
 
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
     done = tally.processed
     print(f"{done - len(tally.failures)} of {done} images written to {out_dir} (table: {summary.path.name}, "
-          f"overlays by score: {(out_dir / 'index.html').name})", file=sys.stderr)
+          f"overlays by score: {GALLERY_NAME})", file=sys.stderr)
     if pipeline.thresholds.image is not None:
         print(f"{tally.rejected} NG, {done - len(tally.failures) - tally.rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)
@@ -218,7 +218,7 @@ def _write_gallery(out_dir: Path, summary: RunSummary, title: str) -> bool:
         write_gallery(out_dir, summary.rows, title, summary.counts)
         return True
     except OSError as err:
-        print(f"error: cannot write {out_dir / 'index.html'}: {err.strerror}", file=sys.stderr)
+        print(f"error: cannot write {out_dir / GALLERY_NAME}: {err.strerror}", file=sys.stderr)
         return False
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Mapping
 
 from .errors import SaaError
 from .pipeline import AnomalyResult
@@ -71,7 +71,7 @@ class RunSummary:
         self.rows.append(row)
         self.counts[row["status"]] += 1
         if len(self.rows) > 2 * KEEP_ROWS:
-            done = sorted((r for r in self.rows if r["status"] == "ok"), key=lambda r: -float(r["image_score"] or "-inf"))
+            done = sorted((r for r in self.rows if r["status"] == "ok"), key=lambda r: -row_score(r))
             failed = [r for r in self.rows if r["status"] != "ok"]
             self.rows = done[:KEEP_ROWS] + failed[-KEEP_ROWS:]
         self._write(values)
@@ -84,6 +84,14 @@ class RunSummary:
             self._file.flush()
         except OSError as err:
             self.error = f"cannot write {self.path}: {err.strerror}; its rows stop there"
+
+
+def row_score(row: Mapping[str, str]) -> float:
+    """A row's image score as a number (-inf for a row without one: a failure)."""
+    try:
+        return float(row["image_score"])
+    except ValueError:
+        return float("-inf")
 
 
 def _number(value: float | None, spec: str = ".6g") -> str:
