@@ -34,11 +34,57 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
       broadcasts. The per-channel factor 2/size and the -1 fold into the offset Linear's weights
       and bias instead, leaving one add of 2 x reference (decoder, 4-coordinate references:
       the 1/points folds in, the box size stays a multiply).
-    - The weighted sum over levels and points is taken per level as each level is sampled,
-      instead of over a stack of all levels' samples (218 MB per caption and layer).
+    - The weighted sum over levels and points is accumulated one sampling point at a time (one
+      grid_sample per level and point, then a multiply and an add), instead of over a stack of
+      all levels' samples (218 MB per caption and layer). The export's first form summed each
+      level's 4 points with a ReduceSum over a last axis of 4: onnxruntime's CUDA kernel for
+      that shape (reduce_matrix_columns) ran at ~100 GB/s and took 68.7 of the head's 156 ms on
+      an H200 (bench/results/kernels_cuda-h200_*). `WEIGHTED_SUM = "per_level"` keeps that form
+      for A/B runs (bench/device/op_forms.py).
     - The value projection is computed channels-first (W x^T: onnxruntime's GEMM reads x
       transposed), the layout grid sampling needs, instead of projected and then transposed.
     """
+
+    WEIGHTED_SUM = "per_point"  # or "per_level": the export's first form (A/B runs only)
+
+    @staticmethod
+    def _levels(value: torch.Tensor, spatial_shapes_list) -> Iterator[torch.Tensor]:
+        """Each level's value map, [B*H, d, height, width], from the flat [B*H, d, S] values."""
+        start = 0
+        for height, width in spatial_shapes_list:
+            yield value[:, :, start:start + height * width].unflatten(-1, (height, width))
+            start += height * width
+
+    @classmethod
+    def _sum_per_point(cls, value, grids, weights, spatial_shapes_list) -> torch.Tensor:
+        """sum over levels l and points p of weight[l, p] x sample(level l, grid[l, p]): [B*H, d, Q, 1].
+
+        Grids and weights are laid out once with (level, point) leading, so that each point's
+        slice is contiguous; every term is then element-wise work on [B*H, d, Q]."""
+        batch, queries, heads, levels, points, _ = grids.shape  # weights: [B, Q, H, L, P]
+        grids = grids.permute(3, 4, 0, 2, 1, 5).reshape(levels, points, batch * heads, queries, 1, 2)
+        weights = weights.permute(3, 4, 0, 2, 1).reshape(levels, points, batch * heads, 1, queries, 1)
+        output = None
+        for level, value_l in enumerate(cls._levels(value, spatial_shapes_list)):
+            for point in range(points):
+                sampled = nn.functional.grid_sample(value_l, grids[level, point], mode="bilinear",
+                                                    padding_mode="zeros", align_corners=False)  # [B*H, d, Q, 1]
+                term = sampled * weights[level, point]
+                output = term if output is None else output + term
+        return output
+
+    @classmethod
+    def _sum_per_level(cls, value, grids, weights, spatial_shapes_list) -> torch.Tensor:
+        """The same sum, each level's points reduced with a ReduceSum over a last axis of P."""
+        batch, queries, heads, levels, points = weights.shape
+        weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+        output = None
+        for level, value_l in enumerate(cls._levels(value, spatial_shapes_list)):
+            grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P, 2]
+            sampled = nn.functional.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+            term = (sampled * weights[:, :, :, level]).sum(-1)  # [B*H, d, Q]
+            output = term if output is None else output + term
+        return output
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 position_embeddings=None, reference_points=None, spatial_shapes=None, spatial_shapes_list=None,
@@ -55,7 +101,7 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
         value = value.view(batch * heads, head_dim, -1)
 
         weights = self.attention_weights(hidden_states).view(batch, queries, heads, levels * points).softmax(-1)
-        weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+        weights = weights.view(batch, queries, heads, levels, points)
 
         # Offsets come out as grid-sample coordinates: factor and shift folded into the Linear.
         offsets_weight, offsets_bias = self.sampling_offsets.weight, self.sampling_offsets.bias
@@ -76,17 +122,10 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
         else:
             raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
-        output = None
-        start = 0
-        for level, (height, width) in enumerate(spatial_shapes_list):
-            value_l = value[:, :, start:start + height * width].reshape(batch * heads, head_dim, height, width)
-            start += height * width
-            grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P, 2]
-            sampled = nn.functional.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-            term = (sampled * weights[:, :, :, level]).sum(-1)  # [B*H, d, Q]
-            output = term if output is None else output + term
+        weighted_sum = {"per_point": self._sum_per_point, "per_level": self._sum_per_level}[self.WEIGHTED_SUM]
+        output = weighted_sum(value, grids, weights, spatial_shapes_list)
         output = self.output_proj(output.view(batch, self.d_model, queries).transpose(1, 2))
-        return output, weights.view(batch, heads, queries, levels, points).transpose(1, 2)
+        return output, weights
 
 
 class ReassociatedBiAttention(GroundingDinoBiMultiHeadAttention):

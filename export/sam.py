@@ -27,7 +27,7 @@ from runtime.segmenter import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, EN
 from .checkpoints import checkpoint_record, resolve_checkpoint
 from .common import ExportedModel, ExportError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
 from .sam_checkpoint import describe_encoder, load_official_state_dict
-from .sam_forms import sam_attention_form
+from .sam_forms import sam_attention_form, window_padding_by_concat
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ def export_sam_encoder(sam: Sam, out_dir: Path, source: dict[str, Any] | None = 
     MultiHeadAttention with the relative positions as its bias), checked against the plain module."""
     path = Path(out_dir) / f"{SAM_ENCODER}.onnx"
     image = parity_image()
-    with sam_attention_form(sam.image_encoder, attention):
+    with sam_attention_form(sam.image_encoder, attention), window_padding_by_concat():
         export_onnx(sam.image_encoder, (image,), path, [ENCODER_INPUT], [ENCODER_OUTPUT])
     with torch.no_grad():
         expected = sam.image_encoder(image)

@@ -1,5 +1,13 @@
-"""A fused-attention form of SAM's image-encoder attention, swapped in only while tracing (`export
---sam-attention mha`).
+"""Forms of SAM image-encoder parts swapped in only while tracing: the window padding (always)
+and a fused attention (`export --sam-attention mha`).
+
+Window padding: segment_anything pads each windowed block's [B, 64, 64, C] tokens to a multiple
+of the window (70 for 14) with F.pad. onnxruntime's CUDA Pad kernel moved ~10.5 G elements/s
+at every size measured on an H200 (Swin, ViT-B and ViT-H alike: 16.6 ms of ViT-H's encoder,
+bench/results/kernels_cuda-h200_*), far below the copy rate a pad needs. `pad_right_bottom`
+writes the same zeros with two Concats (`window_partition_by_concat`).
+
+Fused attention:
 
 segment_anything's Attention writes the [heads, HW, HW] logits, adds the decomposed relative-
 position terms in two broadcast passes, takes the softmax and reads the result again: seven
@@ -15,6 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from segment_anything.modeling import image_encoder
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
@@ -76,3 +85,37 @@ def sam_attention_form(encoder: nn.Module, form: str) -> Iterator[None]:
     finally:
         for module in swapped:
             module.__class__ = Attention
+
+
+def pad_right_bottom(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) of [B, H, W, C] tokens, as Concats with zeros."""
+    batch, height, width, channels = x.shape
+    zero = x.new_zeros(())  # expanded, so no zero block is stored in the graph
+    if pad_w:
+        x = torch.cat([x, zero.expand(batch, height, pad_w, channels)], 2)
+    if pad_h:
+        x = torch.cat([x, zero.expand(batch, pad_h, width + pad_w, channels)], 1)
+    return x
+
+
+def window_partition_by_concat(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """segment_anything's window_partition with its padding written by `pad_right_bottom`."""
+    batch, height, width, channels = x.shape
+    pad_h = (window_size - height % window_size) % window_size
+    pad_w = (window_size - width % window_size) % window_size
+    x = pad_right_bottom(x, pad_h, pad_w)
+    rows, cols = (height + pad_h) // window_size, (width + pad_w) // window_size
+    x = x.view(batch, rows, window_size, cols, window_size, channels)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, channels)
+    return windows, (height + pad_h, width + pad_w)
+
+
+@contextmanager
+def window_padding_by_concat() -> Iterator[None]:
+    """Inside the block, segment_anything's windowed blocks pad with `pad_right_bottom`."""
+    original = image_encoder.window_partition
+    image_encoder.window_partition = window_partition_by_concat
+    try:
+        yield
+    finally:
+        image_encoder.window_partition = original

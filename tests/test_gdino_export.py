@@ -285,9 +285,12 @@ def test_random_swin_t_is_damped_and_the_reference_insists_on_it(monkeypatch):
         L.load_gdino(old)
 
 
+@pytest.mark.parametrize("weighted_sum", ["per_point", "per_level"])
 @pytest.mark.parametrize("coordinates", [2, 4])
-def test_folded_deformable_attention_equals_transformers(model, coordinates):
-    """Encoder form (point references, padded positions) and decoder form (box references)."""
+def test_folded_deformable_attention_equals_transformers(model, coordinates, weighted_sum, monkeypatch):
+    """Encoder form (point references, padded positions) and decoder form (box references), with
+    the weighted sum taken either way."""
+    monkeypatch.setattr(F.FoldedDeformableAttention, "WEIGHTED_SUM", weighted_sum)
     attention = copy.deepcopy(model.model.encoder.layers[0].deformable_layer.self_attn if coordinates == 2
                               else model.model.decoder.layers[0].encoder_attn)
     generator = torch.Generator().manual_seed(3)

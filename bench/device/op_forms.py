@@ -1,0 +1,221 @@
+"""A/B timing of the alternative forms a graph can be exported in, one full-size layer at a time.
+
+    python -m bench.device.op_forms --device cuda --out op_forms.json        (seconds on a GPU)
+    python -m bench.device.op_forms --device cpu --captions 1 --iters 3       (this CPU)
+
+Each case exports one layer in each of its forms to ONNX (torch, so this runs where export
+runs), checks the forms agree, and times them with the runtime's own session settings
+(`runtime.sessions`: the CUDA provider with TF32 off, fixed buffers, a CUDA graph where it
+captures). Cases:
+
+- `deformable_sum`: one GroundingDINO encoder layer's deformable attention at Swin-T 800x800
+  (13294 queries, 8 heads, 4 levels x 4 points), a batch of `--captions`: the weighted sum of
+  the samples `per_point` (the export's form) or `per_level` (a ReduceSum over 4 points; its
+  CUDA kernel held 68.7 ms of the head's 156 on an H200).
+- `window_pad`: SAM ViT-H's window partition padding (64 -> 70 positions, 1280 channels,
+  fp16 on CUDA) as `pad` (F.pad: onnxruntime's Pad kernel held 16.6 ms of ViT-H's encoder) or
+  `concat` (zeros concatenated, the export's form).
+- `sam_attention`: one of ViT-B's global-attention blocks (64x64 tokens, 12 heads, relative
+  positions; fp16 on CUDA) with `plain` attention (the default export) or `mha` (onnxruntime's
+  fused MultiHeadAttention, `export --sam-attention mha`; no faster on this CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+LEVELS = ((100, 100), (50, 50), (25, 25), (13, 13))  # Swin-T features of an 800x800 input
+
+
+def _deformable_case(captions: int = 5, seed: int = 0) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+    import torch
+    from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMultiscaleDeformableAttention
+
+    from export import gdino_forms
+    from export.gdino import grounding_dino_config
+
+    torch.manual_seed(seed)
+    config = grounding_dino_config("swin-t")
+    attention = GroundingDinoMultiscaleDeformableAttention(config, num_heads=config.encoder_attention_heads,
+                                                           n_points=config.encoder_n_points).eval()
+    with torch.no_grad():  # offsets that reach neighbouring cells, as trained ones do
+        attention.sampling_offsets.weight.normal_(0, 0.05)
+        attention.sampling_offsets.bias.normal_(0, 2)
+    shapes = torch.tensor(LEVELS)
+    positions = int((shapes[:, 0] * shapes[:, 1]).sum())
+    start = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+
+    class Layer(torch.nn.Module):
+        def __init__(self, form: str) -> None:
+            super().__init__()
+            self.attention, self.form = attention, form
+
+        def forward(self, hidden: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                    references: torch.Tensor) -> torch.Tensor:
+            with gdino_forms.trace_forms(self.attention):
+                self.attention.WEIGHTED_SUM = self.form
+                try:
+                    return self.attention(hidden_states=hidden, attention_mask=mask, encoder_hidden_states=hidden,
+                                          position_embeddings=position, reference_points=references,
+                                          spatial_shapes=shapes, spatial_shapes_list=list(LEVELS),
+                                          level_start_index=start)[0]
+                finally:
+                    del self.attention.WEIGHTED_SUM  # back to the class's default
+
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "hidden": rng.standard_normal((captions, positions, config.d_model), dtype=np.float32),
+        "mask": np.ones((captions, positions), dtype=bool),
+        "position": rng.standard_normal((captions, positions, config.d_model), dtype=np.float32),
+        "references": rng.random((captions, positions, len(LEVELS), 2), dtype=np.float32),
+    }
+    return {form: (lambda form=form: Layer(form)) for form in ("per_point", "per_level")}, feeds
+
+
+def _window_pad_case(captions: int = 1, channels: int = 1280, size: int = 64, window: int = 14) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+    import torch
+
+    from export import sam_forms
+
+    class Layer(torch.nn.Module):
+        def __init__(self, form: str) -> None:
+            super().__init__()
+            self.form = form
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pad = (window - size % window) % window
+            if self.form == "pad":
+                padded = torch.nn.functional.pad(x, (0, 0, 0, pad, 0, pad))
+            else:
+                padded = sam_forms.pad_right_bottom(x, pad, pad)
+            return padded * 2.0  # a consumer, so the pad is not the graph's output
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, size, size, channels), dtype=np.float32)}
+    return {form: (lambda form=form: Layer(form)) for form in ("pad", "concat")}, feeds
+
+
+def _sam_attention_case(captions: int = 1, dim: int = 768, heads: int = 12, size: int = 64) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+    import torch
+    from segment_anything.modeling.image_encoder import Block
+
+    from export import sam_forms
+    from export.sam import RANDOM_REL_POS_STD
+
+    torch.manual_seed(0)
+    block = Block(dim, heads, use_rel_pos=True, window_size=0, input_size=(size, size)).eval()
+    with torch.no_grad():
+        for table in (block.attn.rel_pos_h, block.attn.rel_pos_w):
+            table.normal_(0.0, RANDOM_REL_POS_STD)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, form: str) -> None:
+            super().__init__()
+            self.block, self.form = block, form
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with sam_forms.sam_attention_form(self.block, self.form):
+                return self.block(x)
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, size, size, dim), dtype=np.float32)}
+    return {form: (lambda form=form: Layer(form)) for form in sam_forms.SAM_ATTENTIONS}, feeds
+
+
+CASES = {"deformable_sum": _deformable_case, "window_pad": _window_pad_case, "sam_attention": _sam_attention_case}
+FP16_CASES = {"window_pad", "sam_attention"}  # converted to fp16 on CUDA, as the SAM encoder is
+
+
+def _export(module: Any, feeds: dict[str, np.ndarray], path: Path, fp16: bool) -> None:
+    import torch
+
+    from export.common import convert_to_fp16, export_onnx, fp32_ops
+    from runtime.manifest import SAM_ENCODER
+
+    args = tuple(torch.from_numpy(value) for value in feeds.values())
+    export_onnx(module, args, path, list(feeds), ["out"])
+    if fp16:  # the SAM encoder's conversion (LayerNorm, Softmax, Erf in fp16)
+        convert_to_fp16(path, keep_ops=fp32_ops(SAM_ENCODER))
+
+
+def _time(path: Path, feeds: dict[str, np.ndarray], device: str, iters: int) -> tuple[float, np.ndarray]:
+    from runtime.errors import EngineError
+    from runtime.sessions import DeviceRunner, PlainRunner, session_factory
+
+    keep = ("out",) if device != "cpu" else ()
+    try:  # as the runtime runs its fixed-shape graphs on CUDA: captured as a CUDA graph
+        runner: Any = DeviceRunner(session_factory(device, cuda_graph=device == "cuda")(path), static=True)
+        out = runner.run(["out"], feeds, keep=keep)[0]
+    except EngineError as err:  # a graph onnxruntime will not capture runs plainly
+        print(f"  {path.stem}: no CUDA graph ({err})", flush=True)
+        runner = DeviceRunner(session_factory(device)(path)) if device != "cpu" else PlainRunner(session_factory(device)(path))
+        out = runner.run(["out"], feeds, keep=keep)[0]
+    for _ in range(2):
+        runner.run(["out"], feeds, keep=keep)
+    times = []
+    for _ in range(iters):
+        begin = time.perf_counter()
+        runner.run(["out"], feeds, keep=keep)
+        times.append((time.perf_counter() - begin) * 1e3)
+    result = out.numpy() if hasattr(out, "numpy") else out
+    return float(np.median(times)), np.asarray(result, dtype=np.float32)
+
+
+def run(device: str, captions: int, iters: int, cases: list[str]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    report: dict[str, Any] = {"device": device, "onnxruntime": ort.__version__, "python": platform.python_version(),
+                              "captions": captions, "iters": iters, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            forms, feeds = CASES[case](captions=captions)
+            fp16 = case in FP16_CASES and device != "cpu"
+            rows: dict[str, Any] = {}
+            outputs = {}
+            for form, make in forms.items():
+                path = Path(tmp) / f"{case}-{form}.onnx"
+                _export(make(), feeds, path, fp16)
+                ms, outputs[form] = _time(path, feeds, device, iters)
+                rows[form] = {"p50_ms": round(ms, 3)}
+                print(f"{case:16s} {form:10s} {ms:9.3f} ms", flush=True)
+            first, *others = outputs.values()
+            scale = float(np.abs(first).max()) or 1.0
+            report["cases"][case] = {"forms": rows, "precision": "fp16" if fp16 else "fp32",
+                                     "max_abs_diff_between_forms": max(float(np.abs(o - first).max()) for o in others),
+                                     "output_scale": scale}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    parser.add_argument("--captions", type=int, default=5, help="batch of the deformable layer (the bottle config: 5)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    report = run(args.device, args.captions, args.iters, args.case or sorted(CASES))
+    try:
+        import subprocess
+        report["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        report["gpu"] = None
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
