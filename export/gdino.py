@@ -75,7 +75,7 @@ from runtime.manifest import (
 from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
-from .gdino_forms import trace_forms
+from .gdino_forms import IMAGE_TRACE_FORMS, trace_forms
 
 SIZES = ("swin-t", "tiny")
 
@@ -601,7 +601,9 @@ def export_grounding_dino(
         {"input_ids": token_axes, "position_ids": token_axes,
          "text_self_attention_masks": {0: "prompts", 1: "tokens", 2: "tokens"}, "text_features": token_axes},
     )
-    export_onnx(image_module, tuple(torch.from_numpy(trace_image[n]) for n in IMAGE_INPUTS), files[GDINO_IMAGE], IMAGE_INPUTS, IMAGE_OUTPUTS)
+    with trace_forms(model, IMAGE_TRACE_FORMS):  # Swin's window padding as Concats; parity checked below
+        export_onnx(image_module, tuple(torch.from_numpy(trace_image[n]) for n in IMAGE_INPUTS), files[GDINO_IMAGE],
+                    IMAGE_INPUTS, IMAGE_OUTPUTS)
 
     def head_feeds(text: dict[str, np.ndarray], image: dict[str, np.ndarray]) -> list[np.ndarray]:
         vision = _torch_run(image_module, [image[n] for n in IMAGE_INPUTS])

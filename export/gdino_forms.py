@@ -8,6 +8,8 @@ the exported head against the original modules, and the reference never uses the
   folded into the offset Linear and its weighted sum taken per level.
 - `ReassociatedBiAttention`: the fusion layer's image-text attention with its three image-side
   projections (256 -> 1024 on every image position) folded into the few text tokens.
+- `ConcatPaddedSwinLayer` (the image graph): Swin's window padding written as Concats with zeros
+  (`export.common.pad_right_bottom`; onnxruntime's CUDA Pad held 2 ms of the image graph).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
     GroundingDinoBiMultiHeadAttention,
     GroundingDinoMultiscaleDeformableAttention,
 )
+from transformers.models.swin.modeling_swin import SwinLayer
+
+from .common import pad_right_bottom
 
 
 class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
@@ -190,19 +195,29 @@ class ReassociatedBiAttention(GroundingDinoBiMultiHeadAttention):
         return (vision_out, vision_attn_weights), (text_out, text_attn_weights)
 
 
+class ConcatPaddedSwinLayer(SwinLayer):
+    """transformers' SwinLayer with its window padding (F.pad of [B, H, W, C]) as Concats with zeros."""
+
+    def maybe_pad(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        pad_right = (self.window_size - width % self.window_size) % self.window_size
+        pad_bottom = (self.window_size - height % self.window_size) % self.window_size
+        return pad_right_bottom(hidden_states, pad_bottom, pad_right), (0, 0, 0, pad_right, 0, pad_bottom)
+
+
 # The forms the head is traced with, keyed by the transformers class each replaces.
 TRACE_FORMS: dict[type, type] = {
     GroundingDinoBiMultiHeadAttention: ReassociatedBiAttention,
     GroundingDinoMultiscaleDeformableAttention: FoldedDeformableAttention,
 }
+IMAGE_TRACE_FORMS: dict[type, type] = {SwinLayer: ConcatPaddedSwinLayer}  # the image graph's
 
 
 @contextmanager
-def trace_forms(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every module of `model` with a class in TRACE_FORMS runs its cheaper form."""
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in TRACE_FORMS]
+def trace_forms(model: nn.Module, forms: dict[type, type] = TRACE_FORMS) -> Iterator[None]:
+    """Inside the block, every module of `model` with a class in `forms` runs its cheaper form."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in forms]
     for module, original in swapped:
-        module.__class__ = TRACE_FORMS[original]
+        module.__class__ = forms[original]
     try:
         yield
     finally:

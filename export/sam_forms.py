@@ -4,8 +4,8 @@ and a fused attention (`export --sam-attention mha`).
 Window padding: segment_anything pads each windowed block's [B, 64, 64, C] tokens to a multiple
 of the window (70 for 14) with F.pad. onnxruntime's CUDA Pad kernel moved ~10.5 G elements/s
 at every size measured on an H200 (Swin, ViT-B and ViT-H alike: 16.6 ms of ViT-H's encoder,
-bench/results/kernels_cuda-h200_*), far below the copy rate a pad needs. `pad_right_bottom`
-writes the same zeros with two Concats (`window_partition_by_concat`).
+bench/results/kernels_cuda-h200_*), far below the copy rate a pad needs. `export.common.
+pad_right_bottom` writes the same zeros with two Concats (`window_partition_by_concat`).
 
 Fused attention:
 
@@ -26,6 +26,8 @@ import torch
 from segment_anything.modeling import image_encoder
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
+
+from .common import pad_right_bottom
 
 SAM_ATTENTIONS = ("plain", "mha")
 
@@ -85,17 +87,6 @@ def sam_attention_form(encoder: nn.Module, form: str) -> Iterator[None]:
     finally:
         for module in swapped:
             module.__class__ = Attention
-
-
-def pad_right_bottom(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    """F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) of [B, H, W, C] tokens, as Concats with zeros."""
-    batch, height, width, channels = x.shape
-    zero = x.new_zeros(())  # expanded, so no zero block is stored in the graph
-    if pad_w:
-        x = torch.cat([x, zero.expand(batch, height, pad_w, channels)], 2)
-    if pad_h:
-        x = torch.cat([x, zero.expand(batch, pad_h, width + pad_w, channels)], 1)
-    return x
 
 
 def window_partition_by_concat(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -353,3 +353,26 @@ def test_trace_forms_swap_every_module_and_restore_it(model):
     with F.trace_forms(model):
         assert all(type(m) is F.TRACE_FORMS[kind] for m, kind in originals.items())
     assert all(type(m) is kind for m, kind in originals.items())
+
+def test_concat_padded_swin_layers_give_transformers_features_exactly(model):
+    """The image graph's Swin form: window padding as Concats with zeros, the same tensors as F.pad."""
+    backbone = model.model.backbone.conv_encoder.model
+    pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))  # 64x64 tokens: padded to 70
+    with torch.no_grad():
+        expected = backbone(pixels).feature_maps
+        with F.trace_forms(model, F.IMAGE_TRACE_FORMS):
+            assert any(type(m) is F.ConcatPaddedSwinLayer for m in model.modules())
+            got = backbone(pixels).feature_maps
+    assert not any(type(m) is F.ConcatPaddedSwinLayer for m in model.modules())
+    for got_map, want_map in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_map, want_map, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 3), (6, 0), (6, 6)])
+def test_pad_right_bottom_equals_f_pad(pads):
+    from export.common import pad_right_bottom
+
+    x = torch.randn(2, 5, 7, 3)
+    pad_h, pad_w = pads
+    torch.testing.assert_close(pad_right_bottom(x, pad_h, pad_w), torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h)),
+                               rtol=0, atol=0)

@@ -134,3 +134,23 @@ def test_vit_b_random_weights_export(tmp_path: Path) -> None:
     models = sam_export.export_sam(build_sam("vit_b", random_init=True), tmp_path)
     assert [m.outputs[0]["shape"] for m in models] == [[1, 256, 64, 64], ["num_boxes", 1, 256, 256]]
     assert all(m.parity["passed"] for m in models)
+
+
+def test_window_padding_is_written_as_concats(exported) -> None:
+    """onnxruntime's CUDA Pad was the slow kernel (export.common.pad_right_bottom); the tiny encoder
+    has a windowed block (14 on 64x64 tokens, padded to 70), whose padding must be Concats."""
+    out_dir, models, _ = exported
+    ops = [node.op_type for node in onnx.load(str(out_dir / models[M.SAM_ENCODER].file)).graph.node]
+    assert "Pad" not in ops and "Concat" in ops
+
+
+@pytest.mark.parametrize("size", [(64, 64), (14, 14), (20, 9)])
+def test_window_partition_by_concat_equals_segment_anythings(size) -> None:
+    from segment_anything.modeling.image_encoder import window_partition
+
+    from export.sam_forms import window_partition_by_concat
+
+    x = torch.randn(2, *size, 8)
+    (got, got_hw), (want, want_hw) = window_partition_by_concat(x, 14), window_partition(x, 14)
+    assert got_hw == want_hw
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -87,7 +87,7 @@ def _deformable_case(captions: int = 5, seed: int = 0) -> tuple[dict[str, Callab
 def _window_pad_case(captions: int = 1, channels: int = 1280, size: int = 64, window: int = 14) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
     import torch
 
-    from export import sam_forms
+    from export.common import pad_right_bottom
 
     class Layer(torch.nn.Module):
         def __init__(self, form: str) -> None:
@@ -99,7 +99,7 @@ def _window_pad_case(captions: int = 1, channels: int = 1280, size: int = 64, wi
             if self.form == "pad":
                 padded = torch.nn.functional.pad(x, (0, 0, 0, pad, 0, pad))
             else:
-                padded = sam_forms.pad_right_bottom(x, pad, pad)
+                padded = pad_right_bottom(x, pad, pad)
             return padded * 2.0  # a consumer, so the pad is not the graph's output
 
     feeds = {"x": np.random.default_rng(0).standard_normal((1, size, size, channels), dtype=np.float32)}

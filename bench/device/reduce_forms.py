@@ -1,8 +1,11 @@
 """Micro-benchmark: the deformable-attention weighted sum over 16 samples, in two ONNX forms (run once
 on an H200, bench/results/reduce_forms_cuda-h200_2026-11-26.json; bench/device/op_forms.py times the forms
 the export chooses between)."""
-import time, sys, json, os
-import numpy as np, onnx
+import json
+import os
+import time
+
+import numpy as np
 from onnx import helper as h, TensorProto as T
 import onnxruntime as ort
 ort.preload_dlls()
