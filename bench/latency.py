@@ -38,7 +38,7 @@ DEFAULT_OUT = REPO / "bench" / "results"
 SCHEMA_VERSION = 1
 
 # The pipeline's stages, in data-flow order (AnomalyResult.timings_ms keys).
-STAGES = ("preprocess", "detector_image", "detector_prompts", "regions", "sam_encoder", "sam_decoder",
+STAGES = ("preprocess", "detector_image", "detector_prompts", "regions", "overlap_wait", "sam_encoder", "sam_decoder",
           "saliency", "fusion", "end_to_end")
 # The reference's timers (ReferenceSAA / SaliencyReference) and the runtime stages doing the same work.
 REFERENCE_STAGES = {

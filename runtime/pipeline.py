@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
 from .sessions import ENGINE_CLOCK, session_factory
 
 WARM_UP_HW = (480, 640)  # the synthetic frame of Pipeline.warm_up: a common camera size
+# With overlap, calls before this many full calls run their stages one after another: CUDA graphs
+# are captured in the first two (onnxruntime runs a graph once, then captures it), and a capture
+# must not share the device with another thread's launches.
+OVERLAP_AFTER_CALLS = 3
 
 
 @dataclass
@@ -63,7 +68,7 @@ class Pipeline:
 
     def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
                  io_binding: bool | None = None, static_shapes: bool | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
         """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
         and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
         provider (tests check them against the CPU paths); False turns them off.
@@ -74,7 +79,13 @@ class Pipeline:
         cuda_graphs: GroundingDINO's image graph and SAM's encoder, and with static_shapes also
         the head and SAM's decoder, capture CUDA graphs where onnxruntime allows it (needs the
         GPU paths); `cuda_graphs` then says per graph "captured" or why not. None: with --device cuda and SAA_CUDA_GRAPHS=1
-        (off by default until measured on a GPU)."""
+        (off by default until measured on a GPU).
+        overlap: SAM's image encoding and the one-object saliency run in a second thread while
+        GroundingDINO's head runs (they need only the image): on a GPU their host work and kernels
+        hide behind the head's ~150 ms of device time. SAM then encodes every image, boxes or not.
+        Same results (tested); stage times then overlap, and `overlap_wait` is how long the main
+        thread waited for them. No gain on a CPU, whose cores the head already fills. None:
+        SAA_OVERLAP=1 (off by default until measured on a GPU)."""
         self.manifest = manifest
         self.config = config
         self.device = device
@@ -105,6 +116,11 @@ class Pipeline:
         self._full_lock = threading.Lock()
         self.mask_fusion: MaskFusion | None = None  # set where the masks stay on the device
         self.captions: list[str] = []
+        if overlap is None:
+            overlap = os.environ.get("SAA_OVERLAP", "0") == "1"
+        self.overlap = bool(overlap) and not self.saliency_only
+        self._side: ThreadPoolExecutor | None = None  # the overlap's second thread, started on first use
+        self._full_calls = 0
         if not self.saliency_only:
             from .detector import Detector
             from .segmenter import Segmenter
@@ -179,6 +195,9 @@ class Pipeline:
         return self.stream.save(path) if self.stream is not None else self.memory.save(path)
 
     def close(self) -> None:
+        if self._side is not None:
+            self._side.shutdown(wait=True)
+            self._side = None
         self.detector = self.segmenter = self.saliency = self.mask_fusion = None
 
     def __enter__(self) -> "Pipeline":
@@ -253,12 +272,72 @@ class Pipeline:
         return cv2.resize(found.grid, (image.shape[1], image.shape[0]))  # bilinear, as the saliency
 
     def _full(self, image: np.ndarray, timings: dict[str, float], grids: list | None = None) -> AnomalyResult:
-        options = self.config.options
         height, width = image.shape[:2]
         notes: list[str] = []
         with _timed(timings, "detector_image"):
             # The reference gives GroundingDINO RGB, and SAM / the CNN the BGR array as if RGB.
             image_features = self.detector.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
+        multi = self.config.object_count > 1
+        side = self._start_side_stages(image, timings, grids, saliency_too=not multi)
+        try:
+            objects, defects = self._detect(image_features, (height, width), timings, notes)
+        except BaseException:
+            if side is not None:
+                wait([side])  # the second thread is done with the image before the error leaves the lock
+            raise
+        side_saliency = None
+        if side is not None:
+            with _timed(timings, "overlap_wait"):
+                side_saliency = side.result()  # raises the second thread's error
+        elif defects or (multi and len(objects) > 1):
+            with _timed(timings, "sam_encoder"):
+                self.segmenter.set_image(image)
+        with _timed(timings, "sam_decoder"):
+            defect_masks = self._masks(defects, (height, width), on_device=self.mask_fusion is not None)
+            object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
+
+        with _timed(timings, "saliency"):
+            if multi and object_masks is not None:
+                saliency = self.saliency.multi_object_saliency(image, object_masks)
+                if self.memory is not None:
+                    saliency = self.memory.blend_map(self.saliency, image, saliency, grids)
+            elif side_saliency is not None:
+                saliency = side_saliency
+            else:
+                if multi:
+                    notes.append("fewer than two object masks: single-object saliency used")
+                saliency = self._single_saliency(image, grids)
+
+        with _timed(timings, "fusion"):
+            anomaly = self._fuse(defects, defect_masks, saliency)
+        return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings)
+
+    def _start_side_stages(self, image: np.ndarray, timings: dict[str, float], grids: list,
+                           saliency_too: bool) -> Future | None:
+        """With overlap (past the calls that capture CUDA graphs): SAM's encoding, and the one-object
+        saliency where `saliency_too`, submitted to the second thread; None otherwise."""
+        self._full_calls += 1
+        if not self.overlap or self._full_calls <= OVERLAP_AFTER_CALLS:
+            return None
+        if self._side is None:
+            self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saa-overlap")
+        return self._side.submit(self._side_stages, image, timings, grids, saliency_too)
+
+    def _side_stages(self, image: np.ndarray, timings: dict[str, float], grids: list,
+                     saliency_too: bool) -> np.ndarray | None:
+        # Its own stage keys in the shared dict; the engine clock is per thread.
+        with _timed(timings, "sam_encoder"):
+            self.segmenter.set_image(image)
+        if not saliency_too:
+            return None
+        with _timed(timings, "saliency"):
+            return self._single_saliency(image, grids)
+
+    def _detect(self, image_features: Any, image_hw: tuple[int, int], timings: dict[str, float],
+                notes: list[str]) -> tuple[list[Region], list[Region]]:
+        """GroundingDINO's head over every caption, then the object and defect regions (P^P)."""
+        options = self.config.options
+        height, width = image_hw
         with _timed(timings, "detector_prompts"):
             detections = self.detector.detect(image_features, self.text_features)
 
@@ -277,28 +356,7 @@ class Pipeline:
             if options.object_iou_threshold is not None and objects and defects:
                 iou = box_iou(np.array([r.box for r in defects]), np.array([r.box for r in objects])).max(axis=1)
                 defects = [r for r, v in zip(defects, iou) if v >= options.object_iou_threshold]
-
-        multi = self.config.object_count > 1
-        with _timed(timings, "sam_encoder"):
-            if defects or (multi and len(objects) > 1):
-                self.segmenter.set_image(image)
-        with _timed(timings, "sam_decoder"):
-            defect_masks = self._masks(defects, (height, width), on_device=self.mask_fusion is not None)
-            object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
-
-        with _timed(timings, "saliency"):
-            if multi and object_masks is not None:
-                saliency = self.saliency.multi_object_saliency(image, object_masks)
-                if self.memory is not None:
-                    saliency = self.memory.blend_map(self.saliency, image, saliency, grids)
-            else:
-                if multi:
-                    notes.append("fewer than two object masks: single-object saliency used")
-                saliency = self._single_saliency(image, grids)
-
-        with _timed(timings, "fusion"):
-            anomaly = self._fuse(defects, defect_masks, saliency)
-        return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings)
+        return objects, defects
 
     def _regions(self, detection, exclude, index, prompt, image_hw, min_area, max_area) -> list[Region]:
         options = self.config.options

@@ -318,3 +318,61 @@ def test_cuda_pipeline_agrees_with_the_cpu_pipeline(full_tiny_engine_dir, image)
     np.testing.assert_allclose(got.saliency_map, expected.saliency_map, atol=1e-3)
     # CUDA kernels (TF32 matmuls where onnxruntime enables them) move SAM logits near 0 across the threshold.
     assert (np.abs(got.anomaly_map - expected.anomaly_map) > 1e-3).mean() < 1e-3
+
+
+def test_overlapped_stages_give_the_same_results(full_tiny, image):
+    """overlap=True: SAM's encoding and the saliency in a second thread while the head runs (after
+    the calls that capture CUDA graphs); the maps and regions are those of the sequential pipeline."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+
+    config = resolve_config("mvtec", "bottle", None, {})
+    base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
+    overlapped = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True,
+                          overlap=True)
+    flipped = np.ascontiguousarray(image[::-1])
+    pictures = [image, flipped] * (OVERLAP_AFTER_CALLS // 2 + 2)
+    for call, picture in enumerate(pictures, start=1):
+        expected, got = base(picture), overlapped(picture)
+        assert ("overlap_wait" in got.timings_ms) == (call > OVERLAP_AFTER_CALLS)
+        assert "overlap_wait" not in expected.timings_ms
+        assert got.timings_ms["sam_encoder"] > 0 and got.timings_ms["saliency"] > 0
+        assert [(r.box, r.score, r.in_top_k) for r in got.regions] == [(r.box, r.score, r.in_top_k) for r in expected.regions]
+        np.testing.assert_array_equal(got.saliency_map, expected.saliency_map)
+        np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    overlapped.close()
+    assert overlapped._side is None
+
+
+def test_an_error_in_either_thread_reaches_the_caller(full_tiny, image, monkeypatch):
+    from runtime.config import resolve_config
+    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+
+    pipeline = Pipeline(full_tiny, resolve_config("mvtec", "bottle", None, {}), threads=1, overlap=True)
+    for _ in range(OVERLAP_AFTER_CALLS):
+        pipeline(image)
+    encoded = []
+    real_set_image = pipeline.segmenter.set_image
+
+    def failing_set_image(picture):
+        raise EngineError("sam_encoder: run failed (out of memory)")
+
+    monkeypatch.setattr(pipeline.segmenter, "set_image", failing_set_image)
+    with pytest.raises(EngineError, match="sam_encoder: run failed"):
+        pipeline(image)
+
+    def slow_set_image(picture):  # still running when the head fails: the call waits for it
+        import time
+
+        time.sleep(0.2)
+        encoded.append(real_set_image(picture))
+
+    def failing_detect(*args):
+        raise EngineError("gdino_head: run failed")
+
+    monkeypatch.setattr(pipeline.segmenter, "set_image", slow_set_image)
+    monkeypatch.setattr(pipeline.detector, "detect", failing_detect)
+    with pytest.raises(EngineError, match="gdino_head"):
+        pipeline(image)
+    assert encoded == [None]  # the second thread had finished with the image when the error left
+    pipeline.close()

@@ -6,10 +6,11 @@
 #                                     while they run                                 (about 7 min)
 #   bench/device/session.sh measure   ViT-B and ViT-H with CUDA graphs: bench.latency with the reference and
 #                                     every CUDA kernel's device time per stage (bench/device/kernel_times.py);
-#                                     then both again in the fastest setting measured so far (TF32 in
+#                                     both with SAM and the saliency overlapped with the head (SAA_OVERLAP=1);
+#                                     both with everything that was faster in an A/B run (overlap, TF32 in
 #                                     GroundingDINO's head, 64 boxes a decoder call: not bit-faithful) (about 6 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log, op_forms.json. measure: checks.log
-# (every table), latency-*.json (ViT-B, ViT-H, each faithful and fastest), kernels-fp16.json: 6.
+# (every table), latency-*.json (ViT-B and ViT-H: faithful, overlap, all on), kernels-fp16.json: 8.
 # The A/B runs of the third session (fp16 head, no CUDA graphs, TF32 head, decoder_chunk=64) and
 # onnxruntime's per-graph profile (python -m bench.device.profile_graphs) are not repeated; run them by hand.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
@@ -70,15 +71,22 @@ case "${1:?step: prepare | measure}" in
     [ "$(left)" -gt 90 ] && kernels vit_b "$vit_b"
     [ "$(left)" -gt 120 ] && SAA_CUDA_GRAPHS=1 with_reference latency-vit_h-fp16-cuda-graphs "$vit_h"
     [ "$(left)" -gt 90 ] && kernels vit_h "$vit_h"
-    # The fastest setting measured so far, for the targets' distance: TF32 in GroundingDINO's head
-    # (SAA_CUDA_TF32=head: 155.5 -> 130.7 ms in the third session) and SAM's decoder taking up to 64
-    # boxes a call (14.3 -> 12.9 ms). TF32 gives up bit-level agreement with the reference.
-    fastest() {  # fastest NAME DIR
-      [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head latency "$1" 90 --engine-dir "$2" --iters 30 \
-        --option decoder_chunk=64
+    # SAM's encoding and the saliency overlapped with GroundingDINO's head (SAA_OVERLAP=1, opt-in:
+    # never run on a GPU): against the runs above, same settings otherwise.
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_OVERLAP=1 latency latency-vit_b-fp16-cuda-graphs-overlap 90 \
+      --engine-dir "$vit_b" --iters 30
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_OVERLAP=1 latency latency-vit_h-fp16-cuda-graphs-overlap 90 \
+      --engine-dir "$vit_h" --iters 30
+    # Everything that was faster in an A/B run, for the targets' distance: TF32 in GroundingDINO's
+    # head (SAA_CUDA_TF32=head: 155.5 -> 130.7 ms in the third session), SAM's decoder taking up to
+    # 64 boxes a call (14.3 -> 12.9 ms), and the overlap. TF32 gives up bit-level agreement with
+    # the reference.
+    all_on() {  # all_on NAME DIR
+      [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head SAA_OVERLAP=1 latency "$1" 90 --engine-dir "$2" \
+        --iters 30 --option decoder_chunk=64
     }
-    fastest latency-vit_b-fp16-fastest "$vit_b"
-    fastest latency-vit_h-fp16-fastest "$vit_h"
+    all_on latency-vit_b-fp16-tf32head-chunk64-overlap "$vit_b"
+    all_on latency-vit_h-fp16-tf32head-chunk64-overlap "$vit_h"
     echo "== done ($(left) s left)" | tee -a "$log"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
