@@ -9,7 +9,7 @@
 #                                     both with SAM and the saliency overlapped with the head (SAA_OVERLAP=1);
 #                                     both with everything that was faster in an A/B run (overlap, TF32 in
 #                                     GroundingDINO's head, 64 boxes a decoder call: not bit-faithful) (about 6 min)
-# At most 8 files come back from $OUT. prepare: checks.log, export-*.log, op_forms.json. measure: checks.log
+# At most 8 files come back from $OUT. prepare: checks.log, export-*.log, op_forms.json, host_prep.json. measure: checks.log
 # (every table), latency-*.json (ViT-B and ViT-H: faithful, overlap, all on), kernels-fp16.json: 8.
 # The A/B runs of the third session (fp16 head, no CUDA graphs, TF32 head, decoder_chunk=64) and
 # onnxruntime's per-graph profile (python -m bench.device.profile_graphs) are not repeated; run them by hand.
@@ -42,7 +42,12 @@ case "${1:?step: prepare | measure}" in
     timeout 150 $PY -m bench.device.op_forms --device cuda --out "$OUT/op_forms.json" 2>&1 \
       | grep -v "Memcpy\|constant fold\|cudnn_fe\|shape_type_inference\|Warning" | tail -12 | tee -a "$log"
     wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
-    wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log" ;;
+    wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log"
+    # The host's share of detector_image and sam_encoder, split into resize and normalise, on
+    # the device's cores once the exports are done (the third session saw 7.6 and 4.1 ms).
+    echo "== host_prep ($(left) s left)" | tee -a "$log"
+    timeout 60 $PY -m bench.host_prep --engine-dir /tmp/engines-vit_b-fp16 --label device \
+      --out "$OUT/host_prep.json" 2>&1 | tail -2 | tee -a "$log" ;;
   measure)
     [ "$DEVICE" = cpu ] || $PY -c "import onnxruntime as o; o.preload_dlls()"
     latency() {  # latency NAME SECONDS ARGS...: bench.latency into $OUT/NAME.json, its table into checks.log
