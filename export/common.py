@@ -206,8 +206,12 @@ FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "InstanceNorma
 # ViT-B's four global-attention softmaxes move ~4 GB each that way instead of ~0.8 GB, and the Casts
 # keep onnxruntime from fusing GELU. Full-size ViT-B encoder, fp16 vs fp32 on the CPU provider:
 # relative difference 8.1e-4 -> 9.2e-4, 710 -> 614 nodes; Swin-T image graph (tiny): 1.20e-3 -> 1.28e-3.
+# SAM's decoder too: it runs every box over the 4096 image tokens, and on an H200 element-wise
+# kernels (its Casts among them) led its 13.3 ms; full-size ViT-B decoder, 32 boxes, CPU provider:
+# relative 2.07e-3 -> 1.89e-3, low-res mask signs flipped 0.042% -> 0.044%, 49 -> 13 Casts
+# (bench/results/fp16_native_ops_cpu_full-vit-b-decoder_2026-11-26.json).
 FP16_NATIVE_OPS = ("LayerNormalization", "Softmax", "Erf")
-FP16_NATIVE_MODELS = ("sam_encoder", "gdino_image")
+FP16_NATIVE_MODELS = ("sam_encoder", "gdino_image", "sam_decoder")
 # Graphs left wholly in fp32: fp16 GroundingDINO fusion/decoder loses boxes (NVIDIA/TensorRT#3413);
 # its backbone in fp16 matched fp32. The head is where the detector's fusion and decoder live.
 FP32_MODELS = ("gdino_head",)
