@@ -376,3 +376,15 @@ def test_pad_right_bottom_equals_f_pad(pads):
     pad_h, pad_w = pads
     torch.testing.assert_close(pad_right_bottom(x, pad_h, pad_w), torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h)),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e5])  # 1e5: the clamps at +-50000 act
+def test_shifted_logits_are_transformers_bits(scale):
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 300, 9, generator=generator) * scale
+    logits[2, :, 4] -= 3 * scale  # rows far below the global max
+    want_image = torch.clamp(logits - logits.max(), min=-50000, max=50000)  # transformers' code
+    transposed = want_image.transpose(1, 2)
+    want_text = torch.clamp(transposed - torch.max(transposed, dim=-1, keepdim=True)[0], min=-50000, max=50000)
+    got_image, got_text = F.shifted_logits(logits)
+    assert torch.equal(got_image, want_image) and torch.equal(got_text, want_text)
