@@ -376,3 +376,27 @@ def test_an_error_in_either_thread_reaches_the_caller(full_tiny, image, monkeypa
         pipeline(image)
     assert encoded == [None]  # the second thread had finished with the image when the error left
     pipeline.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_overlap_on_the_device_give_the_sequential_results(full_tiny_engine_dir, image):
+    """On the CUDA provider: CUDA graphs captured, and SAM's encoder and the saliency running in a
+    second thread beside the captured head, give what the plain sequential CUDA pipeline gives."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+
+    manifest = mf.load_manifest(full_tiny_engine_dir)
+    config = resolve_config("mvtec", "bottle", None, {})
+    plain = Pipeline(manifest, config, device="cuda", cuda_graphs=False, overlap=False)
+    fast = Pipeline(manifest, config, device="cuda", cuda_graphs=True, overlap=True)
+    assert set(fast.cuda_graphs.values()) == {"captured"}, fast.cuda_graphs
+    flipped = np.ascontiguousarray(image[::-1])
+    for call, picture in enumerate([image, flipped] * (OVERLAP_AFTER_CALLS // 2 + 3), start=1):
+        expected, got = plain(picture), fast(picture)
+        assert ("overlap_wait" in got.timings_ms) == (call > OVERLAP_AFTER_CALLS)
+        assert len(got.regions) == len(expected.regions)
+        np.testing.assert_allclose([r.box for r in got.regions], [r.box for r in expected.regions], atol=1e-2)
+        np.testing.assert_allclose(got.saliency_map, expected.saliency_map, atol=1e-4)
+        # same kernels either way; cuDNN may sum in another order, which can move a SAM logit near 0
+        assert (np.abs(got.anomaly_map - expected.anomaly_map) > 1e-3).mean() < 1e-3
+    fast.close()
