@@ -121,7 +121,7 @@ def test_reference_rebuild_check_fails_on_other_weights(lite_engine_dir):
     assert check_parity(models)["saliency"] < 1e-4
     with torch.no_grad():
         next(models.cnn.parameters()).mul_(1.5)  # weights the engines do not hold
-    with pytest.raises(ReferenceLoadError, match="differs from saliency.onnx"):
+    with pytest.raises(ReferenceLoadError, match="differs from saliency.onnx.*version may build the model differently"):
         check_parity(models)
 
 

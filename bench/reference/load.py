@@ -231,9 +231,13 @@ def check_parity(models: ReferenceModels, slack: float = 10.0) -> dict[str, floa
         # fp16 engines: the torch model is fp32, so allow what export measured between fp16 and fp32.
         tolerance = max(tolerance, float((parity.get("fp16_vs_fp32") or {}).get("max_abs_diff", 0.0)))
         if not diff <= slack * tolerance:
+            random = bool((manifest.models[key].get("source") or {}).get("random_init"))
+            hint = (" (random weights exported by an older version are drawn differently: re-export the engines)"
+                    if random else " (the checkpoint matches its sha256: another torch, transformers or "
+                    "segment_anything version may build the model differently)")
             raise ReferenceLoadError(
                 f"{key}: the rebuilt torch model differs from {manifest.model_path(key).name} by {diff:.3g} "
-                f"(export tolerance {tolerance:g}): the manifest's source record does not rebuild these weights"
+                f"(export tolerance {tolerance:g}): the manifest's source record does not rebuild these weights{hint}"
             )
     return diffs
 
