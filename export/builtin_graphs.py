@@ -14,6 +14,8 @@ Graphs:
   mask_upscale        SAM's postprocess_masks + threshold for all boxes at once (runtime/mask_graph.py)
   mask_sums           saliency sum and pixel count inside each mask (runtime/mask_fusion.py)
   mask_fuse           top-K fusion of kept masks into the anomaly map (runtime/mask_fusion.py)
+  image_canvas_hv     uint8 image -> PIL-exact resize -> normalised, padded float32 canvas,
+  image_canvas_vh     horizontal or vertical pass first (runtime/device_canvas.py)
 """
 from __future__ import annotations
 
@@ -195,12 +197,73 @@ def mask_fuse() -> bytes:
                   [_ints("axes_hw", [1, 2]), _ints("axis_k", [0]), _scalar("zero", 0.0)])
 
 
+def image_canvas(vertical_first: bool) -> bytes:
+    """A uint8 image to the normalised float32 canvas an image graph takes, on the device.
+
+    image uint8 [h, w, 3]; rows float64 [H', h] and cols_t float64 [w, W']: PIL's 22-bit
+    fixed-point bilinear weights as dense matrices (runtime.resize.pil_weight_matrix; the
+    identity times 2^22 where a side keeps its size); pads int64 [8] (the canvas's bottom and
+    right padding of [1, 3, H', W']); mean, std float32 [1, 3, 1, 1]; divisor float32 [] ->
+    canvas float32 [1, 3, Hc, Wc] = pad((resized / divisor - mean) / std).
+    Each pass is a float64 matrix product (integer sums stay exact), then PIL's rounding:
+    floor((sum + 2^21) / 2^22) clipped to 0..255, so the result is runtime.resize's to the bit.
+    Channels go first at once, so both products are plain GEMMs (3 batched, or [3h, w] x [w, W'])."""
+    _, TensorProto, helper = _onnx()
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["chw"], perm=[2, 0, 1]),
+        helper.make_node("Cast", ["chw"], ["pixels"], to=TensorProto.DOUBLE),
+    ]
+
+    def rounded(source: str, target: str) -> None:  # PIL: (sum + half) >> 22, clipped to 8 bits
+        nodes.extend([
+            helper.make_node("Add", [source, "half"], [source + "_h"]),
+            helper.make_node("Div", [source + "_h", "scale"], [source + "_s"]),
+            helper.make_node("Floor", [source + "_s"], [source + "_f"]),
+            helper.make_node("Clip", [source + "_f", "low", "high"], [target]),
+        ])
+
+    vertical = [helper.make_node("MatMul", ["rows", "{}"], ["v_sum"])]  # [H', h] x [3, h, w] -> [3, H', w]
+    horizontal = [helper.make_node("MatMul", ["{}", "cols_t"], ["h_sum"])]  # [3, h, w] x [w, W']
+    passes = [("v", vertical), ("h", horizontal)] if vertical_first else [("h", horizontal), ("v", vertical)]
+    source = "pixels"
+    for name, (node,) in passes:
+        node.input[:] = [source if value == "{}" else value for value in node.input]
+        nodes.append(node)
+        rounded(f"{name}_sum", f"{name}_out")
+        source = f"{name}_out"
+    nodes += [
+        helper.make_node("Cast", [source], ["resized"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["resized", "axis0"], ["batched"]),
+        helper.make_node("Div", ["batched", "divisor"], ["scaled"]),
+        helper.make_node("Sub", ["scaled", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], ["normalised"]),
+        helper.make_node("Pad", ["normalised", "pads"], ["canvas"], mode="constant"),
+    ]
+    double = TensorProto.DOUBLE
+    inputs = [
+        helper.make_tensor_value_info("image", TensorProto.UINT8, ["h", "w", 3]),
+        helper.make_tensor_value_info("rows", double, ["out_h", "h"]),
+        helper.make_tensor_value_info("cols_t", double, ["w", "out_w"]),
+        helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
+        helper.make_tensor_value_info("mean", TensorProto.FLOAT, [1, 3, 1, 1]),
+        helper.make_tensor_value_info("std", TensorProto.FLOAT, [1, 3, 1, 1]),
+        helper.make_tensor_value_info("divisor", TensorProto.FLOAT, []),
+    ]
+    outputs = [helper.make_tensor_value_info("canvas", TensorProto.FLOAT, [1, 3, "canvas_h", "canvas_w"])]
+    constants = [helper.make_tensor(name, double, [], [value])
+                 for name, value in (("half", 2.0 ** 21), ("scale", 2.0 ** 22), ("low", 0.0), ("high", 255.0))]
+    name = "image_canvas_vh" if vertical_first else "image_canvas_hv"
+    return _model(nodes, name, inputs, outputs, constants + [_ints("axis0", [0])])
+
+
 BUILDERS: dict[str, Callable[[], bytes]] = {
     "gemm_transposed": gemm_transposed,
     "knn_distance_mean": knn_distance_mean,
     "mask_upscale": mask_upscale,
     "mask_sums": mask_sums,
     "mask_fuse": mask_fuse,
+    "image_canvas_hv": lambda: image_canvas(vertical_first=False),
+    "image_canvas_vh": lambda: image_canvas(vertical_first=True),
 }
 
 

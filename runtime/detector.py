@@ -32,11 +32,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .device_canvas import DeviceCanvas
 from .errors import EngineError, ImageError, ManifestError, engine_failure
 from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
-from .sessions import named_dims, open_session, runner_for
+from .sessions import DeviceRunner, named_dims, open_session, runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
 
 PREPROCESS_KEY = "gdino"
@@ -109,6 +110,7 @@ class Detector:
         max_prompts_per_run: int | None = None,
         io_binding: bool | None = None,
         cuda_graphs: bool = False,
+        device_canvas: bool = False,
     ):
         """make_session(path) -> onnxruntime.InferenceSession (the caller picks providers/threads).
 
@@ -121,6 +123,8 @@ class Detector:
         cuda_graphs (with IO binding, a session factory of runtime.sessions): the image graph,
         and the head once its shapes are fixed, capture CUDA graphs where onnxruntime allows it;
         `cuda_graphs` then says per graph "captured" or why not.
+        device_canvas (with IO binding): the image's resize and normalisation run on the device
+        (runtime.device_canvas; the same canvas to the bit).
         """
         config = gdino_preprocess(manifest)
         self.height, self.width = int(config["height"]), int(config["width"])
@@ -138,6 +142,9 @@ class Detector:
         self._image = self._open(GDINO_IMAGE, cuda_graphs=cuda_graphs)
         self._runners = {id(self._text): runner_for(self._text, io_binding),
                          id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE))}
+        image_runner = self._runners[id(self._image)]
+        self._canvas = (DeviceCanvas(image_runner.device, (self.height, self.width), self.mean, self.std, 255.0)
+                        if device_canvas and isinstance(image_runner, DeviceRunner) else None)
         # The head opens on first need (head_session): a GPU pipeline fixes its shapes first, so
         # the largest graph is optimised once, not twice (ViT-B on the CPU provider: 3.1 -> 2.5 s to build,
         # bench/results/fp16_folding_cpu_2026-11-26.json).
@@ -206,8 +213,7 @@ class Detector:
         fitted = (max(1, min(self.height, int(height * scale + 0.5))), max(1, min(self.width, int(width * scale + 0.5))))
         return fitted, False
 
-    def preprocess(self, image_rgb: np.ndarray) -> tuple[dict[str, np.ndarray], tuple[int, int], bool]:
-        """(image graph feeds, content size, exact) for a uint8 HxWx3 RGB image."""
+    def _checked_content_shape(self, image_rgb: np.ndarray) -> tuple[tuple[int, int], bool]:
         if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
             described = f"{image_rgb.dtype} array of shape {image_rgb.shape}" if isinstance(image_rgb, np.ndarray) else type(image_rgb).__name__
             raise ImageError(f"GroundingDINO needs a uint8 HxWx3 RGB image, got a {described}")
@@ -217,16 +223,29 @@ class Detector:
         (content_h, content_w), exact = self.content_shape(height, width)
         if content_h < 1 or content_w < 1:  # a line-scan strip: the reference's resize makes it empty too
             raise ImageError(f"image of {height}x{width} is too thin for GroundingDINO: it resizes to {content_h}x{content_w}")
-        resized = resize_like_pil(image_rgb, (content_h, content_w))
+        return (content_h, content_w), exact
+
+    def _pixel_mask(self, content_hw: tuple[int, int]) -> np.ndarray:
+        mask = np.zeros((1, self.height, self.width), dtype=np.int64)
+        mask[0, :content_hw[0], :content_hw[1]] = 1
+        return mask
+
+    def preprocess(self, image_rgb: np.ndarray) -> tuple[dict[str, np.ndarray], tuple[int, int], bool]:
+        """(image graph feeds, content size, exact) for a uint8 HxWx3 RGB image."""
+        content_hw, exact = self._checked_content_shape(image_rgb)
+        resized = resize_like_pil(image_rgb, content_hw)
         # ToTensor then Normalize, in float32 as torchvision does
         pixels = normalised_canvas(resized, (self.height, self.width), self.mean, self.std, divisor=255.0)
-        mask = np.zeros((1, self.height, self.width), dtype=np.int64)
-        mask[0, :content_h, :content_w] = 1
-        return {"pixel_values": pixels, "pixel_mask": mask}, (content_h, content_w), exact
+        return {"pixel_values": pixels, "pixel_mask": self._pixel_mask(content_hw)}, content_hw, exact
 
     def encode_image(self, image_rgb: np.ndarray) -> ImageFeatures:
-        """One image through the image graph (resize, normalise, place in the engine canvas)."""
-        feeds, content_hw, exact = self.preprocess(image_rgb)
+        """One image through the image graph (resize, normalise, place in the engine canvas; on the
+        device where the device canvas is on, runtime.device_canvas)."""
+        if self._canvas is None:
+            feeds, content_hw, exact = self.preprocess(image_rgb)
+        else:
+            content_hw, exact = self._checked_content_shape(image_rgb)
+            feeds = {"pixel_values": self._canvas(image_rgb, content_hw), "pixel_mask": self._pixel_mask(content_hw)}
         names = [o.name for o in self._image.get_outputs()]
         outputs = self._run(self._image, GDINO_IMAGE, feeds, names, keep=IMAGE_OUTPUTS)
         return ImageFeatures(

@@ -68,7 +68,8 @@ class Pipeline:
 
     def __init__(self, manifest: mf.Manifest, config: PromptConfig, device: str = "cpu", threads: int = 0,
                  io_binding: bool | None = None, static_shapes: bool | None = None,
-                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, overlap: bool | None = None,
+                 device_canvas: bool | None = None) -> None:
         """io_binding: None: the GPU paths (tensors kept on the device between graphs, masks scored
         and fused there, the kNN as a graph) where `device` is a GPU; True forces them on the CPU
         provider (tests check them against the CPU paths); False turns them off.
@@ -85,7 +86,11 @@ class Pipeline:
         hide behind the head's ~150 ms of device time. SAM then encodes every image, boxes or not.
         Same results (tested); stage times then overlap, and `overlap_wait` is how long the main
         thread waited for them. No gain on a CPU, whose cores the head already fills. None:
-        SAA_OVERLAP=1 (off by default until measured on a GPU)."""
+        SAA_OVERLAP=1 (off by default until measured on a GPU).
+        device_canvas: GroundingDINO's and SAM's input images are resized and normalised on the
+        device by a built-in graph (runtime.device_canvas: the same canvas to the bit), so the
+        host uploads the uint8 image instead of preparing a float canvas. Needs the GPU paths.
+        None: SAA_DEVICE_CANVAS=1 (off by default until measured on a GPU)."""
         self.manifest = manifest
         self.config = config
         self.device = device
@@ -99,6 +104,10 @@ class Pipeline:
             cuda_graphs = device == "cuda" and gpu_paths and os.environ.get("SAA_CUDA_GRAPHS", "0") == "1"
         if cuda_graphs and not gpu_paths:
             raise EngineError("CUDA graphs need the GPU paths (IO binding): io_binding=False turned them off")
+        if device_canvas is None:
+            device_canvas = gpu_paths and os.environ.get("SAA_DEVICE_CANVAS", "0") == "1"
+        if device_canvas and not gpu_paths:
+            raise EngineError("the device canvas needs the GPU paths (IO binding): io_binding=False turned them off")
         knn_device = ("cpu" if device == "cpu" else "cuda") if gpu_paths else None
         self.saliency = SaliencyExtractor(manifest, make_session, knn_device=knn_device)
         # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
@@ -125,8 +134,10 @@ class Pipeline:
             from .detector import Detector
             from .segmenter import Segmenter
 
-            self.detector = Detector(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs)
-            self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs)
+            self.detector = Detector(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs,
+                                     device_canvas=device_canvas)
+            self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs,
+                                       device_canvas=device_canvas)
             if self.segmenter.masks_on_device:
                 self.mask_fusion = MaskFusion(self.segmenter.mask_device)
             self.defect_prompts = config.all_defect_prompts()

@@ -85,17 +85,36 @@ def _resample_columns_numba(image: np.ndarray, weights: np.ndarray, first: np.nd
     return out
 
 
-def _resample_rows_numpy(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Twin of the kernel: a dense fixed-point matrix product (integers stay exact in float64)."""
-    dense = np.zeros((weights.shape[0], image.shape[1]), np.float64)
+def _dense(weights: np.ndarray, first: np.ndarray, count: np.ndarray, in_size: int) -> np.ndarray:
+    dense = np.zeros((weights.shape[0], in_size), np.float64)
     for o in range(weights.shape[0]):
         dense[o, first[o]: first[o] + count[o]] = weights[o, : count[o]]
+    return dense
+
+
+def pil_weight_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """float64 [out_size, in_size]: PIL's fixed-point bilinear weights of one pass as a dense matrix
+    (integers, exact in float64); 2^22 times the identity where the size stays, which leaves
+    the pixels as they are, as PIL's skipped pass does. The device canvas graph's input."""
+    if in_size == out_size:
+        return np.eye(in_size, dtype=np.float64) * float(1 << PRECISION_BITS)
+    return _dense(*_pil_bilinear_taps(in_size, out_size), in_size)
+
+
+def _resample_rows_numpy(image: np.ndarray, weights: np.ndarray, first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Twin of the kernel: a dense fixed-point matrix product (integers stay exact in float64)."""
+    dense = _dense(weights, first, count, image.shape[1])
     total = np.einsum("ow,hwc->hoc", dense, image.astype(np.float64), optimize=True) + (1 << (PRECISION_BITS - 1))
     return np.clip(np.floor(total / (1 << PRECISION_BITS)), 0, 255).astype(np.uint8)
 
 
 def _taps_per_output(in_size: int, out_size: int) -> int:
     return int(np.ceil(max(in_size / out_size, 1.0))) * 2 + 1
+
+
+def vertical_pass_first(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+    """Whether PIL (13) resamples vertically first: when that filter is the wider one."""
+    return _taps_per_output(in_hw[0], out_hw[0]) > _taps_per_output(in_hw[1], out_hw[1])
 
 
 def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], twin: bool = False) -> np.ndarray:
@@ -126,7 +145,7 @@ def resize_like_pil(image: np.ndarray, size_hw: tuple[int, int], twin: bool = Fa
         swapped = np.ascontiguousarray(values.transpose(1, 0, 2))
         return np.ascontiguousarray(_resample_rows_numpy(swapped, *taps).transpose(1, 0, 2))
 
-    if _taps_per_output(in_h, out_h) > _taps_per_output(in_w, out_w):
+    if vertical_pass_first((in_h, in_w), (out_h, out_w)):
         data = horizontal(vertical(data))
     else:
         data = vertical(horizontal(data))

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from .device_canvas import DeviceCanvas
 from .errors import EngineError, ImageError, engine_failure
 from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
@@ -53,11 +54,12 @@ class Segmenter:
     """set_image() once per image, predict_boxes() any number of times."""
 
     def __init__(self, manifest: Manifest, make_session: Callable[..., Any], io_binding: bool | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, device_canvas: bool = False) -> None:
         """io_binding: see runtime.sessions.runner_for (None: on a GPU the image embedding stays
         there between the encoder and every decoder call). cuda_graphs (with IO binding, a
         session factory of runtime.sessions): the encoder captures a CUDA graph where onnxruntime
-        allows it; `cuda_graphs` then says "captured" or why not."""
+        allows it; `cuda_graphs` then says "captured" or why not. device_canvas (with IO
+        binding): the image's resize and normalisation run on the device (runtime.device_canvas)."""
         config = manifest.preprocess_section("sam", PREPROCESS_KEYS)
         self.image_size = int(config["image_size"])
         self.mask_size = int(config["mask_size"])
@@ -81,13 +83,16 @@ class Segmenter:
         self._mask_runner = None
         if isinstance(self._encoder_runner, DeviceRunner):
             self._mask_runner = DeviceRunner(mask_session(self._encoder_runner.device))
+        self._canvas = None
+        if device_canvas and isinstance(self._encoder_runner, DeviceRunner):
+            self._canvas = DeviceCanvas(self._encoder_runner.device, (self.image_size, self.image_size),
+                                        self.pixel_mean, self.pixel_std)
         self._embedding: Any = None  # numpy, or an OrtValue on the device
         self._original_size: tuple[int, int] = (0, 0)
         self._input_size: tuple[int, int] = (0, 0)
 
     # --- image side -------------------------------------------------------
-    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """uint8 HxWx3 -> ([1, 3, S, S] float32 normalised and padded, resized (h, w))."""
+    def _checked_input_size(self, image: np.ndarray) -> tuple[int, int]:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise ImageError(f"SAM needs a uint8 HxWx3 image, got {got}")
@@ -97,15 +102,25 @@ class Segmenter:
         new_h, new_w = longest_side_shape(height, width, self.image_size)
         if new_h == 0 or new_w == 0:
             raise ImageError(f"image of {height}x{width} is too thin for SAM: it resizes to {new_h}x{new_w}")
-        resized = resize_like_pil(image, (new_h, new_w))
+        return new_h, new_w
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """uint8 HxWx3 -> ([1, 3, S, S] float32 normalised and padded, resized (h, w))."""
+        input_size = self._checked_input_size(image)
+        resized = resize_like_pil(image, input_size)
         # Normalise, then pad with zeros (Sam.preprocess pads after normalising).
         canvas = normalised_canvas(resized, (self.image_size, self.image_size), self.pixel_mean, self.pixel_std)
-        return canvas, (new_h, new_w)
+        return canvas, input_size
 
     def set_image(self, image: np.ndarray) -> None:
-        """Run the image encoder once; later predict_boxes() calls reuse the embedding."""
+        """Run the image encoder once; later predict_boxes() calls reuse the embedding. The input
+        is made on the device where the device canvas is on (runtime.device_canvas)."""
         self._embedding = None
-        tensor, input_size = self.preprocess(image)
+        if self._canvas is None:
+            tensor, input_size = self.preprocess(image)
+        else:
+            input_size = self._checked_input_size(image)
+            tensor = self._canvas(image, input_size)
         try:
             (embedding,) = self._encoder_runner.run([ENCODER_OUTPUT], {ENCODER_INPUT: tensor}, keep=(ENCODER_OUTPUT,))
         except Exception as err:

@@ -400,3 +400,24 @@ def test_cuda_graphs_and_overlap_on_the_device_give_the_sequential_results(full_
         # same kernels either way; cuDNN may sum in another order, which can move a SAM logit near 0
         assert (np.abs(got.anomaly_map - expected.anomaly_map) > 1e-3).mean() < 1e-3
     fast.close()
+
+
+def test_the_device_canvas_gives_the_same_results(full_tiny, image):
+    """device_canvas=True: both image graphs take their input from runtime.device_canvas (through
+    the fixed buffers of CUDA graphs too), images of two sizes; the same maps as the host canvas."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import Pipeline
+
+    config = resolve_config("mvtec", "bottle", None, {})
+    base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
+    on_device = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True,
+                         device_canvas=True)
+    assert on_device.detector._canvas is not None and on_device.segmenter._canvas is not None
+    assert base.detector._canvas is None and base.segmenter._canvas is None
+    wide = np.ascontiguousarray(image[100:400])
+    for picture in (image, wide, image):
+        expected, got = base(picture), on_device(picture)
+        assert [(r.box, r.score) for r in got.regions] == [(r.box, r.score) for r in expected.regions]
+        np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    with pytest.raises(EngineError, match="device canvas needs the GPU paths"):
+        Pipeline(full_tiny, config, threads=1, io_binding=False, device_canvas=True)

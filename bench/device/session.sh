@@ -6,11 +6,13 @@
 #                                     while they run                                 (about 7 min)
 #   bench/device/session.sh measure   ViT-B and ViT-H with CUDA graphs: bench.latency with the reference and
 #                                     every CUDA kernel's device time per stage (bench/device/kernel_times.py);
-#                                     both with SAM and the saliency overlapped with the head (SAA_OVERLAP=1);
-#                                     both with everything that was faster in an A/B run (overlap, TF32 in
-#                                     GroundingDINO's head, 64 boxes a decoder call: not bit-faithful) (about 6 min)
+#                                     ViT-B with SAM and the saliency overlapped with the head (SAA_OVERLAP=1),
+#                                     and with the images prepared on the device (SAA_DEVICE_CANVAS=1); both
+#                                     with all of it plus TF32 in GroundingDINO's head and 64 boxes a
+#                                     decoder call (not bit-faithful)                 (about 6 min)
 # At most 8 files come back from $OUT. prepare: checks.log, export-*.log, op_forms.json, host_prep.json. measure: checks.log
-# (every table), latency-*.json (ViT-B and ViT-H: faithful, overlap, all on), kernels-fp16.json: 8.
+# (every table), latency-*.json (ViT-B: faithful, overlap, device canvas, all on; ViT-H: faithful, all on),
+# kernels-fp16.json: 8.
 # The A/B runs of the third session (fp16 head, no CUDA graphs, TF32 head, decoder_chunk=64) and
 # onnxruntime's per-graph profile (python -m bench.device.profile_graphs) are not repeated; run them by hand.
 # Environment: BUDGET_S (default 540: later steps are skipped when it runs short), ITERS (50), REF_ITERS (5).
@@ -76,22 +78,23 @@ case "${1:?step: prepare | measure}" in
     [ "$(left)" -gt 90 ] && kernels vit_b "$vit_b"
     [ "$(left)" -gt 120 ] && SAA_CUDA_GRAPHS=1 with_reference latency-vit_h-fp16-cuda-graphs "$vit_h"
     [ "$(left)" -gt 90 ] && kernels vit_h "$vit_h"
-    # SAM's encoding and the saliency overlapped with GroundingDINO's head (SAA_OVERLAP=1, opt-in:
-    # never run on a GPU): against the runs above, same settings otherwise.
+    # The two host-side cuts built since the third session, never run on a GPU, each against the
+    # ViT-B run above: SAM's encoding and the saliency overlapped with GroundingDINO's head
+    # (SAA_OVERLAP=1); the input images resized and normalised on the device (SAA_DEVICE_CANVAS=1).
     [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_OVERLAP=1 latency latency-vit_b-fp16-cuda-graphs-overlap 90 \
       --engine-dir "$vit_b" --iters 30
-    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_OVERLAP=1 latency latency-vit_h-fp16-cuda-graphs-overlap 90 \
-      --engine-dir "$vit_h" --iters 30
-    # Everything that was faster in an A/B run, for the targets' distance: TF32 in GroundingDINO's
+    [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_DEVICE_CANVAS=1 latency latency-vit_b-fp16-cuda-graphs-device-canvas 90 \
+      --engine-dir "$vit_b" --iters 30
+    # Everything that was or may be faster, for the targets' distance: TF32 in GroundingDINO's
     # head (SAA_CUDA_TF32=head: 155.5 -> 130.7 ms in the third session), SAM's decoder taking up to
-    # 64 boxes a call (14.3 -> 12.9 ms), and the overlap. TF32 gives up bit-level agreement with
-    # the reference.
+    # 64 boxes a call (14.3 -> 12.9 ms), the overlap and the device canvas. TF32 gives up bit-level
+    # agreement with the reference.
     all_on() {  # all_on NAME DIR
-      [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head SAA_OVERLAP=1 latency "$1" 90 --engine-dir "$2" \
-        --iters 30 --option decoder_chunk=64
+      [ "$(left)" -gt 100 ] && SAA_CUDA_GRAPHS=1 SAA_CUDA_TF32=head SAA_OVERLAP=1 SAA_DEVICE_CANVAS=1 latency "$1" 90 \
+        --engine-dir "$2" --iters 30 --option decoder_chunk=64
     }
-    all_on latency-vit_b-fp16-tf32head-chunk64-overlap "$vit_b"
-    all_on latency-vit_h-fp16-tf32head-chunk64-overlap "$vit_h"
+    all_on latency-vit_b-fp16-all-on "$vit_b"
+    all_on latency-vit_h-fp16-all-on "$vit_h"
     echo "== done ($(left) s left)" | tee -a "$log"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
