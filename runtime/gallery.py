@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import quote
 
-from .summary import row_score
+from .summary import ranked
 
 GALLERY_NAME = "index.html"
 THUMB_WIDTH = 320  # CSS pixels; the link opens the full-size overlay
@@ -30,8 +30,7 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
     """Writes index.html from summary rows (runtime.summary.COLUMNS), at most MAX_CARDS of them,
     highest score first; counts: the run's totals where `rows` holds only some (a long watch).
     Returns its path."""
-    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -row_score(r))
-    failed = [r for r in rows if r["status"] != "ok"]
+    done, failed = ranked(rows)
     total_done = (counts or {}).get("ok", len(done))
     total_failed = (counts or {}).get("failed", len(failed))
     done, failed = done[:MAX_CARDS], failed[-MAX_CARDS:]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Mapping
+from typing import IO, Mapping, Sequence
 
 from .errors import SaaError
 from .pipeline import AnomalyResult
@@ -71,8 +71,7 @@ class RunSummary:
         self.rows.append(row)
         self.counts[row["status"]] += 1
         if len(self.rows) > 2 * KEEP_ROWS:
-            done = sorted((r for r in self.rows if r["status"] == "ok"), key=lambda r: -row_score(r))
-            failed = [r for r in self.rows if r["status"] != "ok"]
+            done, failed = ranked(self.rows)
             self.rows = done[:KEEP_ROWS] + failed[-KEEP_ROWS:]
         self._write(values)
 
@@ -84,6 +83,12 @@ class RunSummary:
             self._file.flush()
         except OSError as err:
             self.error = f"cannot write {self.path}: {err.strerror}; its rows stop there"
+
+
+def ranked(rows: Sequence[Mapping[str, str]]) -> tuple[list[Mapping[str, str]], list[Mapping[str, str]]]:
+    """(processed rows, highest image score first; failed rows, in the order they came)."""
+    done = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -row_score(r))
+    return done, [r for r in rows if r["status"] != "ok"]
 
 
 def row_score(row: Mapping[str, str]) -> float:
