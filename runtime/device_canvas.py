@@ -32,8 +32,7 @@ class DeviceCanvas:
         self.device = device
         self.canvas = ort.OrtValue.ortvalue_from_shape_and_type([1, 3, *map(int, canvas_hw)], np.float32, device, 0)
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
-        self._sessions: dict[bool, Any] = {}
-        self._bindings: dict[bool, Any] = {}
+        self._graphs: dict[bool, tuple[Any, Any]] = {}  # by pass order: (session, its IO binding)
         per_channel = [1, 3, 1, 1]
         self._fixed = {
             "mean": self._on_device(np.asarray(mean, np.float32).reshape(per_channel)),
@@ -58,13 +57,12 @@ class DeviceCanvas:
             }
         return self._per_size[key]
 
-    def _binding(self, vertical_first: bool) -> Any:
-        if vertical_first not in self._sessions:
+    def _graph(self, vertical_first: bool) -> tuple[Any, Any]:
+        if vertical_first not in self._graphs:
             name = "image_canvas_vh" if vertical_first else "image_canvas_hv"
             session = builtin_graph_session(name, "cpu" if self.device == "cpu" else "cuda")
-            self._sessions[vertical_first] = session
-            self._bindings[vertical_first] = session.io_binding()
-        return self._bindings[vertical_first]
+            self._graphs[vertical_first] = (session, session.io_binding())
+        return self._graphs[vertical_first]
 
     def __call__(self, image: np.ndarray, resized_hw: tuple[int, int]) -> ort.OrtValue:
         """image: uint8 [h, w, 3]; resized_hw: the content size inside the canvas."""
@@ -72,15 +70,14 @@ class DeviceCanvas:
         out_hw = (int(resized_hw[0]), int(resized_hw[1]))
         if out_hw[0] > self.canvas_hw[0] or out_hw[1] > self.canvas_hw[1]:
             raise ValueError(f"a {out_hw[0]}x{out_hw[1]} image does not fit the {self.canvas_hw} canvas")
-        vertical_first = vertical_pass_first(in_hw, out_hw)
-        binding = self._binding(vertical_first)
+        session, binding = self._graph(vertical_pass_first(in_hw, out_hw))
         try:
             with engine_time():  # the upload and the graph: onnxruntime's work, as in every other stage
                 binding.bind_cpu_input("image", np.ascontiguousarray(image, dtype=np.uint8))
                 for name, value in {**self._size_inputs(in_hw, out_hw), **self._fixed}.items():
                     binding.bind_ortvalue_input(name, value)
                 binding.bind_ortvalue_output("canvas", self.canvas)
-                self._sessions[vertical_first].run_with_iobinding(binding)
+                session.run_with_iobinding(binding)
         except Exception as err:  # onnxruntime raises several private exception types
             raise engine_failure("the device canvas (image resize on the device) failed", err) from None
         return self.canvas

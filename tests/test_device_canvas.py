@@ -47,7 +47,7 @@ def test_one_buffer_every_call_and_a_bounded_size_cache():
 def test_an_onnxruntime_failure_is_an_engine_error(monkeypatch):
     canvas = D.DeviceCanvas("cpu", (32, 32), MEAN, STD)
     canvas(np.zeros((16, 16, 3), np.uint8), (16, 16))  # opens the session
-    (session,) = canvas._sessions.values()
+    ((session, _),) = canvas._graphs.values()
 
     def broken(binding):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory")
