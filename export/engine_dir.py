@@ -20,7 +20,7 @@ from typing import Any
 
 from runtime import manifest as mf
 
-from .common import OPSET, ExportedModel, ExportError
+from .common import OPSET, ExportedModel, ExportError, limit_cpu_threads
 
 
 _START = time.monotonic()
@@ -117,6 +117,8 @@ def export_engines(args: argparse.Namespace) -> Path:
         if unused:
             raise ExportError(f"{', '.join(unused)}: only the full profile uses them (lite exports the "
                               "EfficientNet-Lite0 saliency CNN alone)")
+    if getattr(args, "threads", None) is not None:
+        limit_cpu_threads(args.threads)
     if getattr(args, "trt", False):
         from .common import require_tensorrt
 

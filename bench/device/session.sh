@@ -27,28 +27,37 @@ mkdir -p "$OUT"
 log=$OUT/checks.log
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
 PY=${PYTHON:-python3}
-DEVICE=${SAA_DEVICE:-cuda}  # "cpu" rehearses the measure step here (ENGINES_ROOT holding engines-vit_{b,h}-fp16)
+DEVICE=${SAA_DEVICE:-cuda}  # "cpu" rehearses here: prepare without the wheel's setup (SAA_EXPORT_ARGS="--tiny
+                            # --detector-size 224x224" keeps it short); measure on ENGINES_ROOT's engines-vit_{b,h}-fp16
 
 case "${1:?step: prepare | measure}" in
   prepare)
-    bash $run setup 2>&1 | tee -a "$log" || exit 1
-    bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
-    bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
+    [ "$DEVICE" = cpu ] || bash $run setup 2>&1 | tee -a "$log" || exit 1
+    # The CPUs are shared out: two exports side by side, each taking every CPU, fought over them
+    # (third session: GroundingDINO's export 260 s each on 16 cores, 120 s alone on 2 cores here;
+    # bench/results/export_threads_cpu_2026-11-26.json: two tiny exports side by side took 2x
+    # longer than one alone, and no longer than one with --threads 1 each).
+    cpus=$(nproc); rest=$(( cpus < 4 ? cpus : 4 )); share=$(( (cpus - rest) / 2 )); [ "$share" -lt 1 ] && share=1
+    echo "== $cpus CPUs: $share threads per full-size export, $rest for the rest" | tee -a "$log"
+    SAA_EXPORT_ARGS="${SAA_EXPORT_ARGS:-} --threads $share" bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
+    SAA_EXPORT_ARGS="${SAA_EXPORT_ARGS:-} --threads $share" bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
+    export OMP_NUM_THREADS=$rest NUMBA_NUM_THREADS=$rest  # torch and numba in the tiny export, the tests and op_forms
     echo "== tiny engines ($(left) s left)" | tee -a "$log"
-    $PY -m export --profile full --tiny --random-init --detector-size 224x224 \
+    $PY -m export --profile full --tiny --random-init --detector-size 224x224 --threads "$rest" \
       --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 | tail -3 | tee -a "$log"
     echo "== pytest -m gpu ($(left) s left)" | tee -a "$log"
     SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider \
       -o faulthandler_timeout=200 tests 2>&1 | tail -60 | tee -a "$log"
     echo "== op_forms ($(left) s left)" | tee -a "$log"
-    timeout 150 $PY -m bench.device.op_forms --device cuda --out "$OUT/op_forms.json" 2>&1 \
+    timeout 150 $PY -m bench.device.op_forms --device "$DEVICE" --out "$OUT/op_forms.json" 2>&1 \
       | grep -v "Memcpy\|constant fold\|cudnn_fe\|shape_type_inference\|Warning" | tail -12 | tee -a "$log"
     wait $pid_b; echo "== export vit_b exit $? ($(left) s left)" | tee -a "$log"
     wait $pid_h; echo "== export vit_h exit $? ($(left) s left)" | tee -a "$log"
     # The host's share of detector_image and sam_encoder, split into resize and normalise, on
     # the device's cores once the exports are done (the third session saw 7.6 and 4.1 ms).
     echo "== host_prep ($(left) s left)" | tee -a "$log"
-    timeout 60 $PY -m bench.host_prep --engine-dir /tmp/engines-vit_b-fp16 --label device \
+    unset OMP_NUM_THREADS NUMBA_NUM_THREADS
+    timeout 60 $PY -m bench.host_prep --engine-dir "${ENGINES_ROOT:-/tmp}/engines-vit_b-fp16" --label device \
       --out "$OUT/host_prep.json" 2>&1 | tail -2 | tee -a "$log" ;;
   measure)
     [ "$DEVICE" = cpu ] || $PY -c "import onnxruntime as o; o.preload_dlls()"
