@@ -2,6 +2,7 @@
 
     python -m bench.compare_engines --engine-dir engines/ --other engines-fp16/ --dataset mvtec --category bottle IMAGES...
     python -m bench.compare_engines --engine-dir engines/ --other-env SAA_CUDA_TF32=head --device cuda ... IMAGES...
+    python -m bench.compare_engines --engine-dir engines/ --other-option joined_captions=true ... IMAGES...
 
 Before a cheaper set-up goes on a line (fp16 engines, GroundingDINO's head in fp16 from
 `bench.fp16_head --write-engines`, TF32, another onnxruntime), run it against the faithful one
@@ -10,8 +11,9 @@ not of raw logits. Per image, both pipelines run on the same pixels and this rep
 maps' largest difference (absolute, and relative to the faithful map's maximum), the image scores,
 the OK/NG labels where `--image-threshold` is given, and the fused defect regions matched by
 prompt and box IoU >= 0.5 (matched, only in the faithful run, only in the other). `--other-env`
-sets environment switches (SAA_CUDA_TF32, SAA_CUDA_GRAPHS, ...) for the other pipeline only;
-without `--other` both use the same engines dir. With random weights the figures say nothing
+sets environment switches (SAA_CUDA_TF32, SAA_CUDA_GRAPHS, ...) and `--other-option` algorithm
+options (joined_captions, max_boxes_per_prompt, ...) for the other pipeline only; without `--other`
+both use the same engines dir. With random weights the figures say nothing
 about accuracy: they are for real checkpoints.
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .latency import BenchError, parse_options
 
 MATCH_IOU = 0.5
 
@@ -121,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--other", type=Path, help="the other set-up's engines (default: the same dir)")
     parser.add_argument("--other-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment switch for the other pipeline only (repeatable)")
+    parser.add_argument("--other-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="algorithm option for the other pipeline only, e.g. joined_captions=true (repeatable)")
     parser.add_argument("--dataset")
     parser.add_argument("--category")
     parser.add_argument("--config", help="a prompt config file instead of --dataset/--category")
@@ -129,9 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
     other_env = _parse_env(args.other_env, parser)
+    try:
+        other_options = parse_options(args.other_option)
+    except BenchError as err:
+        parser.error(str(err).replace("--option", "--other-option"))
     other_dir = args.other or args.engine_dir
-    if other_dir == args.engine_dir and not other_env:
-        parser.error("nothing to compare: give --other ENGINES and/or --other-env KEY=VALUE")
+    if other_dir == args.engine_dir and not other_env and not other_options:
+        parser.error("nothing to compare: give --other ENGINES, --other-env KEY=VALUE and/or --other-option KEY=VALUE")
     from runtime.errors import SaaError
     from runtime.image_io import list_images, read_image
     from runtime.pipeline import Pipeline
@@ -141,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         faithful = Pipeline.open(args.engine_dir, **opened)
         with environment(other_env):
-            other = Pipeline.open(other_dir, **opened)
+            other = Pipeline.open(other_dir, **opened, options=other_options)
     except SaaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -175,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "engine_dir": str(args.engine_dir), "other": str(other_dir), "other_env": other_env, "device": args.device,
+            "engine_dir": str(args.engine_dir), "other": str(other_dir), "other_env": other_env,
+            "other_options": other_options, "device": args.device,
             "config": args.config or f"{args.dataset}/{args.category}", "image_threshold": args.image_threshold,
             "summary": summary, "images": images}, indent=1) + "\n")
         print(f"wrote {args.out}")

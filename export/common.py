@@ -161,19 +161,19 @@ def limit_cpu_threads(threads: int) -> None:
     _CPU_THREADS = threads
 
 
-def cpu_session_options() -> ort.SessionOptions:
-    """onnxruntime options for the export's CPU sessions: the thread limit, and no spinning
-    between runs (parity checks alternate onnxruntime with torch, whose threads the spinning
-    workers would starve)."""
+def cpu_session_options(threads: int = 0) -> ort.SessionOptions:
+    """onnxruntime options for the export's CPU sessions: `threads`, else the export's limit,
+    and no spinning between runs (parity checks alternate onnxruntime with torch, whose
+    threads the spinning workers would starve)."""
     options = ort.SessionOptions()
-    if _CPU_THREADS:
-        options.intra_op_num_threads = _CPU_THREADS
+    if threads or _CPU_THREADS:
+        options.intra_op_num_threads = threads or _CPU_THREADS
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), cpu_session_options(), providers=["CPUExecutionProvider"])
+def ort_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), cpu_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def compare_outputs(

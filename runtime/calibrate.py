@@ -126,16 +126,28 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 FINGERPRINT_KEYS = ("engines", "profile", "config_sha256", "config_name", "saliency_settings", "memory")
+# Options added after calibration files were first written, with the default those files were
+# made with: left out of the config hash at that default, so an upgrade keeps the files valid.
+LATER_OPTIONS = {"joined_captions": False}
+
+
+def config_sha256(config: Any) -> str:
+    """The prompt config's hash as calibration files record it (runtime.config.PromptConfig)."""
+    data = config.to_dict()
+    options = data.get("options", {})
+    for key, default in LATER_OPTIONS.items():
+        if key in options and options[key] == default:
+            del options[key]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fingerprint(pipeline: Any) -> dict[str, Any]:
     """What thresholds depend on: engines, prompt config, saliency settings, memory."""
-    config = json.dumps(pipeline.config.to_dict(), sort_keys=True, default=str)
     memory = getattr(pipeline, "memory", None)
     return {
         "engines": {key: entry.get("sha256") for key, entry in sorted(pipeline.manifest.models.items())},
         "profile": pipeline.manifest.profile,
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config_sha256": config_sha256(pipeline.config),
         "config_name": pipeline.config.name,
         "saliency_settings": json.loads(json.dumps(asdict(pipeline.saliency.settings), default=str)),
         "memory": None if memory is None else memory.initial_sha256,

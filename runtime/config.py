@@ -43,6 +43,9 @@ class AlgorithmOptions:
     text_threshold: float = 0.1
     decoder_chunk: int = 32  # SAM boxes per decoder call (bounded memory with many boxes)
     max_boxes_per_prompt: int | None = None  # None: as the reference, keep every box that passes
+    # GroundingDINO's multi-phrase captions: one head run for every caption (runtime.text.join_captions).
+    # Not the reference algorithm (it runs one caption at a time): the image meets all phrases at once.
+    joined_captions: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ def _validate_options(options: AlgorithmOptions, source: str) -> AlgorithmOption
         (isinstance(options.fusion_plus_one, bool), "fusion_plus_one must be true or false"),
         (iou is None or is_finite_number(iou) and 0.0 <= iou <= 1.0, "object_iou_threshold must be null or a number in [0, 1]"),
         (isinstance(options.reference_object_caption, bool), "reference_object_caption must be true or false"),
+        (isinstance(options.joined_captions, bool), "joined_captions must be true or false"),
         (is_finite_number(options.box_threshold) and 0.0 <= options.box_threshold < 1.0, "box_threshold must be a number in [0, 1)"),
         (is_finite_number(options.text_threshold) and 0.0 <= options.text_threshold < 1.0, "text_threshold must be a number in [0, 1)"),
         (is_integer(options.decoder_chunk) and options.decoder_chunk >= 1, "decoder_chunk must be an integer >= 1"),

@@ -38,7 +38,7 @@ from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from .pixels import normalised_canvas
 from .resize import resize_like_pil, shorter_side_shape
 from .sessions import DeviceRunner, named_dims, open_session, runner_for
-from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, encode_captions
+from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, JoinedCaptions, encode_captions, join_captions
 
 PREPROCESS_KEY = "gdino"
 PREPROCESS_FIELDS = ("height", "width", "short_side", "max_side", "mean", "std", "max_text_len", "num_queries")
@@ -54,12 +54,13 @@ CPU_HEAD_POSITIONS = 16384
 class TextFeatures:
     """A config's captions through the text graph; reusable with any image."""
 
-    encoded: EncodedText
+    encoded: EncodedText  # what the text graph and the head get: the captions, or the joined captions
     features: np.ndarray  # [P, L, d_model] float32
+    joined: JoinedCaptions | None = None  # set where the captions were joined (runtime.text.join_captions)
 
     @property
     def captions(self) -> tuple[str, ...]:
-        return self.encoded.captions
+        return self.joined.captions if self.joined is not None else self.encoded.captions
 
 
 @dataclass(frozen=True)
@@ -192,15 +193,20 @@ class Detector:
 
     # -- text ---------------------------------------------------------------------------------
 
-    def encode_text(self, captions: Sequence[str]) -> TextFeatures:
-        """Captions (normalised as the reference does) through the text graph, all at once."""
-        encoded = encode_captions(self.tokenizer, captions)
+    def encode_text(self, captions: Sequence[str], joined: bool = False) -> TextFeatures:
+        """Captions (normalised as the reference does) through the text graph, all at once.
+
+        joined: as GroundingDINO's multi-phrase captions (runtime.text.join_captions), so that the
+        head runs once for all of them instead of once per caption; detect still answers per caption.
+        """
+        joined_captions = join_captions(self.tokenizer, captions) if joined else None
+        encoded = joined_captions.encoded if joined_captions is not None else encode_captions(self.tokenizer, captions)
         (features,) = self._run(self._text, GDINO_TEXT, {
             "input_ids": encoded.input_ids,
             "position_ids": encoded.position_ids,
             "text_self_attention_masks": encoded.text_self_attention_masks,
         }, [self._text.get_outputs()[0].name])
-        return TextFeatures(encoded=encoded, features=features)
+        return TextFeatures(encoded=encoded, features=features, joined=joined_captions)
 
     # -- image --------------------------------------------------------------------------------
 
@@ -297,25 +303,33 @@ class Detector:
         return dims
 
     def detect(self, image: ImageFeatures, text: TextFeatures) -> list[Detections]:
-        """Every caption of `text` against `image`: one Detections per caption, in order."""
+        """Every caption of `text` against `image`: one Detections per caption, in order (joined
+        captions: each caption's own token columns of its joined caption's answer)."""
         encoded = text.encoded
         count = len(encoded.captions)
         step = self.max_prompts_per_run or self._auto_prompts_per_run(image, count)
-        results: list[Detections] = []
+        rows_out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (logits, boxes, query_index) per head row
         for start in range(0, count, step):
             rows = slice(start, min(count, start + step))
             feeds = {name: image.tensors[name] for name in IMAGE_OUTPUTS}
             feeds.update(self._text_feeds(text, rows))
             logits, boxes, selected = self._run(self.head_session(), GDINO_HEAD, feeds, HEAD_OUTPUTS)
-            for offset, index in enumerate(range(rows.start, rows.stop)):
-                n = int(encoded.lengths[index])
-                results.append(Detections(
-                    caption=encoded.captions[index],
-                    logits=sigmoid(logits[offset, :, :n]),
-                    boxes=boxes[offset].astype(np.float32, copy=False),
-                    token_ids=encoded.token_ids(index).copy(),
-                    query_index=selected[offset],
-                    tokenizer=self.tokenizer,
-                ))
-        return results
+            rows_out += [(logits[offset], boxes[offset], selected[offset]) for offset in range(rows.stop - rows.start)]
+        if text.joined is None:
+            return [self._detections(encoded.captions[i], *rows_out[i], slice(0, int(encoded.lengths[i])),
+                                     encoded.token_ids(i)) for i in range(count)]
+        joined = text.joined
+        return [self._detections(caption, *rows_out[span.row], joined.columns(i), span.token_ids)
+                for i, (caption, span) in enumerate(zip(joined.captions, joined.spans))]
+
+    def _detections(self, caption: str, logits: np.ndarray, boxes: np.ndarray, selected: np.ndarray,
+                    columns: slice | np.ndarray, token_ids: np.ndarray) -> Detections:
+        return Detections(
+            caption=caption,
+            logits=sigmoid(logits[:, columns]),
+            boxes=boxes.astype(np.float32, copy=False),
+            token_ids=token_ids.copy(),
+            query_index=selected,
+            tokenizer=self.tokenizer,
+        )
 

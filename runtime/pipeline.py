@@ -144,7 +144,7 @@ class Pipeline:
             self.captions = [config.object_caption] + [p.text for p in self.defect_prompts]
             # Text side once per config: every image reuses these features.
             start = time.perf_counter()
-            self.text_features = self.detector.encode_text(self.captions)
+            self.text_features = self.detector.encode_text(self.captions, joined=options.joined_captions)
             self.text_ms = (time.perf_counter() - start) * 1000.0
             if static_shapes is None:
                 static_shapes = device != "cpu" and os.environ.get("SAA_STATIC_SHAPES", "1") != "0"
@@ -236,8 +236,8 @@ class Pipeline:
             regions = [Region(box, 0.5, "", 0, "", 0.25)]
             with self._full_lock:
                 self.segmenter.set_image(frame)
-                masks = self._masks(regions, (height, width), on_device=self.mask_fusion is not None)
-                self._fuse(regions, masks, np.zeros((height, width), np.float32))
+                masks, mask_of_region = self._masks(regions, (height, width), on_device=self.mask_fusion is not None)
+                self._fuse(regions, masks, mask_of_region, np.zeros((height, width), np.float32))
         return time.perf_counter() - start
 
     def _infer(self, image: np.ndarray, out_size: int | tuple[int, int] | None, learn: bool) -> AnomalyResult:
@@ -304,8 +304,12 @@ class Pipeline:
             with _timed(timings, "sam_encoder"):
                 self.segmenter.set_image(image)
         with _timed(timings, "sam_decoder"):
-            defect_masks = self._masks(defects, (height, width), on_device=self.mask_fusion is not None)
-            object_masks = self._masks(objects, (height, width)) if multi and len(objects) > 1 else None
+            defect_masks, mask_of_defect = self._masks(defects, (height, width), on_device=self.mask_fusion is not None)
+            object_masks = None
+            if multi and len(objects) > 1:
+                masks, mask_of_object = self._masks(objects, (height, width))
+                # one per object region, as the reference's search takes them
+                object_masks = masks if len(masks) == len(objects) else masks[mask_of_object]
 
         with _timed(timings, "saliency"):
             if multi and object_masks is not None:
@@ -320,7 +324,7 @@ class Pipeline:
                 saliency = self._single_saliency(image, grids)
 
         with _timed(timings, "fusion"):
-            anomaly = self._fuse(defects, defect_masks, saliency)
+            anomaly = self._fuse(defects, defect_masks, mask_of_defect, saliency)
         return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings)
 
     def _start_side_stages(self, image: np.ndarray, timings: dict[str, float], grids: list,
@@ -375,20 +379,26 @@ class Pipeline:
                               options.box_threshold, options.text_threshold, min_area, max_area,
                               options.max_boxes_per_prompt)
 
-    def _masks(self, regions: list[Region], image_hw: tuple[int, int], on_device: bool = False) -> np.ndarray | DeviceMasks:
+    def _masks(self, regions: list[Region], image_hw: tuple[int, int],
+               on_device: bool = False) -> tuple[np.ndarray | DeviceMasks, np.ndarray]:
+        """(SAM's masks of the regions' distinct boxes, each region's index into them): regions of
+        one box share a decode (joined captions keep a query for every caption it passes)."""
         if not regions:
-            return np.zeros((0, *image_hw), dtype=bool)
+            return np.zeros((0, *image_hw), dtype=bool), np.zeros(0, np.int64)
+        boxes, mask_of_region = distinct_boxes(regions)
         if not on_device:
-            _check_mask_memory(len(regions), image_hw)
-        boxes = np.array([r.box for r in regions], dtype=np.float32)
-        return self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk, on_device=on_device)
+            _check_mask_memory(len(boxes), image_hw)
+        masks = self.segmenter.predict_boxes(boxes, chunk=self.config.options.decoder_chunk, on_device=on_device)
+        return masks, mask_of_region
 
-    def _fuse(self, regions: list[Region], masks: np.ndarray | DeviceMasks, saliency: np.ndarray) -> np.ndarray:
+    def _fuse(self, regions: list[Region], masks: np.ndarray | DeviceMasks, mask_of_region: np.ndarray,
+              saliency: np.ndarray) -> np.ndarray:
         options = self.config.options
         if not regions:
             return np.zeros(saliency.shape, np.float32)
         on_device = isinstance(masks, DeviceMasks)
         means, areas = self.mask_fusion.mean_inside_masks(saliency, masks) if on_device else mean_inside_masks(saliency, masks)
+        means, areas = means[mask_of_region], areas[mask_of_region]
         scores = rescore(np.array([r.detector_score for r in regions]), means, areas, options.rescore_gain)
         for region, mean, area, score in zip(regions, means, areas, scores):
             region.saliency, region.mask_area, region.score = float(mean), int(area), float(score)
@@ -396,8 +406,18 @@ class Pipeline:
         for index in keep:
             regions[index].in_top_k = True
         if on_device:
-            return self.mask_fusion.fuse_masks(masks, keep, scores[keep], options.fusion_plus_one)
-        return fuse_masks(masks[keep], scores[keep], options.fusion_plus_one).astype(np.float32)
+            return self.mask_fusion.fuse_masks(masks, mask_of_region[keep], scores[keep], options.fusion_plus_one)
+        return fuse_masks(masks[mask_of_region[keep]], scores[keep], options.fusion_plus_one).astype(np.float32)
+
+
+def distinct_boxes(regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
+    """(the regions' distinct boxes, float32 [m, 4] in first-seen order; each region's row in them)."""
+    boxes = np.array([r.box for r in regions], dtype=np.float32).reshape(-1, 4)
+    _, first, inverse = np.unique(boxes, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # np.unique sorts the rows; SAM gets them in the regions' order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return boxes[first[order]], rank[inverse.reshape(-1)].astype(np.int64)
 
 
 def _check_mask_memory(count: int, image_hw: tuple[int, int]) -> None:

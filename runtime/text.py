@@ -116,14 +116,21 @@ class EncodedText:
         return self.input_ids[index, : self.lengths[index]]
 
 
-def encode_captions(tokenizer: GdinoTokenizer, captions: Sequence[str]) -> EncodedText:
-    """Normalise, tokenize and mask captions as the reference does, padded to the longest."""
+def _checked_captions(captions: Sequence[str]) -> tuple[str, ...]:
     if isinstance(captions, str) or not len(captions):
         raise ConfigError("encode_captions needs a non-empty list of captions")
-    normalised = tuple(normalize_caption(c) for c in captions)
+    return tuple(normalize_caption(c) for c in captions)
+
+
+def encode_captions(tokenizer: GdinoTokenizer, captions: Sequence[str]) -> EncodedText:
+    """Normalise, tokenize and mask captions as the reference does, padded to the longest."""
+    normalised = _checked_captions(captions)
+    return _encode_token_ids(tokenizer, normalised, [tokenizer.token_ids(caption) for caption in normalised])
+
+
+def _encode_token_ids(tokenizer: GdinoTokenizer, normalised: tuple[str, ...], token_ids: Sequence[np.ndarray]) -> EncodedText:
     per_caption = []
-    for caption in normalised:
-        ids = tokenizer.token_ids(caption)
+    for ids in token_ids:
         mask, positions = sub_sentence_mask(ids, tokenizer.special_ids)
         cut = tokenizer.max_text_len  # masks come from the full caption, then are cut (reference order)
         per_caption.append((ids[:cut], mask[:cut, :cut], positions[:cut]))
@@ -142,3 +149,62 @@ def encode_captions(tokenizer: GdinoTokenizer, captions: Sequence[str]) -> Encod
         masks[row, :n, :n] = mask
         lengths[row] = n
     return EncodedText(normalised, input_ids, attention, position_ids, masks, lengths)
+
+
+@dataclass(frozen=True)
+class CaptionSpan:
+    """Where one caption's tokens sit in a joined caption."""
+
+    row: int  # the joined caption (EncodedText row) that holds it
+    start: int  # its first token after [CLS] in that row
+    stop: int  # one past its closing "."
+    token_ids: np.ndarray  # the caption's own ids, [CLS] ... [SEP], as it tokenizes alone
+
+
+@dataclass(frozen=True)
+class JoinedCaptions:
+    """Captions joined into GroundingDINO's multi-phrase captions ("crack. black hole.")."""
+
+    captions: tuple[str, ...]  # the config's captions, normalised
+    encoded: EncodedText  # the joined captions: one row each
+    spans: tuple[CaptionSpan, ...]  # one per caption, in order
+
+    def columns(self, index: int) -> np.ndarray:
+        """The joined row's token positions that stand for caption `index`'s own tokens: [CLS],
+        its span, [SEP] (the columns of its logits as if it had run alone)."""
+        span = self.spans[index]
+        last = int(self.encoded.lengths[span.row]) - 1
+        return np.concatenate(([0], np.arange(span.start, span.stop), [last])).astype(np.int64)
+
+
+def join_captions(tokenizer: GdinoTokenizer, captions: Sequence[str]) -> JoinedCaptions:
+    """GroundingDINO's own way to ask for several phrases at once: the captions one after the
+    other in one caption, each phrase closed by its ".", as many per joined caption as fit in
+    max_text_len tokens (a caption too long alone keeps a row of its own, cut as the reference cuts it).
+
+    Each phrase's token ids, BERT mask block and position ids are the ones it has alone (the
+    sub-sentence mask keeps phrases apart), so the text features of its tokens are too. What
+    differs from running each caption alone is the head: the image features attend to every
+    phrase at once, and the 900 queries are chosen over all of them.
+    """
+    normalised = _checked_captions(captions)
+    lone = [tokenizer.token_ids(caption) for caption in normalised]
+    rows: list[list[int]] = []  # the caption indices of each joined caption
+    room = tokenizer.max_text_len - 2  # [CLS] and [SEP]
+    for index, ids in enumerate(lone):
+        body = ids.shape[0] - 2
+        if rows and sum(lone[i].shape[0] - 2 for i in rows[-1]) + body <= room:
+            rows[-1].append(index)
+        else:
+            rows.append([index])
+    joined_ids, spans = [], [None] * len(lone)
+    for row, members in enumerate(rows):
+        cls, sep = lone[members[0]][:1], lone[members[0]][-1:]
+        start = 1
+        for index in members:
+            stop = start + lone[index].shape[0] - 2
+            spans[index] = CaptionSpan(row, start, min(stop, tokenizer.max_text_len - 1), lone[index][:tokenizer.max_text_len])
+            start = stop
+        joined_ids.append(np.concatenate([cls, *(lone[i][1:-1] for i in members), sep]))
+    texts = tuple(" ".join(normalised[i] for i in members) for members in rows)
+    return JoinedCaptions(normalised, _encode_token_ids(tokenizer, texts, joined_ids), tuple(spans))

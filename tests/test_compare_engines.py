@@ -51,9 +51,26 @@ def test_an_fp16_head_is_compared_on_what_the_line_sees(full_tiny_engine_dir, tm
     assert fused > 0 and "label" not in image
 
 
+def test_joined_captions_are_compared_with_the_reference_algorithm(full_tiny_engine_dir, tmp_path):
+    out = tmp_path / "joined.json"
+    assert C.main([str(BOTTLE), "--engine-dir", str(full_tiny_engine_dir), "--other-option", "joined_captions=true",
+                   "--dataset", "mvtec", "--category", "bottle", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["other_options"] == {"joined_captions": True}
+    (image,) = report["images"]
+    assert image["map_max_abs_diff"] > 0  # another algorithm: other detections
+
+
+def test_a_bad_other_option_is_one_line(full_tiny_engine_dir, capsys):
+    assert C.main([str(BOTTLE), "--engine-dir", str(full_tiny_engine_dir), "--other-option", "joined_captions=2",
+                   "--dataset", "mvtec", "--category", "bottle"]) == 2
+    assert "joined_captions must be true or false" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "nothing to compare"),
     (["--other-env", "SAA_CUDA_TF32"], "--other-env takes KEY=VALUE"),
+    (["--other-option", "joined_captions"], "--other-option expects KEY=VALUE"),
 ])
 def test_bad_requests_are_one_line(full_tiny_engine_dir, capsys, args, message):
     with pytest.raises(SystemExit):

@@ -58,6 +58,7 @@ def test_user_yaml_and_json(tmp_path):
     ("object_prompt: gear\ndefect_prompts: [crack]\noptions: {reference_object_caption: 'no'}\n",
      "reference_object_caption must be true or false"),
     ("object_prompt: gear\ndefect_prompts: [crack]\noptions: {decoder_chunk: true}\n", "decoder_chunk"),
+    ("object_prompt: gear\ndefect_prompts: [crack]\noptions: {joined_captions: 1}\n", "joined_captions must be true or false"),
     ("object_prompt: gear\ndefect_prompts: [crack]\noptions: {box_threshold: false}\n", "box_threshold"),
     ("object_prompt: [gear\n", "cannot parse"),
     ("- just\n- a list\n", "expected a mapping"),

@@ -208,3 +208,21 @@ def test_bad_images_and_manifests_raise_clear_errors(detector, engines):
         Detector(tiny_manifest(engine_dir, exported, dict(preprocess, height=800, width=800)), ort_session)
     with pytest.raises(ManifestError, match="lacks"):
         Detector(tiny_manifest(engine_dir, exported, {k: v for k, v in preprocess.items() if k != "std"}), ort_session)
+
+
+def test_joined_captions_answer_per_caption_from_one_head_run(detector):
+    features = detector.encode_image(bottle(TINY_IMAGE_HW))
+    plain = detector.detect(features, detector.encode_text(["scratch"]))[0]
+    one = detector.detect(features, detector.encode_text(["scratch"], joined=True))[0]
+    np.testing.assert_array_equal(one.logits, plain.logits)  # one caption joined is that caption
+    np.testing.assert_array_equal(one.boxes, plain.boxes)
+    captions = ["bottle,", "defect on bottle", "scratch"]
+    text = detector.encode_text(captions, joined=True)
+    assert text.encoded.input_ids.shape[0] == 1 and text.captions == ("bottle,.", "defect on bottle.", "scratch.")
+    answers = detector.detect(features, text)
+    lone = detector.detect(features, detector.encode_text(captions))
+    for answer, alone in zip(answers, lone):
+        assert answer.caption == alone.caption and answer.token_ids.tolist() == alone.token_ids.tolist()
+        assert answer.logits.shape == alone.logits.shape
+        np.testing.assert_array_equal(answer.boxes, answers[0].boxes)  # one run: the same queries for every caption
+    assert answers[2].phrase_of(answers[2].logits.max(axis=0) > 0) == "scratch. [SEP]"  # from its own tokens

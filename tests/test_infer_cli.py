@@ -214,3 +214,18 @@ def test_ctrl_c_in_a_batch_keeps_the_table_and_page_of_what_was_done(lite_engine
     with open(tmp_path / "summary.csv", newline="") as table:
         assert [row["outputs"] for row in csv.DictReader(table)] == [images[0].stem]
     assert (tmp_path / "index.html").read_text().count("<img ") == 1
+
+
+def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny_engine_dir, data_dir, tmp_path):
+    assert infer.options_from_args(infer.build_parser().parse_args(
+        ["--engine-dir", "e", "--out", "o", "--joined-captions", "x.png"])) == {"joined_captions": True}
+    image = data_dir / "bottle_demo.png"
+    maps = {}
+    for flag in ([], ["--joined-captions"]):
+        out = tmp_path / ("joined" if flag else "plain")
+        assert infer.main(["--engine-dir", str(full_tiny_engine_dir), "--dataset", "mvtec", "--category", "bottle",
+                           "--no-progress", *flag, str(image), "--out", str(out)]) == 0
+        report = json.loads((out / "bottle_demo_regions.json").read_text())
+        assert report["regions"]
+        maps[bool(flag)] = np.load(out / "bottle_demo_map.npy")
+    assert np.abs(maps[True] - maps[False]).max() > 1e-3  # the joined run is another algorithm, not a relabelling

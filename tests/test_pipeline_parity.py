@@ -37,8 +37,18 @@ def full_models(full_tiny_engine_dir):
 @pytest.mark.parametrize("dataset, category", [("mvtec", "bottle"), ("mtd", "mtd")])
 def test_full_pipeline_matches_reference(full_models, full_tiny_engine_dir, data_dir, dataset, category):
     config = load_shipped_config(dataset, category)
-    reference = build_reference(full_models, config)
+    assert_matches(build_reference(full_models, config), Pipeline(mf.load_manifest(full_tiny_engine_dir), config), data_dir)
+
+
+def test_joined_captions_match_the_reference_joined(full_models, full_tiny_engine_dir, data_dir):
+    """The joined_captions option (one head run for every caption) on both sides."""
+    config = load_shipped_config("mvtec", "bottle", {"joined_captions": True})
     pipeline = Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
+    assert pipeline.text_features.encoded.input_ids.shape[0] == 1 < len(pipeline.captions)  # one joined caption
+    assert_matches(build_reference(full_models, config), pipeline, data_dir)
+
+
+def assert_matches(reference, pipeline, data_dir) -> None:
     for name, image in square_images(data_dir).items():
         expected = reference(image)
         got = pipeline(image)
@@ -83,3 +93,32 @@ def test_no_object_box_takes_the_whole_image(full_models, full_tiny_engine_dir, 
     assert any("no object box" in note for note in got.notes)
     assert len(got.regions) == len(expected.defect_boxes)
     assert (np.abs(got.anomaly_map - expected.anomaly_map) > 1e-4).mean() < MAX_DIFFERING_PIXELS
+
+
+def test_regions_of_one_box_share_one_sam_decode(full_tiny_engine_dir, data_dir, monkeypatch):
+    """Joined captions keep a query once for every caption it passes: SAM decodes each box once,
+    and the map is the one decoding every region's box gives."""
+    from runtime import pipeline as pipeline_module
+    from runtime.regions import Region
+
+    regions = [Region((1, 2, 3, 4), 0.5, "a", 0, "a", 0.1), Region((0, 0, 9, 9), 0.4, "b", 1, "b", 0.2),
+               Region((1, 2, 3, 4), 0.3, "c", 2, "c", 0.1)]
+    boxes, mask_of_region = pipeline_module.distinct_boxes(regions)
+    np.testing.assert_array_equal(boxes, [[1, 2, 3, 4], [0, 0, 9, 9]])  # first-seen order
+    assert mask_of_region.tolist() == [0, 1, 0]
+
+    config = load_shipped_config("mvtec", "bottle", {"joined_captions": True})
+    image = square_images(data_dir)["mvtec bottle"]
+    pipeline = Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
+    decoded = []
+    real = pipeline.segmenter.predict_boxes
+    monkeypatch.setattr(pipeline.segmenter, "predict_boxes", lambda boxes, **kw: decoded.append(len(boxes)) or real(boxes, **kw))
+    shared = pipeline(image)
+    every = np.array([r.box for r in shared.regions], np.float32)
+    assert len(np.unique(every, axis=0)) == decoded[0] < len(shared.regions)  # duplicates were there, and decoded once
+    monkeypatch.setattr(pipeline_module, "distinct_boxes",  # each region its own decode, as the reference does
+                        lambda rs: (np.array([r.box for r in rs], np.float32), np.arange(len(rs))))
+    alone = pipeline(image)
+    assert decoded[1] == len(alone.regions)
+    np.testing.assert_allclose([r.score for r in shared.regions], [r.score for r in alone.regions], rtol=1e-6)
+    assert (np.abs(shared.anomaly_map - alone.anomaly_map) > 1e-4).mean() < MAX_DIFFERING_PIXELS

@@ -210,3 +210,44 @@ def test_runtime_text_side_does_not_import_torch():
     code = "import sys, runtime.text, runtime.detector; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+JOIN_CASES = [["bottle,", "defect on bottle", "crack. flawed golden wire. black hole.", "Broken  Large"], ["hole"],
+              ["what? no.", "a.b.c", "café crème"]]
+
+
+@pytest.mark.parametrize("captions", JOIN_CASES)
+def test_joined_captions_are_the_joined_string_with_each_phrase_as_alone(tok, captions):
+    from runtime.text import join_captions
+
+    joined = join_captions(tok, captions)
+    (text,) = joined.encoded.captions
+    assert text == " ".join(normalize_caption(c) for c in captions)
+    ids = joined.encoded.token_ids(0)
+    assert ids.tolist() == tok.token_ids(text).tolist()  # the concatenation is what the joined string tokenizes to
+    mask = joined.encoded.text_self_attention_masks[0]
+    positions = joined.encoded.position_ids[0]
+    for index, caption in enumerate(captions):
+        alone = encode_captions(tok, [caption])
+        columns = joined.columns(index)
+        assert ids[columns].tolist() == alone.token_ids(0).tolist() == joined.spans[index].token_ids.tolist()
+        body = columns[1:-1]  # a phrase's tokens: the same BERT mask block and position ids as alone
+        np.testing.assert_array_equal(mask[np.ix_(body, body)], alone.text_self_attention_masks[0][1:-1, 1:-1])
+        np.testing.assert_array_equal(positions[body], alone.position_ids[0][1:-1])
+        others = np.setdiff1d(np.arange(1, ids.shape[0] - 1), body)
+        assert not mask[np.ix_(body, others)].any()  # and no attention across phrases
+
+
+def test_joined_captions_fill_rows_up_to_max_text_len(tokenizer_json):
+    from runtime.text import join_captions
+
+    tok = GdinoTokenizer(tokenizer_json, max_text_len=10)
+    captions = ["crack", "black hole", "flawed golden wire", "a hole in the metal surface of the capsule"]
+    joined = join_captions(tok, captions)  # bodies of 2, 3, 4 and 10 tokens; rows hold 8
+    assert joined.encoded.captions == ("crack. black hole.", "flawed golden wire.", "a hole in the metal surface of the capsule.")
+    assert [s.row for s in joined.spans] == [0, 0, 1, 2]
+    alone = encode_captions(tok, captions[-1:])  # too long alone: cut as the reference cuts it
+    assert joined.encoded.token_ids(2).tolist() == alone.token_ids(0).tolist() == joined.spans[3].token_ids.tolist()
+    assert joined.encoded.token_ids(2)[joined.columns(3)].tolist() == alone.token_ids(0).tolist()
+    with pytest.raises(ConfigError):
+        join_captions(tok, [])

@@ -1,7 +1,8 @@
 """The authors' SAA+ algorithm in PyTorch, step for step, on the same weights the engines hold.
 
 This is what the runtime is measured against (parity tests, latency speed-ups). It
-follows the reference code's control flow: GroundingDINO once per caption, boxes
+follows the reference code's control flow: GroundingDINO once per caption (once for all of
+them with the joined_captions option, which the reference code does not have), boxes
 filtered with torch ops, SAM's predictor on the kept boxes, the CNN saliency with a
 full sort, rescoring and top-K fusion in numpy. One deliberate difference: where
 the reference crashes (no object box), it takes the whole image as the object, as
@@ -18,7 +19,7 @@ import torch
 
 from runtime.config import PromptConfig
 
-from .detector import reference_detect
+from .detector import reference_caption, reference_detect
 from .saliency import reference_multi_saliency, reference_single_saliency
 from .segmenter import ReferenceSegmenter
 
@@ -58,13 +59,18 @@ class ReferenceSAA:
         height, width = image.shape[:2]
         rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         start = time.perf_counter()
+        prompts = [(p.text, p.exclude) for p in self.config.all_defect_prompts()]
+        found: list = [None] * (1 + len(prompts))  # GroundingDINO's answer per caption, where already run
+        if options.joined_captions:
+            tick = time.perf_counter()
+            found = self._joined_detect(rgb, [self.config.object_caption] + [caption for caption, _ in prompts])
+            timings["detector"] = (time.perf_counter() - tick) * 1000
         object_boxes, _, object_area = self._proposals(rgb, [(self.config.object_caption, "PlaceHolder")],
-                                                       self.config.object_max_area, height, width, timings)
+                                                       self.config.object_max_area, height, width, timings, found[:1])
         if object_boxes is None:
             object_area = 1.0
         defect_max_area = float(torch.tensor(object_area, dtype=torch.float32) * self.config.defect_area_ratio)
-        prompts = [(p.text, p.exclude) for p in self.config.all_defect_prompts()]
-        defect_boxes, defect_logits, _ = self._proposals(rgb, prompts, defect_max_area, height, width, timings)
+        defect_boxes, defect_logits, _ = self._proposals(rgb, prompts, defect_max_area, height, width, timings, found[1:])
 
         tick = time.perf_counter()
         if object_boxes is not None or defect_boxes is not None:
@@ -108,14 +114,34 @@ class ReferenceSAA:
         boxes = defect_boxes.cpu().numpy() if defect_boxes is not None else np.zeros((0, 4), np.float32)
         return ReferenceOutput(anomaly, saliency, boxes, scores, float(object_area), timings)
 
-    def _proposals(self, rgb, prompts, max_area, height, width, timings):
-        """ensemble_text_guided_mask_proposal without SAM: kept boxes (pixel xyxy), their scores, max box area."""
+    def _joined_detect(self, rgb, captions):
+        """The joined_captions option: GroundingDINO once on the captions joined as its multi-phrase
+        caption ("a. b. c."), then each caption's (logits over its own tokens, boxes)."""
+        normalized = [reference_caption(c) for c in captions]
+        lone = [self.tokenizer(c)["input_ids"] for c in normalized]
+        joined = " ".join(normalized)
+        ids = self.tokenizer(joined)["input_ids"]
+        if ids[1:-1] != [t for caption_ids in lone for t in caption_ids[1:-1]] or len(ids) > 256:
+            raise ValueError(f"the reference joins captions into one of at most 256 tokens: {joined!r} is not")
+        logits, boxes = reference_detect(self.gdino, self.tokenizer, rgb, joined, self.short_side, self.max_side)
+        answers, start = [], 1
+        for caption_ids in lone:
+            stop = start + len(caption_ids) - 2
+            answers.append((logits[:, [0, *range(start, stop), len(ids) - 1]], boxes))
+            start = stop
+        return answers
+
+    def _proposals(self, rgb, prompts, max_area, height, width, timings, found):
+        """ensemble_text_guided_mask_proposal without SAM: kept boxes (pixel xyxy), their scores, max box
+        area. found: GroundingDINO's answer per prompt where it already ran (joined captions), else None."""
         options = self.config.options
         kept_boxes, kept_logits, max_box_area = [], [], 0.0
-        for caption, exclude in prompts:
-            tick = time.perf_counter()
-            logits, boxes = reference_detect(self.gdino, self.tokenizer, rgb, caption, self.short_side, self.max_side)
-            timings["detector"] = timings.get("detector", 0.0) + (time.perf_counter() - tick) * 1000
+        for (caption, exclude), answer in zip(prompts, found):
+            if answer is None:
+                tick = time.perf_counter()
+                answer = reference_detect(self.gdino, self.tokenizer, rgb, caption, self.short_side, self.max_side)
+                timings["detector"] = timings.get("detector", 0.0) + (time.perf_counter() - tick) * 1000
+            logits, boxes = answer
             logits, boxes = torch.as_tensor(logits), torch.as_tensor(boxes)
             area = boxes[:, 2] * boxes[:, 3]
             keep = (logits.max(dim=1)[0] > options.box_threshold) & (area < max_area) & (area > 0.0)
