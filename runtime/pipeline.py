@@ -284,7 +284,7 @@ class Pipeline:
 
     def _full(self, image: np.ndarray, timings: dict[str, float], grids: list | None = None) -> AnomalyResult:
         height, width = image.shape[:2]
-        notes: list[str] = []
+        notes: list[str] = [JOINED_CAPTIONS_NOTE] if self.config.options.joined_captions else []
         with _timed(timings, "detector_image"):
             # The reference gives GroundingDINO RGB, and SAM / the CNN the BGR array as if RGB.
             image_features = self.detector.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
@@ -408,6 +408,10 @@ class Pipeline:
         if on_device:
             return self.mask_fusion.fuse_masks(masks, mask_of_region[keep], scores[keep], options.fusion_plus_one)
         return fuse_masks(masks[mask_of_region[keep]], scores[keep], options.fusion_plus_one).astype(np.float32)
+
+
+JOINED_CAPTIONS_NOTE = ("joined_captions: GroundingDINO ran once on all the captions joined, not once per caption "
+                        "as the reference algorithm does")
 
 
 def distinct_boxes(regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:

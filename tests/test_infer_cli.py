@@ -227,5 +227,6 @@ def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny
                            "--no-progress", *flag, str(image), "--out", str(out)]) == 0
         report = json.loads((out / "bottle_demo_regions.json").read_text())
         assert report["regions"]
+        assert any(note.startswith("joined_captions:") for note in report["notes"]) == bool(flag)  # said in the JSON
         maps[bool(flag)] = np.load(out / "bottle_demo_map.npy")
     assert np.abs(maps[True] - maps[False]).max() > 1e-3  # the joined run is another algorithm, not a relabelling
