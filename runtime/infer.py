@@ -19,7 +19,7 @@ from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .overlay import overlay
-from .pipeline import AnomalyResult, Pipeline
+from .pipeline import JOINED_CAPTIONS_NOTE, AnomalyResult, Pipeline
 from .gallery import GALLERY_NAME, write_gallery
 from .summary import RunSummary
 from .watch import FolderWatch
@@ -147,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stems = unique_stems(paths)
             if pipeline.saliency_only:
                 print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
+            elif pipeline.config.options.joined_captions:
+                print(f"{JOINED_CAPTIONS_NOTE} (faster; compare it on your parts: bench.compare_engines)", file=sys.stderr)
             kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
             title = f"SAA+ {kind}: {args.category or args.config}"
             tally = _process(paths, stems, pipeline, out_dir, args, summary, title)

@@ -216,7 +216,7 @@ def test_ctrl_c_in_a_batch_keeps_the_table_and_page_of_what_was_done(lite_engine
     assert (tmp_path / "index.html").read_text().count("<img ") == 1
 
 
-def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny_engine_dir, data_dir, tmp_path):
+def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny_engine_dir, data_dir, tmp_path, capsys):
     assert infer.options_from_args(infer.build_parser().parse_args(
         ["--engine-dir", "e", "--out", "o", "--joined-captions", "x.png"])) == {"joined_captions": True}
     image = data_dir / "bottle_demo.png"
@@ -228,5 +228,6 @@ def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny
         report = json.loads((out / "bottle_demo_regions.json").read_text())
         assert report["regions"]
         assert any(note.startswith("joined_captions:") for note in report["notes"]) == bool(flag)  # said in the JSON
+        assert ("joined_captions: GroundingDINO ran once" in capsys.readouterr().err) == bool(flag)  # and at the start
         maps[bool(flag)] = np.load(out / "bottle_demo_map.npy")
     assert np.abs(maps[True] - maps[False]).max() > 1e-3  # the joined run is another algorithm, not a relabelling
