@@ -28,6 +28,7 @@ import os
 import threading
 from typing import Any
 
+import cv2
 import numba
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +68,12 @@ def _check_mode(mode: str, n: int) -> None:
         raise ValueError(f"saliency mode must be one of {MODES}, got {mode!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (neighbours averaged) must be an integer >= 1, got {n!r}")
+
+
+def rows_of(features: np.ndarray) -> np.ndarray:
+    """[C, P] float32 -> its [P, C] transpose, C-contiguous: OpenCV's blocked transpose (0.16 ms
+    for 176 x 4096 on this CPU; numpy's strided copy took 2.1 ms of a 55 ms lite call)."""
+    return cv2.transpose(features)
 
 
 def _effective_n(n: int, positions: int, exclude_self: bool) -> int:
@@ -359,7 +366,7 @@ def knn_distance_mean(
         return _knn_symmetric(features, k, sign, bool(exclude_self), out)
     block_rows = int(max(1, min(positions, block_bytes // (4 * positions))))
     block = np.empty((block_rows, positions), np.float32)
-    transposed = np.ascontiguousarray(features.T)
+    transposed = rows_of(features)
     chunks = 4 * numba.get_num_threads()  # a few chunks per thread: rows differ in cost
     for first in range(0, positions, block_rows):
         rows = min(block_rows, positions - first)
@@ -440,7 +447,7 @@ def _knn_symmetric(
     positions = features.shape[1]
     if panel_rows % _GROUP:
         raise ValueError(f"panel_rows must be a multiple of {_GROUP}, got {panel_rows}")
-    transposed = np.ascontiguousarray(features.T)
+    transposed = rows_of(features)
     picks = (np.arange(_SAMPLE, dtype=np.int64) * _SAMPLE_STEP) % positions  # as the per-row sample
     sampled = np.empty((positions, _SAMPLE), np.float32)
     gemm_transposed(transposed, np.ascontiguousarray(transposed[picks]), sampled)

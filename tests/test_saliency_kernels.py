@@ -338,3 +338,11 @@ def test_multi_instance_where_the_reference_crashes():
     assert K.multi_instance_distance(features, np.zeros((0, 16), bool)).shape == (16,)
     with pytest.raises(ValueError, match="positions"):
         K.multi_instance_distance(features, np.ones((2, 15), bool))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (3, 5), (176, 4096), (1792, 64)])
+def test_rows_of_is_the_transpose(shape):
+    features = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    rows = K.rows_of(features)
+    np.testing.assert_array_equal(rows, features.T)
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous
