@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gdino-checkpoint", help="groundingdino_swint_ogc.pth or a transformers copy (folder)")
     parser.add_argument("--sam-checkpoint", help="sam_vit_{b,l,h}_*.pth or a transformers copy (folder)")
     parser.add_argument("--sam-variant", choices=["vit_b", "vit_l", "vit_h"], default="vit_h")
-    parser.add_argument("--sam-attention", choices=["plain", "mha"], default="plain",
-                        help="SAM encoder attention: plain ONNX ops, or onnxruntime's fused MultiHeadAttention "
-                             "with the relative positions as its bias (for GPUs; not yet timed on one)")
+    parser.add_argument("--sam-attention", choices=["plain", "mha", "augmented"], default="plain",
+                        help="SAM encoder attention: plain ONNX ops; onnxruntime's fused MultiHeadAttention "
+                             "with the relative positions as its bias; or the relative positions folded into "
+                             "QK^T as extra query/key columns (both for GPUs; not yet timed on one)")
     parser.add_argument("--saliency-backbone", choices=["wide_resnet50_2", "efficientnet_lite0"],
                         help="full: wide_resnet50_2 (the paper's) by default; lite: always efficientnet_lite0")
     parser.add_argument("--saliency-checkpoint", help="WideResNet50-2 weights (torchvision or timm .pth)")

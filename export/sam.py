@@ -307,8 +307,9 @@ def _source(sam: Sam, extra: dict[str, Any] | None = None) -> dict[str, Any]:
 def export_sam_encoder(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None,
                        attention: str = "plain") -> tuple[ExportedModel, torch.Tensor]:
     """sam_encoder.onnx plus its parity record; also returns the embedding of the parity image.
-    attention: "plain" (segment_anything's ops) or "mha" (export.sam_forms: onnxruntime's fused
-    MultiHeadAttention with the relative positions as its bias), checked against the plain module."""
+    attention: "plain" (segment_anything's ops), "mha" (export.sam_forms: onnxruntime's fused
+    MultiHeadAttention with the relative positions as its bias) or "augmented" (the relative
+    positions inside the QK^T product), checked against the plain module."""
     path = Path(out_dir) / f"{SAM_ENCODER}.onnx"
     image = parity_image()
     with sam_attention_form(sam.image_encoder, attention), window_padding_by_concat():

@@ -1,5 +1,5 @@
 """Forms of SAM image-encoder parts swapped in only while tracing: the window padding (always)
-and a fused attention (`export --sam-attention mha`).
+and the attention (`export --sam-attention mha|augmented`).
 
 Window padding: segment_anything pads each windowed block's [B, 64, 64, C] tokens to a multiple
 of the window (70 for 14) with F.pad. onnxruntime's CUDA Pad kernel moved ~10.5 G elements/s
@@ -29,7 +29,7 @@ from torch import nn
 
 from .common import pad_right_bottom
 
-SAM_ATTENTIONS = ("plain", "mha")
+SAM_ATTENTIONS = ("plain", "mha", "augmented")
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -74,14 +74,54 @@ class FusedRelPosAttention(Attention):
         return self.proj(out.reshape(batch, height, width, -1))
 
 
+def _one_hot_positions(height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[height*width, height + width]: each key position's row and column as one-hot rows (a
+    constant of the traced graph)."""
+    rows = torch.eye(height, dtype=dtype).repeat_interleave(width, dim=0)
+    cols = torch.eye(width, dtype=dtype).repeat(height, 1)
+    return torch.cat([rows, cols], dim=1)
+
+
+class AugmentedRelPosAttention(Attention):
+    """segment_anything's Attention with the decomposed relative positions inside the QK^T product.
+
+    Each query is widened by its rel_h and rel_w terms and each key by the one-hot rows of its
+    row and column, so one MatMul gives scale * q.k + rel_h[q, kh] + rel_w[q, kw]: the two
+    broadcast Adds over the [heads, HW, HW] logits (805 MB each in ViT-B's global layers, fp32)
+    are gone, for (head_dim + H + W) / head_dim times the QK^T products (3x in the global
+    layers): cheap where a GPU's matmuls are and its memory passes are not. The same sums in
+    another order (standard ONNX ops; `export --sam-attention augmented`).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        heads, length = self.num_heads, height * width
+        qkv = self.qkv(x).reshape(batch, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, batch * heads, length, -1).unbind(0)
+        queries, keys = q * self.scale, k
+        if self.use_rel_pos:
+            r_q = q.reshape(batch * heads, height, width, -1)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(height, height, self.rel_pos_h))
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(width, width, self.rel_pos_w))
+            queries = torch.cat([queries, rel_h.reshape(-1, length, height), rel_w.reshape(-1, length, width)], dim=-1)
+            one_hot = _one_hot_positions(height, width, k.dtype)
+            keys = torch.cat([k, one_hot.expand(k.shape[0], -1, -1)], dim=-1)
+        attn = (queries @ keys.transpose(-2, -1)).softmax(dim=-1)
+        out = (attn @ v).view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        return self.proj(out)
+
+
+_FORM_CLASSES = {"mha": FusedRelPosAttention, "augmented": AugmentedRelPosAttention}
+
+
 @contextmanager
 def sam_attention_form(encoder: nn.Module, form: str) -> Iterator[None]:
     """Inside the block, the encoder's attention modules run `form` ("plain": unchanged)."""
     if form not in SAM_ATTENTIONS:
         raise ValueError(f"SAM attention form must be one of {SAM_ATTENTIONS}, got {form!r}")
-    swapped = [m for m in encoder.modules() if type(m) is Attention] if form == "mha" else []
+    swapped = [m for m in encoder.modules() if type(m) is Attention] if form in _FORM_CLASSES else []
     for module in swapped:
-        module.__class__ = FusedRelPosAttention
+        module.__class__ = _FORM_CLASSES[form]
     try:
         yield
     finally:

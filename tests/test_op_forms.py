@@ -21,7 +21,7 @@ def test_every_case_exports_agreeing_forms_and_times_them(monkeypatch, tmp_path)
     assert op_forms.main(["--device", "cpu", "--captions", "2", "--iters", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["cases"]) == set(small)
-    expected_forms = {"window_pad": {"pad", "concat"}, "sam_attention": {"plain", "mha"},
+    expected_forms = {"window_pad": {"pad", "concat"}, "sam_attention": {"plain", "mha", "augmented"},
                       "deformable_sum": {"per_point", "per_level"}}
     for case, record in report["cases"].items():
         assert set(record["forms"]) == expected_forms[case]

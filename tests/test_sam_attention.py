@@ -1,4 +1,4 @@
-"""export --sam-attention mha: SAM's encoder attention as onnxruntime's fused MultiHeadAttention, same numbers."""
+"""export --sam-attention mha|augmented: SAM's encoder attention in other forms, same numbers."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,7 +9,7 @@ pytest.importorskip("segment_anything")
 
 from export import common  # noqa: E402
 from export.sam import build_sam, export_sam, parity_image  # noqa: E402
-from export.sam_forms import FusedRelPosAttention, sam_attention_form  # noqa: E402
+from export.sam_forms import AugmentedRelPosAttention, FusedRelPosAttention, sam_attention_form  # noqa: E402
 from segment_anything.modeling.image_encoder import Attention  # noqa: E402
 
 
@@ -33,6 +33,46 @@ def test_the_fused_form_computes_the_same_attention(size):
         attention.__class__ = FusedRelPosAttention
         got = attention(x)
     assert 0 < float((got - expected).abs().max()) < 1e-5  # another order of the same sums
+
+
+@pytest.mark.parametrize("size", [(14, 14), (8, 8), (6, 10)])
+def test_the_augmented_form_computes_the_same_attention(size):
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=size)
+    _random_rel_pos(attention)
+    x = torch.randn(3, *size, 64)
+    with torch.no_grad():
+        expected = attention(x)
+        without = Attention(64, num_heads=4, use_rel_pos=False)
+        without.load_state_dict({k: v for k, v in attention.state_dict().items() if "rel_pos" not in k})
+        attention.__class__ = AugmentedRelPosAttention
+        got = attention(x)
+        without.__class__ = AugmentedRelPosAttention  # no relative positions: nothing widened
+        assert float((without(x) - expected).abs().max()) > 1e-2  # the terms matter
+    assert float((got - expected).abs().max()) < 1e-5
+
+
+def test_an_augmented_encoder_exports_with_parity(tmp_path):
+    sam = build_sam("tiny", random_init=True)
+    _random_rel_pos(sam.image_encoder)
+    models = export_sam(sam, tmp_path, {"variant": "tiny"}, attention="augmented")
+    encoder = next(m for m in models if m.name == "sam_encoder")
+    assert encoder.source["attention"] == "augmented" and encoder.parity["passed"]
+    graph = onnx.load(str(tmp_path / "sam_encoder.onnx"))
+    adds_plain = _count_ops(tmp_path, sam, "plain", "Add")
+    assert sum(n.op_type == "Add" for n in graph.graph.node) < adds_plain  # the two broadcast Adds a block are gone
+    image = parity_image().numpy()
+    with torch.no_grad():
+        plain = sam.image_encoder(torch.from_numpy(image)).numpy()
+    (got,) = ort.InferenceSession(str(tmp_path / "sam_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image})
+    assert np.abs(got - plain).max() < 1e-4 and np.abs(plain).max() > 0.5
+
+
+def _count_ops(tmp_path, sam, form: str, op_type: str) -> int:
+    out = tmp_path / form
+    export_sam(sam, out, {"variant": "tiny"}, attention=form)
+    return sum(n.op_type == op_type for n in onnx.load(str(out / "sam_encoder.onnx")).graph.node)
 
 
 def test_an_mha_encoder_exports_with_parity_and_converts_to_fp16(tmp_path):

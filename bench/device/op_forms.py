@@ -16,8 +16,9 @@ captures). Cases:
   fp16 on CUDA) as `pad` (F.pad: onnxruntime's Pad kernel held 16.6 ms of ViT-H's encoder) or
   `concat` (zeros concatenated, the export's form).
 - `sam_attention`: one of ViT-B's global-attention blocks (64x64 tokens, 12 heads, relative
-  positions; fp16 on CUDA) with `plain` attention (the default export) or `mha` (onnxruntime's
-  fused MultiHeadAttention, `export --sam-attention mha`; no faster on this CPU).
+  positions; fp16 on CUDA) with `plain` attention (the default export), `mha` (onnxruntime's
+  fused MultiHeadAttention, `export --sam-attention mha`; no faster on this CPU) or `augmented`
+  (the relative positions folded into QK^T, `export --sam-attention augmented`).
 """
 from __future__ import annotations
 
