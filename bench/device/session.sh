@@ -118,7 +118,7 @@ runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[
 pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1)); print('bundled', len(runs), 'A/B runs')" \
       "$OUT/ab" "$OUT/ab-fp16.json" | tee -a "$log" && rm -r "$OUT/ab"
     echo "== done ($(left) s left)" | tee -a "$log"
-    nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
+    [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | tee -a "$log" ;;
   *)
     echo "unknown step $1" >&2; exit 2 ;;
 esac
