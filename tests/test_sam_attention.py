@@ -22,12 +22,17 @@ def _random_rel_pos(module: torch.nn.Module, seed: int = 0) -> None:
             table.data = torch.randn(table.shape, generator=generator) * 0.5
 
 
-@pytest.mark.parametrize("size", [(14, 14), (8, 8)])
-def test_the_fused_form_computes_the_same_attention(size):
+def _attention_and_input(size: tuple[int, int]) -> tuple[Attention, torch.Tensor]:
+    """A 4-head attention with relative positions of other values, and a batch of 3 inputs."""
     torch.manual_seed(0)
     attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=size)
     _random_rel_pos(attention)
-    x = torch.randn(3, *size, 64)
+    return attention, torch.randn(3, *size, 64)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (8, 8)])
+def test_the_fused_form_computes_the_same_attention(size):
+    attention, x = _attention_and_input(size)
     with torch.no_grad():
         expected = attention(x)
         attention.__class__ = FusedRelPosAttention
@@ -37,10 +42,7 @@ def test_the_fused_form_computes_the_same_attention(size):
 
 @pytest.mark.parametrize("size", [(14, 14), (8, 8), (6, 10)])
 def test_the_augmented_form_computes_the_same_attention(size):
-    torch.manual_seed(0)
-    attention = Attention(64, num_heads=4, use_rel_pos=True, input_size=size)
-    _random_rel_pos(attention)
-    x = torch.randn(3, *size, 64)
+    attention, x = _attention_and_input(size)
     with torch.no_grad():
         expected = attention(x)
         without = Attention(64, num_heads=4, use_rel_pos=False)
@@ -61,12 +63,18 @@ def test_an_augmented_encoder_exports_with_parity(tmp_path):
     graph = onnx.load(str(tmp_path / "sam_encoder.onnx"))
     adds_plain = _count_ops(tmp_path, sam, "plain", "Add")
     assert sum(n.op_type == "Add" for n in graph.graph.node) < adds_plain  # the two broadcast Adds a block are gone
+    _assert_export_matches_the_plain_module(sam, tmp_path)
+
+
+def _assert_export_matches_the_plain_module(sam, tmp_path) -> np.ndarray:
+    """The exported sam_encoder.onnx against the unmodified module on the parity image (returned)."""
     image = parity_image().numpy()
     with torch.no_grad():
         plain = sam.image_encoder(torch.from_numpy(image)).numpy()
     (got,) = ort.InferenceSession(str(tmp_path / "sam_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"image": image})
     assert np.abs(got - plain).max() < 1e-4 and np.abs(plain).max() > 0.5
+    return image
 
 
 def _count_ops(tmp_path, sam, form: str, op_type: str) -> int:
@@ -85,12 +93,7 @@ def test_an_mha_encoder_exports_with_parity_and_converts_to_fp16(tmp_path):
     fused = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(fused) == len(sam.image_encoder.blocks) and all(n.domain == "com.microsoft" for n in fused)
     assert not [n for n in graph.graph.node if n.op_type == "Softmax"]
-    image = parity_image().numpy()
-    with torch.no_grad():
-        plain = sam.image_encoder(torch.from_numpy(image)).numpy()  # the unmodified module
-    (got,) = ort.InferenceSession(str(tmp_path / "sam_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"image": image})
-    assert np.abs(got - plain).max() < 1e-4 and np.abs(plain).max() > 0.5
+    image = _assert_export_matches_the_plain_module(sam, tmp_path)
     with sam_attention_form(sam.image_encoder, "plain"):
         pass  # "plain" leaves the modules alone
     assert all(type(m) is Attention for m in sam.image_encoder.modules() if isinstance(m, Attention))
