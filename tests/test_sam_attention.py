@@ -55,15 +55,21 @@ def test_the_augmented_form_computes_the_same_attention(size):
 
 
 def test_an_augmented_encoder_exports_with_parity(tmp_path):
-    sam = build_sam("tiny", random_init=True)
-    _random_rel_pos(sam.image_encoder)
-    models = export_sam(sam, tmp_path, {"variant": "tiny"}, attention="augmented")
-    encoder = next(m for m in models if m.name == "sam_encoder")
-    assert encoder.source["attention"] == "augmented" and encoder.parity["passed"]
-    graph = onnx.load(str(tmp_path / "sam_encoder.onnx"))
+    sam, graph = _exported_encoder(tmp_path, "augmented")
     adds_plain = _count_ops(tmp_path, sam, "plain", "Add")
     assert sum(n.op_type == "Add" for n in graph.graph.node) < adds_plain  # the two broadcast Adds a block are gone
     _assert_export_matches_the_plain_module(sam, tmp_path)
+
+
+def _exported_encoder(tmp_path, form: str):
+    """A tiny random SAM (relative positions of other values) and its encoder exported in `form`,
+    parity passed at export."""
+    sam = build_sam("tiny", random_init=True)
+    _random_rel_pos(sam.image_encoder)
+    models = export_sam(sam, tmp_path, {"variant": "tiny"}, attention=form)
+    encoder = next(m for m in models if m.name == "sam_encoder")
+    assert encoder.source["attention"] == form and encoder.parity["passed"]
+    return sam, onnx.load(str(tmp_path / "sam_encoder.onnx"))
 
 
 def _assert_export_matches_the_plain_module(sam, tmp_path) -> np.ndarray:
@@ -84,12 +90,7 @@ def _count_ops(tmp_path, sam, form: str, op_type: str) -> int:
 
 
 def test_an_mha_encoder_exports_with_parity_and_converts_to_fp16(tmp_path):
-    sam = build_sam("tiny", random_init=True)
-    _random_rel_pos(sam.image_encoder)
-    models = export_sam(sam, tmp_path, {"variant": "tiny"}, attention="mha")
-    encoder = next(m for m in models if m.name == "sam_encoder")
-    assert encoder.source["attention"] == "mha" and encoder.parity["passed"]
-    graph = onnx.load(str(tmp_path / "sam_encoder.onnx"))
+    sam, graph = _exported_encoder(tmp_path, "mha")
     fused = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(fused) == len(sam.image_encoder.blocks) and all(n.domain == "com.microsoft" for n in fused)
     assert not [n for n in graph.graph.node if n.op_type == "Softmax"]
