@@ -8,7 +8,8 @@ Before a cheaper set-up goes on a line (fp16 engines, GroundingDINO's head in fp
 `bench.fp16_head --write-engines`, TF32, another onnxruntime), run it against the faithful one
 on real parts with the real checkpoints: the comparison that matters is of what the line sees,
 not of raw logits. Per image, both pipelines run on the same pixels and this reports the anomaly
-maps' largest difference (absolute, and relative to the faithful map's maximum), the image scores,
+maps' largest difference (absolute, and relative to the faithful map's maximum) and the share of
+pixels more than 1e-4 apart, the image scores,
 the OK/NG labels where `--image-threshold` is given, and the fused defect regions matched by
 prompt and box IoU >= 0.5 (matched, only in the faithful run, only in the other). `--other-env`
 sets environment switches (SAA_CUDA_TF32, SAA_CUDA_GRAPHS, ...) and `--other-option` algorithm
@@ -72,11 +73,15 @@ def match_regions(faithful: Sequence[Any], other: Sequence[Any]) -> dict[str, in
 
 def compare_results(faithful: Any, other: Any) -> dict[str, Any]:
     """One image's two AnomalyResults -> the figures a line cares about."""
-    diff = float(np.max(np.abs(faithful.anomaly_map.astype(np.float64) - other.anomaly_map)))
+    from bench.reference.compare import compare_maps
+
+    maps = compare_maps(faithful.anomaly_map, other.anomaly_map)
+    diff = maps["max_abs_diff"]
     scale = float(np.max(np.abs(faithful.anomaly_map))) or 1.0
     record = {
         "map_max_abs_diff": diff,
         "map_relative_diff": diff / scale,
+        "map_differing_pixel_share": maps["differing_pixel_share"],  # pixels > 1e-4 apart
         "score": faithful.pred_score,
         "other_score": other.pred_score,
         "regions": match_regions(faithful.regions, other.regions),
@@ -96,6 +101,7 @@ def summarise(images: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "failed": len(images) - len(done),
         "map_max_abs_diff": max(i["map_max_abs_diff"] for i in done),
         "map_relative_diff_max": max(i["map_relative_diff"] for i in done),
+        "map_differing_pixel_share_max": max(i["map_differing_pixel_share"] for i in done),
         "score_max_abs_diff": max(abs(i["score"] - i["other_score"]) for i in done),
         "images_with_the_same_fused_regions": len(same_regions),
         "regions_matched": sum(i["regions"]["matched"] for i in done),
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no images found in the inputs", file=sys.stderr)
         return 2
     images = []
-    print(f"{'image':40s} {'map diff':>9s} {'rel':>8s} {'score':>9s} {'other':>9s} {'regions a/b/both':>17s}")
+    print(f"{'image':40s} {'map diff':>9s} {'rel':>8s} {'pixels':>8s} {'score':>9s} {'other':>9s} {'regions a/b/both':>17s}")
     for path in paths:
         try:
             image = read_image(path)
@@ -174,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             regions = record["regions"]
             print(f"{path.name[:40]:40s} {record['map_max_abs_diff']:9.3g} {record['map_relative_diff']:8.2g} "
+                  f"{100 * record['map_differing_pixel_share']:7.3f}% "
                   f"{record['score']:9.4g} {record['other_score']:9.4g} "
                   f"{regions['only_faithful']:5d}/{regions['only_other']}/{regions['matched']}")
         images.append(record)

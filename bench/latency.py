@@ -384,6 +384,7 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
                   notes: list[str]) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Rebuild, check and time the reference (in its own process: bench/reference/worker.py says
     why); returns its record and the runtime timings paired with it."""
+    from bench.reference.compare import compare_to_reference
     from bench.reference.worker import ReferenceProcess, ReferenceProcessError
 
     try:
@@ -404,10 +405,7 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
             stats = reference.stats()
         except ReferenceProcessError as err:
             raise BenchError(f"--reference failed: {err}") from None
-    runtime_map = call()
-    key = "saliency_map" if pipeline.saliency_only else "anomaly_map"
-    ref_map, run_map = ref_outputs[-1][key], getattr(runtime_map, key)
-    diff = float(np.max(np.abs(np.asarray(ref_map, np.float64) - run_map))) if ref_map.shape == run_map.shape else None
+    comparison = compare_to_reference(ref_outputs[-1], call(), pipeline.config.top_k)
     ref_timings = [o["timings_ms"] for o in ref_outputs]
     notes.append("reference: " + "; ".join(reference.ready["notes"]))
     notes.append("reference ran in its own process (torch's and numba's OpenMP runtimes slow each other in one)")
@@ -418,8 +416,9 @@ def run_reference(args: argparse.Namespace, pipeline: Any, image: np.ndarray, ca
         "stages": {stage: summarize([t[stage] for t in ref_timings if stage in t])
                    for stage in REFERENCE_STAGES if any(stage in t for t in ref_timings)},
         "parity_max_abs_diff": reference.ready["parity"],
-        "map_max_abs_diff": diff,
-        "map": "saliency" if pipeline.saliency_only else "anomaly",
+        "map_max_abs_diff": comparison["max_abs_diff"],
+        "map": comparison["map"],
+        "comparison": comparison,  # bench/reference/compare.py: how much of the map differs, and the boxes
         "peak_rss_mb": round(stats["peak_rss_mb"], 1),  # the reference process
         "gpu_memory_peak_mb": None if stats["gpu_memory_peak_mb"] is None else round(stats["gpu_memory_peak_mb"], 1),
         "_timings": ref_timings,
@@ -477,7 +476,23 @@ def format_table(record: dict[str, Any]) -> str:
     if record["speedup_vs_reference"] is not None:
         lines.append(f"speed-up vs the PyTorch reference: {record['speedup_vs_reference']:.1f}x (reference p50 / runtime p50 "
                      "over calls alternating with it: 'paired p50')")
-    return "\n".join(lines)
+        lines.append(format_comparison(record["reference"].get("comparison")))
+    return "\n".join(line for line in lines if line)
+
+
+def format_comparison(comparison: dict[str, Any] | None) -> str:
+    """One line on how far the runtime's last answer is from the reference's (bench/reference/compare.py)."""
+    if not comparison or comparison.get("max_abs_diff") is None:
+        return ""
+    line = (f"against the reference, {comparison['map']} map: max |diff| {comparison['max_abs_diff']:.3g}, "
+            f"mean {comparison['mean_abs_diff']:.3g}, {100 * comparison['differing_pixel_share']:.3f}% of pixels differ")
+    boxes = comparison.get("boxes")
+    if boxes:
+        score = boxes["matched_score_max_abs_diff"]
+        line += (f"; boxes to SAM {boxes['runtime_boxes']} (reference {boxes['reference_boxes']}), "
+                 f"{boxes['matched']} the same" + (f" (scores within {score:.2g})" if score is not None else "")
+                 + f", top-k {'the same' if boxes['same_top_k'] else 'differs'}")
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:

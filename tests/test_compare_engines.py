@@ -33,6 +33,7 @@ def test_the_same_engines_under_a_switch_that_changes_nothing_agree_exactly(full
     report = json.loads(out.read_text())
     summary = report["summary"]
     assert summary["images"] == 1 and summary["map_max_abs_diff"] == 0.0 and summary["labels_agree"] == 1
+    assert summary["map_differing_pixel_share_max"] == 0.0
     assert summary["regions_only_faithful"] == summary["regions_only_other"] == 0 and summary["regions_matched"] > 0
     assert report["other_env"] == {"SAA_STATIC_SHAPES": "0"} and "SAA_STATIC_SHAPES" not in os.environ
 
@@ -59,6 +60,7 @@ def test_joined_captions_are_compared_with_the_reference_algorithm(full_tiny_eng
     assert report["other_options"] == {"joined_captions": True}
     (image,) = report["images"]
     assert image["map_max_abs_diff"] > 0  # another algorithm: other detections
+    assert 0 < image["map_differing_pixel_share"] <= 1
 
 
 def test_a_bad_other_option_is_one_line(full_tiny_engine_dir, capsys):

@@ -2,7 +2,7 @@
 
     with ReferenceProcess(engine_dir, config, device="cpu", threads=2) as reference:
         reference.ready             # {"parity": ..., "notes": [...]} (ReferenceLoadError text on failure)
-        out = reference(image)      # {"timings_ms": {...}, "anomaly_map": ..., "saliency_map": ...}
+        out = reference(image)      # {"timings_ms": {...}, "anomaly_map": ..., "saliency_map": ..., "defect_boxes": ...}
 
 Why a process (a fresh interpreter): torch ships its own libgomp and numba's OpenMP threading layer loads the
 system's; with both in one process the reference's GroundingDINO ran ~10x slower after a single
@@ -73,7 +73,8 @@ def _serve(conn: Connection) -> None:
             with torch.inference_mode():
                 out = reference(message[1])
             conn.send(("done", {"timings_ms": dict(out.timings_ms), "anomaly_map": getattr(out, "anomaly_map", None),
-                                "saliency_map": out.saliency_map}))
+                                "saliency_map": out.saliency_map, "defect_boxes": getattr(out, "defect_boxes", None),
+                                "defect_scores": getattr(out, "defect_scores", None)}))
     except Exception:  # anything else: the parent gets the traceback as text, not a hung pipe
         conn.send(("error", traceback.format_exc()))
 
