@@ -152,7 +152,8 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         models += gdino.export_grounding_dino(detector, tmp, args.detector_size, tokenizer,
                                               source=_weights_source(args.gdino_checkpoint, args.random_init,
                                                                      size="tiny" if args.tiny else "swin-t", seed=0,
-                                                                     **_gdino_damping(args)))
+                                                                     **_gdino_damping(args)),
+                                              parity=getattr(args, "parity", "full"))
         preprocess["gdino"] = gdino.preprocess_record(args.detector_size, detector)
         del detector
 
@@ -208,6 +209,7 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         "size": size,
         "random_init": bool(args.random_init),
         "precision": precision,
+        "parity_checks": getattr(args, "parity", "full"),  # export --parity: how many cases each graph was checked on
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "models": entries,

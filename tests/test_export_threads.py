@@ -49,3 +49,9 @@ def test_threads_below_one_stop_before_any_work(tmp_path, capsys, value):
 def test_limit_cpu_threads_refuses_zero(restored_threads):
     with pytest.raises(common.ExportError, match="at least 1, got 0"):
         common.limit_cpu_threads(0)
+
+
+def test_the_parity_level_is_recorded_in_the_manifest(tmp_path, restored_threads):
+    out = tmp_path / "engines"
+    assert main(["--profile", "lite", "--parity", "quick", "--threads", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["parity_checks"] == "quick"

@@ -172,6 +172,17 @@ def test_head_parity_accepts_near_tie_reordering_only(model, tokenizer):
                 G._head_parity(head, feeds, other, gap / 2, "real disagreement")
 
 
+def test_quick_parity_checks_the_image_graph_and_head_on_the_other_input_only(model, exported, tmp_path):
+    tokenizer_json = exported[0] / "tokenizer.json"
+    models = {m.name: m for m in G.export_grounding_dino(model, tmp_path / "quick", G.TINY_IMAGE_HW, tokenizer_json,
+                                                          parity="quick")}
+    cases = {name: [c["case"] for c in m.parity["cases"]] for name, m in models.items()}
+    assert cases[GDINO_IMAGE] == ["padded right quarter"] and cases[GDINO_HEAD] == ["P=3 L=12"]
+    assert len(cases[GDINO_TEXT]) == 3 and all(m.parity["passed"] for m in models.values())
+    with pytest.raises(ExportError, match="parity must be one of"):
+        G.export_grounding_dino(model, tmp_path / "none", G.TINY_IMAGE_HW, tokenizer_json, parity="none")
+
+
 def test_engine_too_small_for_900_queries(model, exported):
     with pytest.raises(ExportError, match="fewer than the 900 queries"):
         G.export_grounding_dino(model, exported[0] / "small", (160, 160), exported[0] / "tokenizer.json")
