@@ -476,8 +476,10 @@ def format_table(record: dict[str, Any]) -> str:
     if record["speedup_vs_reference"] is not None:
         lines.append(f"speed-up vs the PyTorch reference: {record['speedup_vs_reference']:.1f}x (reference p50 / runtime p50 "
                      "over calls alternating with it: 'paired p50')")
-        lines.append(format_comparison(record["reference"].get("comparison")))
-    return "\n".join(line for line in lines if line)
+        comparison = format_comparison(record["reference"].get("comparison"))
+        if comparison:
+            lines.append(comparison)
+    return "\n".join(lines)
 
 
 def format_comparison(comparison: dict[str, Any] | None) -> str:
