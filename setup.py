@@ -1,5 +1,6 @@
 """SAA+ edge runtime: export (torch, once per machine) and runtime (no torch)."""
 import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -33,24 +34,55 @@ VERSION = "0.1.0"
 # A plain shared library, not a Python extension: runtime/capi/build.py (stdlib only, loaded by
 # path since nothing is installed yet) holds the compile command.
 CAPI = Extension("runtime.capi.libsaa", sources=["runtime/capi/saa.c"], depends=["runtime/capi/saa.h"])
+# --- onnxruntime custom ops (runtime/ops): libsaa_ops.so, the CPU kernels, compiled with the system
+# C++ compiler, and libsaa_ops_cuda.so (CPU + CUDA kernels) where nvcc is found; runtime/ops/build.py
+# holds the commands.
+OPS_DEPENDS = ["runtime/ops/msda.h", "runtime/ops/msda_element.h", "runtime/ops/include/onnxruntime_c_api.h", "runtime/ops/build.py"]
+OPS = Extension("runtime.ops.libsaa_ops", sources=["runtime/ops/saa_ops.cc"], depends=OPS_DEPENDS)
+OPS_CUDA = Extension("runtime.ops.libsaa_ops_cuda", sources=["runtime/ops/saa_ops.cc", "runtime/ops/msda_cuda.cu"],
+                     depends=OPS_DEPENDS)
+# plain shared libraries, each with the build.py that compiles it
+LIBRARIES = {"libsaa": "runtime/capi/build.py", "libsaa_ops": "runtime/ops/build.py", "libsaa_ops_cuda": "runtime/ops/build.py"}
 
 
-class BuildExtWithCapi(build_ext):
+def _load_builder(relative: str):
+    """A build.py loaded by path: nothing is installed yet, and it needs the standard library only."""
+    path = Path(__file__).resolve().parent / relative
+    spec = importlib.util.spec_from_file_location("_saa_build_" + path.parent.name, path)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder
+
+
+class BuildSharedLibraries(build_ext):
     def get_ext_filename(self, fullname: str) -> str:
         parts = fullname.split(".")  # called with the full name and with the last part only
-        if parts[-1] == "libsaa":
-            return str(Path(*parts[:-1], "libsaa.so"))
+        if parts[-1] in LIBRARIES:
+            return str(Path(*parts[:-1], parts[-1] + ".so"))
         return super().get_ext_filename(fullname)
 
     def build_extension(self, ext: Extension) -> None:
-        if ext.name != CAPI.name:
+        short = ext.name.rsplit(".", 1)[-1]
+        if short not in LIBRARIES:
             return super().build_extension(ext)
-        path = Path(__file__).resolve().parent / "runtime" / "capi" / "build.py"
-        spec = importlib.util.spec_from_file_location("_saa_capi_build", path)
-        builder = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(builder)
-        builder.build_library(Path(self.get_ext_fullpath(ext.name)), version=VERSION)
-# --- end C ABI
+        builder = _load_builder(LIBRARIES[short])
+        output = Path(self.get_ext_fullpath(ext.name))
+        if short == "libsaa":
+            builder.build_library(output, version=VERSION)
+        elif short == "libsaa_ops":
+            builder.build_cpu(output)
+        else:
+            try:
+                builder.build_cuda(output)
+            except builder.BuildError as err:
+                raise SystemExit(f"{err}\nSet SAA_BUILD_CUDA_OPS=0 to install without the CUDA kernels "
+                                 "(GPUs then run the op on the CPU)") from None
+
+
+def _cuda_ops_wanted() -> bool:
+    """Build the CUDA library where nvcc is found, unless SAA_BUILD_CUDA_OPS=0."""
+    return os.environ.get("SAA_BUILD_CUDA_OPS", "1") != "0" and _load_builder(LIBRARIES["libsaa_ops_cuda"]).nvcc_path() is not None
+# --- end C ABI and custom ops
 
 
 setup(
@@ -58,10 +90,11 @@ setup(
     version=VERSION,
     description="Zero-shot industrial anomaly segmentation (SAA+) on ONNX Runtime",
     packages=find_packages(include=["runtime", "runtime.*", "export", "export.*", "bench", "bench.*"]),
-    package_data={"runtime": ["data/prompts/*.json", "data/graphs/*.onnx", "capi/*.h", "capi/*.c"]},
+    package_data={"runtime": ["data/prompts/*.json", "data/graphs/*.onnx", "capi/*.h", "capi/*.c", "ops/*.h", "ops/*.cc", "ops/*.cu",
+                              "ops/include/*.h"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={"export": EXPORT, "test": TEST, "all": EXPORT + TEST},
-    ext_modules=[CAPI],
-    cmdclass={"build_ext": BuildExtWithCapi},
+    ext_modules=[CAPI, OPS] + ([OPS_CUDA] if _cuda_ops_wanted() else []),
+    cmdclass={"build_ext": BuildSharedLibraries},
 )

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from runtime import ops
+
 OPSET = 17  # grid_sample (deformable attention) needs >= 16; LayerNormalization is native from 17
 
 
@@ -169,6 +171,7 @@ def cpu_session_options(threads: int = 0) -> ort.SessionOptions:
     if threads or _CPU_THREADS:
         options.intra_op_num_threads = threads or _CPU_THREADS
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    ops.register(options)  # heads traced with --deformable-attention fused use the saa.edge ops
     return options
 
 
@@ -222,7 +225,8 @@ PRECISIONS = ("fp32", "fp16")
 # the deformable-attention grid_sample need fp32 inputs; the manual LayerNorm2d of SAM's neck is
 # ReduceMean/Pow/Sqrt; the saliency's L2 normalisation is ReduceL2).
 FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "InstanceNormalization", "Softmax", "GridSample",
-            "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Exp", "Log", "Erf", "TopK", "CumSum", "Range")
+            "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Exp", "Log", "Erf", "TopK", "CumSum", "Range",
+            "MultiScaleDeformableAttention")  # the last: the runtime's custom op (runtime/ops) has fp32 kernels only
 # onnxruntime's own LayerNormalization, Softmax and Erf kernels take fp16 in and out and accumulate
 # in fp32 (CUDA; the CPU provider converts too). In the graphs where most of their traffic is, their
 # inputs are fp16 products already, so an fp32 island only adds two Casts and a pass in fp32: SAM

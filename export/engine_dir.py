@@ -106,6 +106,12 @@ def _gdino_damping(args: argparse.Namespace) -> dict[str, Any]:
     return {"score_damping": dict(RANDOM_FULL_SIZE_DAMPING)}
 
 
+def deformable_attention(args: argparse.Namespace) -> str:
+    """The head's deformable-attention form: as asked, else "fused" (the runtime's custom op, compiled
+    at install), or "standard" with --trt (TensorRT has no plugin for the custom op)."""
+    return getattr(args, "deformable_attention", None) or ("standard" if getattr(args, "trt", False) else "fused")
+
+
 def export_engines(args: argparse.Namespace) -> Path:
     global _START
     _START = time.monotonic()
@@ -121,6 +127,11 @@ def export_engines(args: argparse.Namespace) -> Path:
         limit_cpu_threads(args.threads)
     if getattr(args, "trt", False):
         from .common import require_tensorrt
+
+        if getattr(args, "deformable_attention", None) == "fused":
+            raise ExportError("--trt with --deformable-attention fused: TensorRT has no plugin for the runtime's "
+                              "custom op saa.edge::MultiScaleDeformableAttention; use --deformable-attention standard "
+                              "with --trt (onnxruntime's TensorRT provider runs a fused head, the op on CUDA)")
 
         require_tensorrt()  # before minutes of export work
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if str(out.parent) else "."))
@@ -153,7 +164,8 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                                               source=_weights_source(args.gdino_checkpoint, args.random_init,
                                                                      size="tiny" if args.tiny else "swin-t", seed=0,
                                                                      **_gdino_damping(args)),
-                                              parity=getattr(args, "parity", "full"))
+                                              parity=getattr(args, "parity", "full"),
+                                              deformable_attention=deformable_attention(args))
         preprocess["gdino"] = gdino.preprocess_record(args.detector_size, detector)
         del detector
 

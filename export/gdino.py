@@ -75,7 +75,8 @@ from runtime.manifest import (
 from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
-from .gdino_forms import IMAGE_TRACE_FORMS, trace_forms
+from .gdino_forms import DEFORMABLE_ATTENTIONS, FUSED_OP_DOMAIN, IMAGE_TRACE_FORMS, trace_forms
+from .gdino_forms import deformable_attention as gdino_deformable_attention
 
 SIZES = ("swin-t", "tiny")
 
@@ -564,6 +565,7 @@ def export_grounding_dino(
     tolerances: dict[str, float] | None = None,
     source: dict[str, Any] | None = None,
     parity: str = "full",
+    deformable_attention: str = "standard",
 ) -> list[ExportedModel]:
     """Write gdino_text/gdino_image/gdino_head.onnx to out_dir, each checked against PyTorch.
 
@@ -573,9 +575,20 @@ def export_grounding_dino(
     parity "quick" keeps, for the image graph and the head, only the case that is furthest from
     the trace (other pixels, padded; P = 3 prompts of other lengths): at full size on 2 cores
     this export took 68 s instead of 98 s (PARITY_LEVELS).
+    deformable_attention "fused" traces the head's deformable sampling and weighted sum as the
+    runtime's custom op (export.gdino_forms.FusedDeformableSum): onnxruntime then needs the
+    runtime's op library (runtime/ops) to run the head, and the manifest says so.
     """
     if parity not in PARITY_LEVELS:
         raise ExportError(f"parity must be one of {PARITY_LEVELS}, got {parity!r}")
+    if deformable_attention not in DEFORMABLE_ATTENTIONS:
+        raise ExportError(f"deformable attention must be one of {DEFORMABLE_ATTENTIONS}, got {deformable_attention!r}")
+    if deformable_attention == "fused":
+        from runtime import ops
+
+        if ops.library_for("cpu") is None:  # the parity check runs the head in onnxruntime on the CPU
+            raise ExportError(f"--deformable-attention fused needs the runtime's op library ({ops.CPU_LIBRARY.name}), "
+                              "which is not built: python -m runtime.ops.build (needs a C++ compiler)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tolerances = {**TOLERANCES, **(tolerances or {})}
@@ -619,7 +632,7 @@ def export_grounding_dino(
 
     trace_head = head_feeds(trace_text, trace_image)
     # Traced with the cheaper forms of export.gdino_forms; checked below against transformers' own forward.
-    with trace_forms(model):
+    with trace_forms(model), gdino_deformable_attention(deformable_attention):
         export_onnx(
             head_module, tuple(torch.from_numpy(a) for a in trace_head), files[GDINO_HEAD], HEAD_INPUTS, HEAD_OUTPUTS,
             {"text_features": token_axes, "text_token_mask": token_axes, "text_position_ids": token_axes,
@@ -662,6 +675,10 @@ def export_grounding_dino(
         info = dict(source or {})
         if name != GDINO_TEXT:
             info["image_hw"] = [height, width]
+        if name == GDINO_HEAD:
+            info["deformable_attention"] = deformable_attention
+            if deformable_attention == "fused":
+                info["custom_ops"] = [f"{FUSED_OP_DOMAIN}::MultiScaleDeformableAttention"]
         exported.append(ExportedModel(name=name, file=path.name, inputs=inputs, outputs=outputs,
                                       parity=parity_record(records, tolerances[name]), source=info))
     return exported

@@ -5,7 +5,9 @@ traced graph equals transformers' forward to float rounding; `export_grounding_d
 the exported head against the original modules, and the reference never uses these.
 
 - `FoldedDeformableAttention`: the deformable attention with its sampling-grid arithmetic
-  folded into the offset Linear and its weighted sum taken per level.
+  folded into the offset Linear, and its sampling and weighted sum either as standard ops (one
+  grid_sample per level and point) or as one node of the runtime's custom op (`FusedDeformableSum`,
+  `export --deformable-attention fused`, the default).
 - `ReassociatedBiAttention`: the fusion layer's image-text attention with its three image-side
   projections (256 -> 1024 on every image position) folded into the few text tokens.
 - `ConcatPaddedSwinLayer` (the image graph): Swin's window padding written as Concats with zeros
@@ -25,6 +27,41 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
 from transformers.models.swin.modeling_swin import SwinLayer
 
 from .common import pad_right_bottom
+
+
+class FusedDeformableSum(torch.autograd.Function):
+    """The sampling and weighted sum as one node of the runtime's custom op
+    saa.edge::MultiScaleDeformableAttention (runtime/ops/msda.h, compiled with the runtime).
+
+    value [B, S, H, d], grids [B, Q, H, L, P, 2] in grid_sample's [-1, 1] convention, weights
+    [B, Q, H, L, P] -> [B, Q, H*d]. In PyTorch it runs transformers' own sum (grid_sample per
+    level, align_corners=False, zeros outside), so the export's parity check compares the op
+    against that."""
+
+    @staticmethod
+    def forward(ctx, value, grids, weights, spatial_shapes_list):  # noqa: ARG004 (ctx: autograd's)
+        batch, positions, heads, channels = value.shape
+        _, queries, _, levels, points, _ = grids.shape
+        sums = value.new_zeros(batch * heads, channels, queries)
+        start = 0
+        for level, (height, width) in enumerate(spatial_shapes_list):
+            level_values = value[:, start:start + height * width].permute(0, 2, 3, 1).reshape(batch * heads, channels, height, width)
+            start += height * width
+            grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P, 2]
+            sampled = nn.functional.grid_sample(level_values, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            weight = weights[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P]
+            sums = sums + (sampled * weight[:, None]).sum(-1)
+        return sums.view(batch, heads * channels, queries).transpose(1, 2)
+
+    @staticmethod
+    def symbolic(g, value, grids, weights, spatial_shapes_list):
+        flat = [int(size) for shape in spatial_shapes_list for size in shape]
+        out = g.op(f"{FUSED_OP_DOMAIN}::MultiScaleDeformableAttention", value, grids, weights, spatial_shapes_i=flat)
+        out.setType(value.type().with_sizes([None, None, None]))  # float [B, Q, H*d]: ONNX cannot infer a custom op's
+        return out
+
+
+FUSED_OP_DOMAIN = "saa.edge"  # runtime.ops.DOMAIN (not imported: runtime.ops needs no torch, this module no runtime)
 
 
 class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
@@ -50,7 +87,7 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
       transposed), the layout grid sampling needs, instead of projected and then transposed.
     """
 
-    WEIGHTED_SUM = "per_point"  # or "per_level": the export's first form (A/B runs only)
+    WEIGHTED_SUM = "per_point"  # "per_level": the export's first form (A/B runs only); "fused": the custom op
 
     @staticmethod
     def _levels(value: torch.Tensor, spatial_shapes_list) -> Iterator[torch.Tensor]:
@@ -100,10 +137,17 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         head_dim = self.d_model // heads
 
-        value = torch.matmul(self.value_proj.weight, encoder_hidden_states.transpose(1, 2)) + self.value_proj.bias[:, None]  # [B,D,S]
-        if attention_mask is not None:
-            value = value.masked_fill(~attention_mask[:, None, :], 0.0)
-        value = value.view(batch * heads, head_dim, -1)
+        fused = self.WEIGHTED_SUM == "fused"
+        if fused:  # the op reads each position's channels together: rows, as the Linear gives them
+            value = self.value_proj(encoder_hidden_states)  # [B,S,D]
+            if attention_mask is not None:
+                value = value.masked_fill(~attention_mask[:, :, None], 0.0)
+            value = value.view(batch, -1, heads, head_dim)
+        else:
+            value = torch.matmul(self.value_proj.weight, encoder_hidden_states.transpose(1, 2)) + self.value_proj.bias[:, None]  # [B,D,S]
+            if attention_mask is not None:
+                value = value.masked_fill(~attention_mask[:, None, :], 0.0)
+            value = value.view(batch * heads, head_dim, -1)
 
         weights = self.attention_weights(hidden_states).view(batch, queries, heads, levels * points).softmax(-1)
         weights = weights.view(batch, queries, heads, levels, points)
@@ -127,6 +171,9 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
         else:
             raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
+        if fused:
+            output = FusedDeformableSum.apply(value, grids, weights, [tuple(int(v) for v in s) for s in spatial_shapes_list])
+            return self.output_proj(output), weights
         weighted_sum = {"per_point": self._sum_per_point, "per_level": self._sum_per_level}[self.WEIGHTED_SUM]
         output = weighted_sum(value, grids, weights, spatial_shapes_list)
         output = self.output_proj(output.view(batch, self.d_model, queries).transpose(1, 2))
@@ -222,6 +269,23 @@ TRACE_FORMS: dict[type, type] = {
     GroundingDinoMultiscaleDeformableAttention: FoldedDeformableAttention,
 }
 IMAGE_TRACE_FORMS: dict[type, type] = {SwinLayer: ConcatPaddedSwinLayer}  # the image graph's
+
+
+DEFORMABLE_ATTENTIONS = ("standard", "fused")  # export --deformable-attention
+
+
+@contextmanager
+def deformable_attention(form: str) -> Iterator[None]:
+    """Inside the block, FoldedDeformableAttention sums with standard ONNX ops ("standard": one
+    grid_sample per level and point) or with the runtime's custom op ("fused")."""
+    if form not in DEFORMABLE_ATTENTIONS:
+        raise ValueError(f"deformable attention form must be one of {DEFORMABLE_ATTENTIONS}, got {form!r}")
+    before = FoldedDeformableAttention.WEIGHTED_SUM
+    FoldedDeformableAttention.WEIGHTED_SUM = "fused" if form == "fused" else "per_point"
+    try:
+        yield
+    finally:
+        FoldedDeformableAttention.WEIGHTED_SUM = before
 
 
 @contextmanager

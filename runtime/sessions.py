@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from . import ops
 from .errors import ConfigError, EngineError, engine_failure
 
 DEVICES = ("cpu", "cuda", "tensorrt")
@@ -219,8 +220,14 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
             for name, value in (fixed_dims or {}).items():
                 options.add_free_dimension_override_by_name(name, int(value))
             _profile_if_asked(options, path.stem)
+            ops.register(options, device)  # the saa.edge custom ops, for heads exported with them
             return ort.InferenceSession(str(path), options, providers=providers)
+        except EngineError:
+            raise
         except Exception as err:  # onnxruntime raises several private exception types
+            missing_op = ops.explain_missing(str(err), device)
+            if missing_op:
+                raise EngineError(f"{path}: cannot load engine: {missing_op}") from None
             raise engine_failure(f"{path}: cannot load engine", err) from None
 
     make_session.fixes_dims = True  # type: ignore[attr-defined]  # callers check before passing fixed_dims

@@ -36,4 +36,4 @@ def data_dir() -> Path:
     return DATA
 
 
-from conftest_engines import full_tiny_engine_dir, lite_engine_dir  # noqa: E402,F401  (shared session fixtures)
+from conftest_engines import full_tiny_engine_dir, full_tiny_standard_engine_dir, lite_engine_dir  # noqa: E402,F401  (shared session fixtures)

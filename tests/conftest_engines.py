@@ -23,6 +23,9 @@ LITE_ARGS = ("--profile", "lite")
 # 224x224: the smallest detector input with more image positions than GroundingDINO's 900 queries.
 FULL_TINY_ARGS = ("--profile", "full", "--tiny", "--random-init", "--detector-size", "224x224")
 
+# The same, with GroundingDINO's deformable attention in standard ONNX ops instead of the runtime's custom op.
+FULL_TINY_STANDARD_ARGS = FULL_TINY_ARGS + ("--deformable-attention", "standard")
+
 _exported: dict[tuple[str, ...], Path] = {}
 
 
@@ -63,3 +66,10 @@ def lite_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def full_tiny_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`full` profile with tiny random-weight GroundingDINO and SAM: the whole pipeline, fast."""
     return session_engines(tmp_path_factory, FULL_TINY_ARGS, "full_tiny", "SAA_TEST_FULL_TINY_ENGINES")
+
+
+@pytest.fixture(scope="session")
+def full_tiny_standard_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`full` tiny, its head exported with --deformable-attention standard (grid_sample, no custom op)."""
+    return session_engines(tmp_path_factory, FULL_TINY_STANDARD_ARGS, "full_tiny_standard",
+                           "SAA_TEST_FULL_TINY_STANDARD_ENGINES")

@@ -12,8 +12,8 @@ from bench.device import op_forms  # noqa: E402
 def test_every_case_exports_agreeing_forms_and_times_them(monkeypatch, tmp_path):
     monkeypatch.setattr(op_forms, "LEVELS", ((8, 8), (4, 4), (2, 2), (1, 1)))
     small = {
-        "window_pad": lambda captions: op_forms._window_pad_case(channels=16, size=20, window=14),
-        "sam_attention": lambda captions: op_forms._sam_attention_case(dim=32, heads=2, size=8),
+        "window_pad": lambda captions, device: op_forms._window_pad_case(channels=16, size=20, window=14),
+        "sam_attention": lambda captions, device: op_forms._sam_attention_case(dim=32, heads=2, size=8),
         "deformable_sum": op_forms._deformable_case,
     }
     monkeypatch.setattr(op_forms, "CASES", small)
@@ -22,7 +22,7 @@ def test_every_case_exports_agreeing_forms_and_times_them(monkeypatch, tmp_path)
     report = json.loads(out.read_text())
     assert set(report["cases"]) == set(small)
     expected_forms = {"window_pad": {"pad", "concat"}, "sam_attention": {"plain", "mha", "augmented"},
-                      "deformable_sum": {"per_point", "per_level"}}
+                      "deformable_sum": {"per_point", "per_level", "fused"}}  # fused: the op library is built
     for case, record in report["cases"].items():
         assert set(record["forms"]) == expected_forms[case]
         assert all(form["p50_ms"] > 0 for form in record["forms"].values())

@@ -48,6 +48,23 @@ def test_joined_captions_match_the_reference_joined(full_models, full_tiny_engin
     assert_matches(build_reference(full_models, config), pipeline, data_dir)
 
 
+def test_full_tiny_head_uses_the_fused_op_by_default(full_tiny_engine_dir):
+    head = mf.load_manifest(full_tiny_engine_dir).models["gdino_head"]
+    assert head["source"]["deformable_attention"] == "fused"
+    assert head["source"]["custom_ops"] == ["saa.edge::MultiScaleDeformableAttention"]
+
+
+def test_standard_deformable_attention_matches_the_reference(full_tiny_standard_engine_dir, data_dir):
+    """A head exported with --deformable-attention standard (grid_sample per level and point,
+    no custom op) against transformers' own deformable attention in the reference."""
+    manifest = mf.load_manifest(full_tiny_standard_engine_dir)
+    assert manifest.models["gdino_head"]["source"]["deformable_attention"] == "standard"
+    assert "custom_ops" not in manifest.models["gdino_head"]["source"]
+    config = load_shipped_config("mvtec", "bottle")
+    models = load_reference_models(full_tiny_standard_engine_dir)
+    assert_matches(build_reference(models, config), Pipeline(manifest, config), data_dir)
+
+
 def assert_matches(reference, pipeline, data_dir) -> None:
     for name, image in square_images(data_dir).items():
         expected = reference(image)

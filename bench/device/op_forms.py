@@ -10,8 +10,9 @@ captures). Cases:
 
 - `deformable_sum`: one GroundingDINO encoder layer's deformable attention at Swin-T 800x800
   (13294 queries, 8 heads, 4 levels x 4 points), a batch of `--captions`: the weighted sum of
-  the samples `per_point` (the export's form) or `per_level` (a ReduceSum over 4 points; its
-  CUDA kernel held 68.7 ms of the head's 156 on an H200).
+  the samples `per_point` (the export's standard form), `per_level` (a ReduceSum over 4 points;
+  its CUDA kernel held 68.7 ms of the head's 156 on an H200) or `fused` (the runtime's custom op,
+  `export --deformable-attention fused`; timed where its library is built: runtime/ops).
 - `window_pad`: SAM ViT-H's window partition padding (64 -> 70 positions, 1280 channels,
   fp16 on CUDA) as `pad` (F.pad: onnxruntime's Pad kernel held 16.6 ms of ViT-H's encoder) or
   `concat` (zeros concatenated, the export's form).
@@ -40,7 +41,7 @@ if str(REPO) not in sys.path:
 LEVELS = ((100, 100), (50, 50), (25, 25), (13, 13))  # Swin-T features of an 800x800 input
 
 
-def _deformable_case(captions: int = 5, seed: int = 0) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+def _deformable_case(captions: int = 5, seed: int = 0, device: str = "cpu") -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
     import torch
     from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMultiscaleDeformableAttention
 
@@ -82,10 +83,17 @@ def _deformable_case(captions: int = 5, seed: int = 0) -> tuple[dict[str, Callab
         "position": rng.standard_normal((captions, positions, config.d_model), dtype=np.float32),
         "references": rng.random((captions, positions, len(LEVELS), 2), dtype=np.float32),
     }
-    return {form: (lambda form=form: Layer(form)) for form in ("per_point", "per_level")}, feeds
+    forms = ["per_point", "per_level"]
+    from runtime import ops
+
+    if ops.library_for(device) is not None:  # the custom op (export --deformable-attention fused)
+        forms.append("fused")
+    else:
+        print("  deformable_sum: no saa.edge op library built (python -m runtime.ops.build [--cuda]): 'fused' not timed")
+    return {form: (lambda form=form: Layer(form)) for form in forms}, feeds
 
 
-def _window_pad_case(captions: int = 1, channels: int = 1280, size: int = 64, window: int = 14) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+def _window_pad_case(captions: int = 1, device: str = "cpu", channels: int = 1280, size: int = 64, window: int = 14) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
     import torch
 
     from export.common import pad_right_bottom
@@ -107,7 +115,7 @@ def _window_pad_case(captions: int = 1, channels: int = 1280, size: int = 64, wi
     return {form: (lambda form=form: Layer(form)) for form in ("pad", "concat")}, feeds
 
 
-def _sam_attention_case(captions: int = 1, dim: int = 768, heads: int = 12, size: int = 64) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
+def _sam_attention_case(captions: int = 1, device: str = "cpu", dim: int = 768, heads: int = 12, size: int = 64) -> tuple[dict[str, Callable[[], Any]], dict[str, np.ndarray]]:
     import torch
     from segment_anything.modeling.image_encoder import Block
 
@@ -179,7 +187,7 @@ def run(device: str, captions: int, iters: int, cases: list[str]) -> dict[str, A
                               "captions": captions, "iters": iters, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            forms, feeds = CASES[case](captions=captions)
+            forms, feeds = CASES[case](captions=captions, device=device)
             fp16 = case in FP16_CASES and device != "cpu"
             rows: dict[str, Any] = {}
             outputs = {}

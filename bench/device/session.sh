@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session after the five wheel parts, in two calls on the same warm machine
 # (docs/latency.md, "GPU session"; 15 minutes of device time in all, the machine goes back 30 s idle):
-#   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side; tiny engines, the
+#   bench/device/session.sh prepare   setup; ViT-B and ViT-H fp16 exports side by side (the head's deformable
+#                                     attention as the runtime's custom op: carry runtime/ops/*.so); tiny engines, the
 #                                     gpu-marked tests and the export-form A/B (bench/device/op_forms.py)
 #                                     while they run                                 (about 7 min)
 #   bench/device/session.sh measure   ViT-B and ViT-H with CUDA graphs: bench.latency with the reference and
@@ -43,12 +44,22 @@ case "${1:?step: prepare | measure}" in
     echo "== $cpus CPUs: $share threads per full-size export, $rest for the rest" | tee -a "$log"
     # --parity quick: GroundingDINO's image graph and head checked on their furthest case only (its export
     # here: 68 s instead of 98 s); measure's --reference checks every graph again.
-    SAA_EXPORT_ARGS="${SAA_EXPORT_ARGS:-} --threads $share --parity quick" bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
-    SAA_EXPORT_ARGS="${SAA_EXPORT_ARGS:-} --threads $share --parity quick" bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
+    # The head's deformable attention as the runtime's custom op (runtime/ops; SAA_DEFORMABLE=standard for the
+    # grid_sample form): its two libraries are built here and carried (python -m runtime.ops.build [--cuda]).
+    deformable=${SAA_DEFORMABLE:-fused}
+    if [ "$deformable" = fused ]; then
+      for lib in runtime/ops/libsaa_ops.so $([ "$DEVICE" = cpu ] || echo runtime/ops/libsaa_ops_cuda.so); do
+        [ -f "$lib" ] || { echo "== $lib missing: build it here and carry it (docs/latency.md, GPU session)" | tee -a "$log"; exit 1; }
+      done
+    fi
+    exports="${SAA_EXPORT_ARGS:-} --threads $share --parity quick --deformable-attention $deformable"
+    SAA_EXPORT_ARGS="$exports" bash $run export vit_b fp16 >/dev/null 2>&1 & pid_b=$!
+    SAA_EXPORT_ARGS="$exports" bash $run export vit_h fp16 >/dev/null 2>&1 & pid_h=$!
     export OMP_NUM_THREADS=$rest NUMBA_NUM_THREADS=$rest  # torch and numba in the tiny export, the tests and op_forms
     echo "== tiny engines ($(left) s left)" | tee -a "$log"
     $PY -m export --profile full --tiny --random-init --detector-size 224x224 --threads "$rest" \
-      --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 | tail -3 | tee -a "$log"
+      --deformable-attention "$deformable" --tokenizer-zip .device/tokenizer.zip --out /tmp/eng-tiny --force 2>&1 \
+      | tail -3 | tee -a "$log"
     echo "== pytest -m gpu ($(left) s left)" | tee -a "$log"
     SAA_TEST_FULL_TINY_ENGINES=/tmp/eng-tiny timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider \
       -o faulthandler_timeout=200 tests 2>&1 | tail -60 | tee -a "$log"

@@ -1,0 +1,317 @@
+"""The saa.edge custom ops (runtime/ops): the compiled MultiScaleDeformableAttention against
+PyTorch's grid_sample sum, its errors, and the deformable-attention form traced with it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from runtime import ops
+from runtime.errors import EngineError
+from runtime.ops import build
+
+torch = pytest.importorskip("torch")
+
+LEVELS = ((12, 10), (6, 5), (3, 3))  # odd, non-square levels: rows and columns must not be swapped
+
+
+@pytest.fixture(scope="module")
+def cpu_library() -> Path:
+    """libsaa_ops.so, rebuilt first if it is older than its sources (pip install -e . builds it)."""
+    if build.is_stale(ops.CPU_LIBRARY):
+        build.build_cpu()
+    return ops.CPU_LIBRARY
+
+
+def op_model(levels=LEVELS) -> bytes:
+    node = helper.make_node("MultiScaleDeformableAttention", ["value", "grids", "weights"], ["out"], domain=ops.DOMAIN,
+                            spatial_shapes=[size for shape in levels for size in shape])
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("value", "grids", "weights")]
+    graph = helper.make_graph([node], "msda", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)])
+    return model.SerializeToString()
+
+
+def op_session(library: Path, levels=LEVELS, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(op_model(levels), options, providers=["CPUExecutionProvider"])
+
+
+def op_feeds(batch=2, queries=37, heads=3, channels=32, points=4, levels=LEVELS, spread=1.3, seed=0) -> dict[str, np.ndarray]:
+    """Grids over [-spread, spread]: beyond 1 some samples fall partly or wholly off their level."""
+    rng = np.random.default_rng(seed)
+    positions = sum(h * w for h, w in levels)
+    return {
+        "value": rng.standard_normal((batch, positions, heads, channels), dtype=np.float32),
+        "grids": rng.uniform(-spread, spread, (batch, queries, heads, len(levels), points, 2)).astype(np.float32),
+        "weights": rng.random((batch, queries, heads, len(levels), points), dtype=np.float32),
+    }
+
+
+def torch_sum(feeds: dict[str, np.ndarray], levels=LEVELS) -> np.ndarray:
+    from export.gdino_forms import FusedDeformableSum
+
+    args = [torch.from_numpy(feeds[name]) for name in ("value", "grids", "weights")]
+    return FusedDeformableSum.apply(*args, list(levels)).numpy()
+
+
+@pytest.mark.parametrize("channels", [32, 5])  # 32: the compiled fast path; 5: the general loop
+def test_cpu_op_equals_grid_sample_sum(cpu_library: Path, channels: int) -> None:
+    feeds = op_feeds(channels=channels)
+    got = op_session(cpu_library).run(["out"], feeds)[0]
+    expected = torch_sum(feeds)
+    assert got.shape == (2, 37, 3 * channels)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_cpu_op_reads_zeros_off_the_level(cpu_library: Path) -> None:
+    """A sample whose corners all lie off its level adds nothing; on the border, only the inside corners count."""
+    feeds = op_feeds(batch=1, queries=4, heads=1, channels=32, points=1, levels=((4, 4),))
+    feeds["grids"][0, :, 0, 0, 0] = [[5.0, 0.0], [0.0, -5.0], [1.0, 1.0], [-1.25, 0.0]]  # off, off, corner, edge
+    feeds["weights"][:] = 1.0
+    got = op_session(cpu_library, ((4, 4),)).run(["out"], feeds)[0]
+    np.testing.assert_allclose(got, torch_sum(feeds, ((4, 4),)), atol=1e-6)
+    assert not got[0, :2].any() and got[0, 2:].any()
+
+
+def test_cpu_op_is_the_same_on_one_thread_and_many(cpu_library: Path) -> None:
+    feeds = op_feeds(queries=301)  # several 64-row chunks, the last one short
+    one = op_session(cpu_library, threads=1).run(["out"], feeds)[0]
+    many = op_session(cpu_library, threads=2).run(["out"], feeds)[0]
+    np.testing.assert_array_equal(one, many)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda f: f.update(value=f["value"][:, :-1]), "positions, spatial_shapes add up to"),
+    (lambda f: f.update(weights=f["weights"][:, :, :, :, :2]), "weights must be"),
+    (lambda f: f.update(grids=f["grids"][..., :1]), "grids must be"),
+    (lambda f: f.update(value=f["value"][0]), "value must be"),
+    (lambda f: f.update(grids=f["grids"][:, :, :2], weights=f["weights"][:, :, :2]), "do not match value"),
+])
+def test_cpu_op_names_bad_shapes(cpu_library: Path, change, words: str) -> None:
+    feeds = op_feeds()
+    change(feeds)
+    with pytest.raises(Exception, match=words):
+        op_session(cpu_library).run(["out"], feeds)
+
+
+def test_cpu_op_refuses_bad_spatial_shapes(cpu_library: Path) -> None:
+    with pytest.raises(Exception, match="spatial_shapes"):
+        op_session(cpu_library, levels=((4, 0),)).run(["out"], op_feeds(levels=((4, 0),)))
+
+
+def test_library_choice_and_missing_library(cpu_library: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    assert ops.library_for("cpu") == cpu_library
+    monkeypatch.setenv("SAA_OPS_LIBRARY", str(tmp_path / "nothing.so"))
+    with pytest.raises(EngineError, match="SAA_OPS_LIBRARY"):
+        ops.library_for("cpu")
+    monkeypatch.delenv("SAA_OPS_LIBRARY")
+    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    monkeypatch.setattr(ops, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
+    assert ops.library_for("cpu") is None and ops.library_for("cuda") is None
+
+
+def test_a_fused_graph_without_the_library_says_what_to_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    from runtime.sessions import session_factory
+
+    path = tmp_path / "msda.onnx"
+    path.write_bytes(op_model())
+    session_factory("cpu")(path)  # loads with the library
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    with pytest.raises(EngineError, match=r"saa.edge::MultiScaleDeformableAttention .*python -m runtime.ops.build"):
+        session_factory("cpu")(path)
+
+
+def test_a_broken_library_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "libsaa_ops.so"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setenv("SAA_OPS_LIBRARY", str(broken))
+    with pytest.raises(EngineError, match="cannot load the custom-op library"):
+        ops.register(ort.SessionOptions())
+
+
+def test_build_reports_a_missing_compiler(tmp_path: Path) -> None:
+    with pytest.raises(build.BuildError, match="not found"):
+        build.build_cpu(tmp_path / "lib.so", compiler="no-such-compiler-here")
+    assert not list(tmp_path.iterdir())  # no partial file left
+
+
+# The CUDA kernel's per-element body, compiled for the CPU and looped over every output element.
+ELEMENT_HARNESS = r"""
+#include "msda_element.h"
+extern "C" void msda_all(const SaaMsdaShape* s, const float* value, const float* grids, const float* weights, float* out) {
+  const int64_t total = s->batch * s->queries * s->heads * s->channels;
+  for (int64_t index = 0; index < total; ++index) out[index] = saa_msda_element(s, value, grids, weights, index);
+}
+"""
+
+
+def test_cuda_kernel_body_equals_grid_sample_sum(tmp_path: Path) -> None:
+    """msda_element.h is what each CUDA thread runs; here it runs on the CPU against PyTorch."""
+    import ctypes
+    import subprocess
+
+    source = tmp_path / "harness.cc"
+    source.write_text(ELEMENT_HARNESS)
+    library = tmp_path / "harness.so"
+    subprocess.run(["c++", "-O1", "-shared", "-fPIC", f"-I{build.HERE}", str(source), "-o", str(library)], check=True)
+
+    class Shape(ctypes.Structure):  # msda.h's SaaMsdaShape
+        _fields_ = [(name, ctypes.c_int64) for name in ("batch", "positions", "heads", "channels", "queries", "levels",
+                                                         "points")] + [(name, ctypes.c_int64 * 8) for name in
+                                                                       ("height", "width", "start")]
+
+    for channels in (32, 5):
+        feeds = op_feeds(channels=channels)
+        batch, positions, heads, _ = feeds["value"].shape
+        _, queries, _, levels, points, _ = feeds["grids"].shape
+        shape = Shape(batch, positions, heads, channels, queries, levels, points)
+        start = 0
+        for level, (height, width) in enumerate(LEVELS):
+            shape.height[level], shape.width[level], shape.start[level] = height, width, start
+            start += height * width
+        out = np.zeros((batch, queries, heads * channels), np.float32)
+        pointer = ctypes.POINTER(ctypes.c_float)
+        ctypes.CDLL(str(library)).msda_all(ctypes.byref(shape), *(np.ascontiguousarray(feeds[n]).ctypes.data_as(pointer)
+                                                                   for n in ("value", "grids", "weights")),
+                                           out.ctypes.data_as(pointer))
+        np.testing.assert_allclose(out, torch_sum(feeds), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(build.nvcc_path() is None, reason="nvcc is not installed")
+def test_cuda_library_compiles_and_registers_beside_the_cpu_kernel(tmp_path: Path) -> None:
+    """nvcc builds the CPU + CUDA library; without a GPU its CPU kernel still serves the CPU provider."""
+    library = build.build_cuda(tmp_path / "libsaa_ops_cuda.so", archs=("90",))
+    feeds = op_feeds()
+    np.testing.assert_allclose(op_session(library).run(["out"], feeds)[0], torch_sum(feeds), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_op_equals_the_cpu_op(cpu_library: Path) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not ops.CUDA_LIBRARY.is_file():
+        pytest.skip("needs onnxruntime-gpu and libsaa_ops_cuda.so (python -m runtime.ops.build --cuda)")
+    feeds = op_feeds(batch=2, queries=513, heads=8, channels=32)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ops.CUDA_LIBRARY))
+    session = ort.InferenceSession(op_model(), options, providers=["CUDAExecutionProvider"])
+    got = session.run(["out"], feeds)[0]
+    np.testing.assert_allclose(got, op_session(cpu_library).run(["out"], feeds)[0], atol=2e-5, rtol=1e-5)
+
+
+# --- the deformable attention traced with the op ---------------------------------------------------------------
+
+
+ATTENTION_LEVELS = ((12, 10), (6, 5), (3, 3), (2, 2))  # GroundingDINO's 4 feature levels
+
+
+def _attention_case(reference_dims: int, levels=ATTENTION_LEVELS, batch: int = 2):
+    from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoMultiscaleDeformableAttention
+
+    from export.gdino import grounding_dino_config
+
+    torch.manual_seed(0)
+    config = grounding_dino_config("tiny")
+    attention = GroundingDinoMultiscaleDeformableAttention(config, num_heads=config.encoder_attention_heads,
+                                                           n_points=config.encoder_n_points).eval()
+    with torch.no_grad():
+        attention.sampling_offsets.weight.normal_(0, 0.05)
+        attention.sampling_offsets.bias.normal_(0, 2)
+    shapes = torch.tensor(levels)
+    positions = sum(h * w for h, w in levels)
+    queries = positions if reference_dims == 2 else 17
+    rng = np.random.default_rng(1)
+    feeds = {
+        "hidden": rng.standard_normal((batch, queries, config.d_model), dtype=np.float32),
+        "memory": rng.standard_normal((batch, positions, config.d_model), dtype=np.float32),
+        "mask": rng.random((batch, positions)) > 0.2,
+        "references": rng.random((batch, queries, len(levels), reference_dims), dtype=np.float32) * 0.9,
+    }
+    start = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+
+    def run(hidden, memory, mask, references):
+        return attention(hidden_states=hidden, attention_mask=mask, encoder_hidden_states=memory, position_embeddings=None,
+                         reference_points=references, spatial_shapes=shapes, spatial_shapes_list=list(levels),
+                         level_start_index=start)[0]
+
+    return run, attention, feeds
+
+
+@pytest.mark.parametrize("reference_dims", [2, 4])  # the encoder's points, the decoder's boxes
+def test_fused_form_equals_transformers_module_in_onnxruntime(cpu_library: Path, tmp_path: Path,
+                                                             reference_dims: int) -> None:
+    from export.common import export_onnx, ort_session
+    from export.gdino_forms import deformable_attention, trace_forms
+
+    run, attention, feeds = _attention_case(reference_dims)
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    with torch.no_grad():
+        expected = run(*args).numpy()
+
+    class Fused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention  # a submodule: its weights are traced as initialisers
+
+        def forward(self, *inputs):
+            with trace_forms(self.attention), deformable_attention("fused"):
+                return run(*inputs)
+
+    with torch.no_grad():
+        np.testing.assert_allclose(Fused()(*args).numpy(), expected, atol=1e-5)
+    path = tmp_path / "fused.onnx"
+    export_onnx(Fused(), args, path, list(feeds), ["out"])
+    graph = path.read_bytes()
+    assert b"MultiScaleDeformableAttention" in graph and b"GridSample" not in graph
+    got = ort_session(path).run(["out"], feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_deformable_attention_form_is_checked_and_restored() -> None:
+    from export.gdino_forms import FoldedDeformableAttention, deformable_attention
+
+    with pytest.raises(ValueError, match="standard"):
+        with deformable_attention("grid"):
+            pass
+    with deformable_attention("fused"):
+        assert FoldedDeformableAttention.WEIGHTED_SUM == "fused"
+    assert FoldedDeformableAttention.WEIGHTED_SUM == "per_point"
+
+
+def test_export_refuses_trt_with_the_fused_head(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from export.__main__ import main
+
+    out = tmp_path / "engines"
+    assert main(["--profile", "full", "--tiny", "--random-init", "--trt", "--deformable-attention", "fused",
+                 "--out", str(out)]) == 2
+    assert "TensorRT has no plugin" in capsys.readouterr().err and not out.exists()
+
+
+def test_export_of_a_fused_head_without_the_library_says_what_to_build(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    from export.common import ExportError
+    from export.gdino import export_grounding_dino
+
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    with pytest.raises(ExportError, match="python -m runtime.ops.build"):
+        export_grounding_dino(None, tmp_path, (224, 224), tmp_path / "tokenizer.json", deformable_attention="fused")
+    with pytest.raises(ExportError, match="must be one of"):
+        export_grounding_dino(None, tmp_path, (224, 224), tmp_path / "tokenizer.json", deformable_attention="grid")
+
+
+def test_export_default_is_the_fused_op_and_standard_with_trt() -> None:
+    from argparse import Namespace
+
+    from export.engine_dir import deformable_attention
+
+    assert deformable_attention(Namespace(deformable_attention=None, trt=False)) == "fused"
+    assert deformable_attention(Namespace(deformable_attention=None, trt=True)) == "standard"
+    assert deformable_attention(Namespace(deformable_attention="standard", trt=False)) == "standard"
