@@ -117,6 +117,18 @@ def test_library_choice_and_missing_library(cpu_library: Path, monkeypatch: pyte
     assert ops.library_for("cpu") is None and ops.library_for("cuda") is None
 
 
+def test_a_gpu_without_the_cuda_library_falls_back_to_the_cpu_kernel_with_a_warning(
+        cpu_library: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    monkeypatch.setattr(ops, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
+    monkeypatch.setattr(ops, "_warned_cpu_fallback", False)
+    with pytest.warns(UserWarning, match=r"runtime.ops.build --cuda"):
+        assert ops.library_for("cuda") == cpu_library
+    built = tmp_path / "libsaa_ops_cuda.so"
+    built.write_bytes(b"")  # present: chosen for GPUs, the CPU build for the CPU
+    assert ops.library_for("tensorrt") == built and ops.library_for("cpu") == cpu_library
+
+
 def test_a_fused_graph_without_the_library_says_what_to_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path: Path) -> None:
     from runtime.sessions import session_factory
