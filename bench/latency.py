@@ -173,7 +173,7 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
-def versions(with_torch: bool) -> dict[str, str]:
+def versions(with_torch: bool, device: str = "cpu") -> dict[str, str]:
     out = {"python": platform.python_version()}
     packages = ["numpy", "onnxruntime", "onnxruntime-gpu", "numba", "opencv-python-headless"] + (["torch"] if with_torch else [])
     for package in packages:
@@ -187,6 +187,9 @@ def versions(with_torch: bool) -> dict[str, str]:
     # goes first on the path): say which one this process runs.
     out["onnxruntime_imported"] = f"{onnxruntime.__version__} ({Path(onnxruntime.__file__).parent})"
     out["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())
+    from runtime import ops
+
+    out["saa_ops"] = ops.describe(device)  # the custom-op library a fused head runs with
     return out
 
 
@@ -330,7 +333,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in load_after]},
-        "versions": versions(with_torch=args.reference),
+        "versions": versions(with_torch=args.reference, device=args.device),
         "engine_dir": str(args.engine_dir),
         "profile": manifest.profile,
         "size": manifest.data.get("size"),

@@ -327,3 +327,11 @@ def test_export_default_is_the_fused_op_and_standard_with_trt() -> None:
     assert deformable_attention(Namespace(deformable_attention=None, trt=False)) == "fused"
     assert deformable_attention(Namespace(deformable_attention=None, trt=True)) == "standard"
     assert deformable_attention(Namespace(deformable_attention="standard", trt=False)) == "standard"
+
+
+def test_describe_names_the_library_and_its_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    assert ops.describe("cpu") == f"saa.edge ops 1: CPU ({cpu_library})"
+    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    assert ops.describe("cpu") == "not built"

@@ -11,6 +11,7 @@ is installed. SAA_OPS_LIBRARY=<path> picks a library explicitly.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from pathlib import Path
@@ -72,3 +73,19 @@ def explain_missing(message: str, device: str = "cpu") -> str | None:
     return (f"the engine uses the custom op {DEFORMABLE_OP} (exported with --deformable-attention fused) and "
             f"no library providing it is loaded: build it with {build}, reinstall saa-edge, "
             "or export again with --deformable-attention standard")
+
+
+def describe(device: str = "cpu") -> str:
+    """Which library a session on `device` registers, and what it was built with (for results files)."""
+    try:
+        library = library_for(device)
+    except EngineError as err:
+        return str(err)
+    if library is None:
+        return "not built"
+    try:
+        info = ctypes.CDLL(str(library)).SaaOpsBuildInfo
+        info.restype = ctypes.c_char_p
+        return f"{info().decode()} ({library})"
+    except (OSError, AttributeError) as err:
+        return f"{library}: cannot be read ({err})"
