@@ -16,6 +16,8 @@ Graphs:
   mask_fuse           top-K fusion of kept masks into the anomaly map (runtime/mask_fusion.py)
   image_canvas_hv     uint8 image -> PIL-exact resize -> normalised, padded float32 canvas,
   image_canvas_vh     horizontal or vertical pass first (runtime/device_canvas.py)
+  msda_check          one saa.edge::MultiScaleDeformableAttention node on small fixed levels: the
+                      GPU kernel's check against the CPU kernel (runtime/ops: check_gpu_kernel)
 """
 from __future__ import annotations
 
@@ -46,13 +48,30 @@ def _scalar(name: str, value: float):
     return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
 
 
-def _model(nodes, name: str, inputs, outputs, initializers=()) -> bytes:
+def _model(nodes, name: str, inputs, outputs, initializers=(), custom_domains: tuple[str, ...] = ()) -> bytes:
     onnx, _, helper = _onnx()
     graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
-    model = helper.make_model(graph, producer_name="saa-runtime", opset_imports=[helper.make_opsetid("", OPSET)])
+    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(domain, 1) for domain in custom_domains]
+    model = helper.make_model(graph, producer_name="saa-runtime", opset_imports=opsets)
     model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(model, full_check=not custom_domains)  # shape inference knows no custom op
     return model.SerializeToString()
+
+
+def msda_check() -> bytes:
+    """value [B, S, H, d], grids [B, Q, H, L, P, 2], weights [B, Q, H, L, P] -> [B, Q, H*d], the levels
+    fixed to runtime.ops.CHECK_LEVELS."""
+    from runtime.ops import CHECK_LEVELS, DOMAIN
+
+    _, TensorProto, helper = _onnx()
+    node = helper.make_node("MultiScaleDeformableAttention", ["value", "grids", "weights"], ["out"], domain=DOMAIN,
+                            spatial_shapes=[size for shape in CHECK_LEVELS for size in shape])
+    shapes = {"value": ["batch", "positions", "heads", "channels"],
+              "grids": ["batch", "queries", "heads", len(CHECK_LEVELS), "points", 2],
+              "weights": ["batch", "queries", "heads", len(CHECK_LEVELS), "points"]}
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()]
+    output = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "queries", "features"])
+    return _model([node], "msda_check", inputs, [output], custom_domains=(DOMAIN,))
 
 
 def gemm_transposed() -> bytes:
@@ -264,6 +283,7 @@ BUILDERS: dict[str, Callable[[], bytes]] = {
     "mask_fuse": mask_fuse,
     "image_canvas_hv": lambda: image_canvas(vertical_first=False),
     "image_canvas_vh": lambda: image_canvas(vertical_first=True),
+    "msda_check": msda_check,
 }
 
 

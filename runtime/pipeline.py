@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from . import manifest as mf
+from . import ops
 from .config import PromptConfig, resolve_config
 from .decision import Thresholds, decide, image_score
 from .errors import EngineError, ImageError, SaaError
@@ -134,6 +135,8 @@ class Pipeline:
             from .detector import Detector
             from .segmenter import Segmenter
 
+            if manifest.models.get(mf.GDINO_HEAD, {}).get("source", {}).get("custom_ops"):
+                ops.check_gpu_kernel(device)  # a fused head on a GPU: its CUDA kernel checked once per process
             self.detector = Detector(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs,
                                      device_canvas=device_canvas)
             self.segmenter = Segmenter(manifest, make_session, io_binding=io_binding, cuda_graphs=cuda_graphs,

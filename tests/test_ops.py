@@ -335,3 +335,68 @@ def test_describe_names_the_library_and_its_build(cpu_library: Path, monkeypatch
     assert ops.describe("cpu") == f"saa.edge ops 1: CPU ({cpu_library})"
     monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
     assert ops.describe("cpu") == "not built"
+
+
+# --- the GPU kernel's check before a fused head runs on a GPU (runtime.ops.check_gpu_kernel) ----------------
+
+
+class _FakeSession:
+    """onnxruntime.InferenceSession stand-in: the 'GPU' session's output is off by `offset`."""
+
+    offset = 0.5
+
+    def __init__(self, graph, options, providers):
+        self.gpu = providers != ["CPUExecutionProvider"]
+
+    def run(self, names, feeds):
+        out = np.ones((2, 50, 128), np.float32)
+        return [out + self.offset if self.gpu else out]
+
+
+@pytest.fixture
+def cuda_build(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The CUDA library chosen for GPUs, with the 'cuda' providers turned into the CPU provider."""
+    if not ops.CUDA_LIBRARY.is_file():
+        pytest.skip("libsaa_ops_cuda.so is not built (no nvcc)")
+    import runtime.sessions
+
+    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
+    # the 'GPU' list differs from the plain CPU list the check runs second (the fake session tells them apart)
+    monkeypatch.setattr(runtime.sessions, "providers_for", lambda *args, **kwargs: [("CPUExecutionProvider", {})])
+    monkeypatch.setattr(ops, "_gpu_checked", {})
+    return ops.CUDA_LIBRARY
+
+
+def test_gpu_check_runs_the_builtin_graph_through_both_kernels(cuda_build: Path) -> None:
+    assert ops.check_gpu_kernel("cuda") == 0.0  # both runs on the CPU kernel here: equal to the bit
+    assert str(cuda_build) in ops._gpu_checked  # once per process and library
+    assert ops.check_gpu_kernel("cpu") is None
+
+
+def test_gpu_check_refuses_a_kernel_that_disagrees(cuda_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    with pytest.raises(EngineError, match=r"CUDA kernel .* disagrees with its CPU kernel by 0.5.*SAA_OPS_LIBRARY="):
+        ops.check_gpu_kernel("cuda")
+    monkeypatch.setattr(_FakeSession, "offset", 1e-6)
+    monkeypatch.setattr(ops, "_gpu_checked", {})
+    assert ops.check_gpu_kernel("cuda") == pytest.approx(1e-6, rel=0.2)
+
+
+def test_gpu_check_skips_a_library_without_cuda(cpu_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAA_OPS_LIBRARY", str(cpu_library))
+    assert ops.check_gpu_kernel("cuda") is None
+
+
+def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_dir, full_tiny_standard_engine_dir,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime import manifest as mf
+    from runtime.config import load_shipped_config
+    from runtime.pipeline import Pipeline
+
+    calls = []
+    monkeypatch.setattr(ops, "check_gpu_kernel", calls.append)
+    config = load_shipped_config("mvtec", "bottle")
+    Pipeline(mf.load_manifest(full_tiny_standard_engine_dir), config)
+    assert calls == []
+    Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
+    assert calls == ["cpu"]

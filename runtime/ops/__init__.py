@@ -25,7 +25,10 @@ HERE = Path(__file__).resolve().parent
 CPU_LIBRARY = HERE / "libsaa_ops.so"
 CUDA_LIBRARY = HERE / "libsaa_ops_cuda.so"
 GPU_DEVICES = ("cuda", "tensorrt")
+CHECK_LEVELS = ((6, 5), (3, 3))  # the built-in graph msda_check's levels (export/builtin_graphs.py)
+CHECK_TOLERANCE = 1e-4
 _warned_cpu_fallback = False
+_gpu_checked: dict[str, float] = {}  # library path -> the largest difference its GPU kernel showed
 
 
 def library_for(device: str) -> Path | None:
@@ -83,9 +86,60 @@ def describe(device: str = "cpu") -> str:
         return str(err)
     if library is None:
         return "not built"
+    return f"{describe_library(library)} ({library})"
+
+
+def check_feeds(seed: int = 0) -> dict[str, Any]:
+    """Inputs for the msda_check graph: 2 images, 50 queries, 4 heads of 32 channels, 4 points, some
+    samples off their level."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    positions = sum(h * w for h, w in CHECK_LEVELS)
+    return {"value": rng.standard_normal((2, positions, 4, 32), dtype=np.float32),
+            "grids": rng.uniform(-1.1, 1.1, (2, 50, 4, len(CHECK_LEVELS), 4, 2)).astype(np.float32),
+            "weights": rng.random((2, 50, 4, len(CHECK_LEVELS), 4), dtype=np.float32)}
+
+
+def _builds_cuda(library: Path) -> bool:
+    return "CUDA" in describe_library(library)
+
+
+def describe_library(library: Path) -> str:
+    """The build info a library reports (SaaOpsBuildInfo), or why it cannot be read."""
     try:
         info = ctypes.CDLL(str(library)).SaaOpsBuildInfo
         info.restype = ctypes.c_char_p
-        return f"{info().decode()} ({library})"
+        return info().decode()
     except (OSError, AttributeError) as err:
-        return f"{library}: cannot be read ({err})"
+        return f"cannot be read ({err})"
+
+
+def check_gpu_kernel(device: str) -> float | None:
+    """Before a fused head runs on a GPU: the op's CUDA kernel against its CPU kernel on the built-in
+    msda_check graph, once per process and library. Returns the largest difference (None where no
+    CUDA kernel is in use); EngineError when they disagree, so a wrong kernel never gives silent
+    wrong maps. Until the kernel has run on GPUs, this is the guard (its tests ran on a CPU only)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..sessions import builtin_graph, providers_for
+
+    library = library_for(device)
+    if device not in GPU_DEVICES or library is None or not _builds_cuda(library):
+        return None
+    key = str(library)
+    if key not in _gpu_checked:
+        graph, feeds = builtin_graph("msda_check"), check_feeds()
+        outputs = []
+        for providers in (providers_for("cuda"), ["CPUExecutionProvider"]):
+            options = ort.SessionOptions()
+            options.register_custom_ops_library(key)
+            outputs.append(ort.InferenceSession(graph, options, providers=providers).run(["out"], feeds)[0])
+        _gpu_checked[key] = float(np.abs(outputs[0] - outputs[1]).max())
+    difference = _gpu_checked[key]
+    if not difference <= CHECK_TOLERANCE:
+        raise EngineError(f"{DEFORMABLE_OP}: the CUDA kernel in {library} disagrees with its CPU kernel by {difference:.3g} "
+                          f"(tolerance {CHECK_TOLERANCE}). Run it on the CPU with SAA_OPS_LIBRARY={CPU_LIBRARY}, or export "
+                          "with --deformable-attention standard, and report this")
+    return difference
