@@ -72,10 +72,11 @@ from runtime.manifest import (
     IMAGENET_MEAN,
     IMAGENET_STD,
 )
+from runtime import ops
 from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
-from .gdino_forms import DEFORMABLE_ATTENTIONS, FUSED_OP_DOMAIN, IMAGE_TRACE_FORMS, trace_forms
+from .gdino_forms import DEFORMABLE_ATTENTIONS, IMAGE_TRACE_FORMS, trace_forms
 from .gdino_forms import deformable_attention as gdino_deformable_attention
 
 SIZES = ("swin-t", "tiny")
@@ -584,8 +585,6 @@ def export_grounding_dino(
     if deformable_attention not in DEFORMABLE_ATTENTIONS:
         raise ExportError(f"deformable attention must be one of {DEFORMABLE_ATTENTIONS}, got {deformable_attention!r}")
     if deformable_attention == "fused":
-        from runtime import ops
-
         if ops.library_for("cpu") is None:  # the parity check runs the head in onnxruntime on the CPU
             raise ExportError(f"--deformable-attention fused needs the runtime's op library ({ops.CPU_LIBRARY.name}), "
                               "which is not built: python -m runtime.ops.build (needs a C++ compiler)")
@@ -678,7 +677,7 @@ def export_grounding_dino(
         if name == GDINO_HEAD:
             info["deformable_attention"] = deformable_attention
             if deformable_attention == "fused":
-                info["custom_ops"] = [f"{FUSED_OP_DOMAIN}::MultiScaleDeformableAttention"]
+                info["custom_ops"] = [ops.DEFORMABLE_OP]
         exported.append(ExportedModel(name=name, file=path.name, inputs=inputs, outputs=outputs,
                                       parity=parity_record(records, tolerances[name]), source=info))
     return exported

@@ -26,6 +26,8 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
 )
 from transformers.models.swin.modeling_swin import SwinLayer
 
+from runtime.ops import DEFORMABLE_OP
+
 from .common import pad_right_bottom
 
 
@@ -56,12 +58,10 @@ class FusedDeformableSum(torch.autograd.Function):
     @staticmethod
     def symbolic(g, value, grids, weights, spatial_shapes_list):
         flat = [int(size) for shape in spatial_shapes_list for size in shape]
-        out = g.op(f"{FUSED_OP_DOMAIN}::MultiScaleDeformableAttention", value, grids, weights, spatial_shapes_i=flat)
+        out = g.op(DEFORMABLE_OP, value, grids, weights, spatial_shapes_i=flat)
         out.setType(value.type().with_sizes([None, None, None]))  # float [B, Q, H*d]: ONNX cannot infer a custom op's
         return out
 
-
-FUSED_OP_DOMAIN = "saa.edge"  # runtime.ops.DOMAIN (not imported: runtime.ops needs no torch, this module no runtime)
 
 
 class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
