@@ -222,8 +222,6 @@ def session_factory(device: str = "cpu", threads: int = 0, spinning: bool = Fals
             _profile_if_asked(options, path.stem)
             ops.register(options, device)  # the saa.edge custom ops, for heads exported with them
             return ort.InferenceSession(str(path), options, providers=providers)
-        except EngineError:
-            raise
         except Exception as err:  # onnxruntime raises several private exception types
             missing_op = ops.explain_missing(str(err), device)
             if missing_op:

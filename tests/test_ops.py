@@ -400,3 +400,15 @@ def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_d
     assert calls == []
     Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
     assert calls == ["cpu"]
+
+
+def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from runtime.sessions import session_factory
+
+    path = tmp_path / "msda.onnx"
+    path.write_bytes(op_model())
+    broken = tmp_path / "libsaa_ops.so"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setenv("SAA_OPS_LIBRARY", str(broken))
+    with pytest.raises(EngineError, match=rf"{path}: cannot load engine: cannot load the custom-op library"):
+        session_factory("cpu")(path)
