@@ -19,7 +19,7 @@ from .sessions import DEVICES
 from .errors import SaaError
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .overlay import overlay
-from .pipeline import JOINED_CAPTIONS_NOTE, AnomalyResult, Pipeline
+from .pipeline import JOINED_CAPTIONS_NOTE, RANDOM_WEIGHTS_NOTE, AnomalyResult, Pipeline
 from .gallery import GALLERY_NAME, write_gallery
 from .summary import RunSummary
 from .watch import FolderWatch
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print("error: no images found in the inputs", file=sys.stderr)
                     return 2
                 stems = unique_stems(paths)
+            if pipeline.random_weights:
+                print(f"warning: {args.engine_dir}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
             if pipeline.saliency_only:
                 print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
             elif pipeline.config.options.joined_captions:

@@ -52,6 +52,8 @@ def overlay(image: np.ndarray, values: np.ndarray, result: AnomalyResult) -> np.
         put_text(picture, f"{region.phrase[:20]} {region.score:.2f}", (max(x0, 0), max(y0 - 3, int(22 * scale))),
                  scale * 0.9)
     label = "saliency only (lite)" if result.saliency_only else f"max {values.max():.3f}"
+    if result.random_weights:
+        label = f"RANDOM WEIGHTS, {label}"
     if result.pred_label is not None:
         label = f"{'NG' if result.pred_label else 'OK'} {result.pred_score:.3f}, {label}"
     put_text(picture, label, (4, int(round(30 * scale))), scale)

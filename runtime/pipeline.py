@@ -51,9 +51,13 @@ class AnomalyResult:
     pred_label: int | None = None  # 1 NG / 0 OK: pred_score > image threshold; None without one
     pred_mask: np.ndarray | None = None  # bool, anomaly_map > pixel threshold; None without one
     stream: dict[str, Any] | None = None  # what the streaming memory did with this part
+    image_shape: tuple[int, int] | None = None  # (H, W) of the input: the frame of boxes and mask areas
+    random_weights: bool = False  # engines exported with --random-init: the map means nothing
 
     def regions_json(self) -> dict[str, Any]:
         return {
+            **({"image_shape": list(self.image_shape)} if self.image_shape is not None else {}),
+            "random_weights": self.random_weights,
             "pred_score": self.pred_score,
             "pred_label": self.pred_label,
             **({"stream": self.stream} if self.stream is not None else {}),
@@ -118,6 +122,7 @@ class Pipeline:
         self.thresholds = Thresholds()
         self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
+        self.random_weights = manifest.random_init
         self.detector = self.segmenter = None
         self.static_shapes_refused: str | None = None  # why onnxruntime would not open a fixed-shape session
         # The detector's and SAM's runs keep per-image state (SAM's embedding between set_image and
@@ -259,6 +264,10 @@ class Pipeline:
         else:
             with self._full_lock:
                 result = self._full(image, timings, grids)
+        result.image_shape = (int(image.shape[0]), int(image.shape[1]))
+        if self.random_weights:
+            result.random_weights = True
+            result.notes.insert(0, RANDOM_WEIGHTS_NOTE)
         result.pred_score = image_score(result.anomaly_map)  # at image size, whatever out_size
         if learn and self.stream is not None and grids:
             with _timed(timings, "memory_update"):
@@ -413,6 +422,8 @@ class Pipeline:
         return fuse_masks(masks[mask_of_region[keep]], scores[keep], options.fusion_plus_one).astype(np.float32)
 
 
+RANDOM_WEIGHTS_NOTE = ("random weights: these engines were exported with --random-init (for timing and tests); "
+                       "their maps, boxes and scores mean nothing")
 JOINED_CAPTIONS_NOTE = ("joined_captions: GroundingDINO ran once on all the captions joined, not once per caption "
                         "as the reference algorithm does")
 

@@ -32,6 +32,7 @@ def test_lite_cli_gives_real_saliency_maps(lite_engine_dir, data_dir, tmp_path, 
         assert values.shape == picture.shape[:2] and values.dtype == np.float32 and np.isfinite(values).all()
         report = json.loads((tmp_path / f"{image.stem}_regions.json").read_text())
         assert report["saliency_only"] is True and report["regions"] == []
+        assert report["image_shape"] == list(picture.shape[:2]) and report["random_weights"] is False
         # the saliency stage's time, and the part of it inside onnxruntime (the CNN, the kNN products)
         assert 0 < report["engine_ms"]["saliency"] <= report["timings_ms"]["saliency"]
         png = cv2.imread(str(tmp_path / f"{image.stem}_map.png"), cv2.IMREAD_UNCHANGED)
@@ -228,6 +229,10 @@ def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny
         report = json.loads((out / "bottle_demo_regions.json").read_text())
         assert report["regions"]
         assert any(note.startswith("joined_captions:") for note in report["notes"]) == bool(flag)  # said in the JSON
-        assert ("joined_captions: GroundingDINO ran once" in capsys.readouterr().err) == bool(flag)  # and at the start
+        err = capsys.readouterr().err
+        assert ("joined_captions: GroundingDINO ran once" in err) == bool(flag)  # and at the start
+        # random test weights are said too: in the JSON, at the start and on the overlay's label
+        assert report["random_weights"] is True and report["notes"][0].startswith("random weights:")
+        assert "warning: " in err and "exported with --random-init" in err
         maps[bool(flag)] = np.load(out / "bottle_demo_map.npy")
     assert np.abs(maps[True] - maps[False]).max() > 1e-3  # the joined run is another algorithm, not a relabelling
