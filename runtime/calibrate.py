@@ -94,24 +94,35 @@ def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
 
 
 def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
-    """Images of a folder with their masks (None without one). Files that are another image's
-    mask (masks/<stem>.png, <stem>_mask.png, <stem>.png beside a non-PNG image) are not parts."""
+    """Images under a folder, subfolders included (as runtime.infer reads folders), with their
+    masks (None without one). Files that are another image's mask (masks/<stem>.png beside an
+    images/ folder, <stem>_mask.png, <stem>.png beside a non-PNG image) are not parts; hidden
+    files and folders are left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder of images")
-    base = folder / "images" if (folder / "images").is_dir() else folder
-    files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    stems = {p.stem for p in files if p.suffix.lower() != ".png"}
+    by_folder: dict[Path, list[Path]] = {}
+    for path in folder.rglob("*"):
+        if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+                and not any(part.startswith(".") for part in path.relative_to(folder).parts)):
+            by_folder.setdefault(path.parent, []).append(path)
     parts = []
-    for path in files:
-        if is_mask_file(path, stems):
-            continue
-        candidates = [folder / "masks" / f"{path.stem}.png", path.with_name(f"{path.stem}_mask.png")]
-        if path.suffix.lower() != ".png":
-            candidates.append(path.with_suffix(".png"))
-        parts.append((path, next((c for c in candidates if c.is_file()), None)))
+    for directory in sorted(by_folder):
+        if directory.name == "masks" and (directory.parent / "images").is_dir():
+            continue  # the masks of the images/ folder beside it
+        files = sorted(by_folder[directory])
+        stems = {p.stem for p in files if p.suffix.lower() != ".png"}
+        for path in files:
+            if is_mask_file(path, stems):
+                continue
+            candidates = [path.with_name(f"{path.stem}_mask.png")]
+            if directory.name == "images":
+                candidates.insert(0, directory.parent / "masks" / f"{path.stem}.png")
+            if path.suffix.lower() != ".png":
+                candidates.append(path.with_suffix(".png"))
+            parts.append((path, next((c for c in candidates if c.is_file()), None)))
     if not parts:
-        raise ConfigError(f"{folder}: no images")
+        raise ConfigError(f"{folder}: no images (subfolders included)")
     return parts
 
 
@@ -306,8 +317,8 @@ def calibrate(pipeline: Any, good: Sequence[tuple[Path, Path | None]],
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    parser.add_argument("--good", required=True, help="folder of good parts")
-    parser.add_argument("--defects", help="folder of defect parts (masks beside them or in masks/)")
+    parser.add_argument("--good", required=True, help="folder of good parts (subfolders included)")
+    parser.add_argument("--defects", help="folder of defect parts, subfolders included (masks beside them or in masks/)")
     parser.add_argument("--memory", help="normal memory file (runtime.memory) to calibrate with")
     parser.add_argument("--false-reject-rate", type=float, default=DEFAULT_FALSE_REJECT_RATE,
                         help="good parts allowed to fail the image threshold (good-only rule)")

@@ -67,6 +67,14 @@ def test_list_parts_skips_masks(tmp_path):
     cv2.imwrite(str(folder / "images" / "x.png"), image)
     cv2.imwrite(str(folder / "masks" / "x.png"), image)
     assert cal.list_parts(folder) == [(folder / "images" / "x.png", folder / "masks" / "x.png")]
+    # subfolders are read, as runtime.infer reads them (MTD keeps its images in <class>/Imgs/)
+    nested = tmp_path / "nested"
+    for sub in ("MT_Free/Imgs", "MT_Crack/Imgs", ".hidden"):
+        (nested / sub).mkdir(parents=True)
+    for name in ("MT_Free/Imgs/f.jpg", "MT_Free/Imgs/f.png", "MT_Crack/Imgs/c.jpg", "MT_Crack/Imgs/c.png", ".hidden/h.jpg"):
+        cv2.imwrite(str(nested / name), image)
+    assert [(str(p.relative_to(nested)), m.name) for p, m in cal.list_parts(nested)] == [
+        ("MT_Crack/Imgs/c.jpg", "c.png"), ("MT_Free/Imgs/f.jpg", "f.png")]
     with pytest.raises(ConfigError, match="not a folder"):
         cal.list_parts(tmp_path / "missing")
 
