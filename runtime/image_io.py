@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -147,12 +148,22 @@ def is_mask_file(path: Path, stems_of_other_images: set[str]) -> bool:
     return path.stem.endswith("_mask") or (path.suffix.lower() == ".png" and path.stem in stems_of_other_images)
 
 
-def list_images(inputs: list[str | Path], exclude: str | Path | None = None) -> list[Path]:
+def _under_any(path: Path, folders: list[Path]) -> bool:
+    return any(path.is_relative_to(folder) for folder in folders)
+
+
+def list_images(inputs: list[str | Path], exclude: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
     """Expand files and folders (recursively, sorted) into image paths; missing inputs are kept
     so the caller reports them as per-file failures. In folders, masks beside their images
-    (is_mask_file) and anything under `exclude` (the output folder: an earlier run's maps) are
-    left out; files named one by one are always kept."""
-    skip = Path(exclude).resolve() if exclude is not None else None
+    (is_mask_file) and anything under `exclude` (one folder or several: the output folder, an
+    earlier run's) are left out; files named one by one are always kept."""
+    if exclude is None:
+        excluded: list[str | Path] = []
+    elif isinstance(exclude, (str, Path)):
+        excluded = [exclude]
+    else:
+        excluded = list(exclude)
+    skips = [Path(folder).resolve() for folder in excluded]
     paths: list[Path] = []
     for item in inputs:
         item = Path(item)
@@ -161,7 +172,7 @@ def list_images(inputs: list[str | Path], exclude: str | Path | None = None) -> 
             continue
         found = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                  and not any(part.startswith(".") for part in p.relative_to(item).parts)
-                 and (skip is None or not p.resolve().is_relative_to(skip))]
+                 and not (skips and _under_any(p.resolve(), skips))]
         stems: dict[Path, set[str]] = {}  # per folder, the stems of its non-PNG images
         for p in found:
             if p.suffix.lower() != ".png":

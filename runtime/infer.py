@@ -21,7 +21,7 @@ from .image_io import check_output_file, list_images, read_image, write_bytes, w
 from .overlay import overlay
 from .pipeline import JOINED_CAPTIONS_NOTE, RANDOM_WEIGHTS_NOTE, AnomalyResult, Pipeline
 from .gallery import GALLERY_NAME, write_gallery
-from .summary import RunSummary
+from .summary import SUMMARY_NAME, RunSummary, earlier_run_folders
 from .watch import FolderWatch
 
 
@@ -140,7 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths: Iterable[Path] = watch
                 stems: dict[Path, str] = {}  # named as they arrive (next_stem)
             else:
-                paths = list_images(args.inputs, exclude=out_dir)  # an earlier run's maps are not parts
+                earlier = [folder for folder in earlier_run_folders(args.inputs)
+                           if not folder.resolve().is_relative_to(out_dir.resolve())]
+                if earlier:
+                    print(f"left out {len(earlier)} earlier output folder(s) among the inputs (they hold a "
+                          f"runtime.infer {SUMMARY_NAME}): {', '.join(map(str, earlier[:5]))}"
+                          f"{' ...' if len(earlier) > 5 else ''}", file=sys.stderr)
+                # this run's and earlier runs' maps and overlays are not parts
+                paths = list_images(args.inputs, exclude=[out_dir, *earlier])
                 if not paths:
                     print("error: no images found in the inputs", file=sys.stderr)
                     return 2
@@ -187,6 +194,14 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--watch-idle and --watch-count need --watch")
     if (args.watch_idle is not None and not args.watch_idle > 0) or (args.watch_count is not None and args.watch_count < 1):
         parser.error("--watch-idle must be > 0 seconds and --watch-count >= 1")
+    out = Path(args.out).resolve()
+    for item in args.inputs:  # everything under the output folder is left out as earlier outputs
+        if Path(item).is_dir() and Path(item).resolve().is_relative_to(out):
+            parser.error(f"the input folder {item} is the output folder {args.out} or inside it, whose files are "
+                         "left out as earlier outputs: give --out a folder of its own")
+    if (out / "manifest.json").is_file():
+        parser.error(f"--out {args.out} is an engines dir (it holds manifest.json): write the outputs elsewhere "
+                     "(export --force there would delete them)")
 
 
 def _process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Pipeline, out_dir: Path,

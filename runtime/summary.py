@@ -23,6 +23,25 @@ COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions"
            "top_score", "end_to_end_ms", "error")
 
 
+def earlier_run_folders(inputs: Sequence[str | Path]) -> list[Path]:
+    """Folders under the input folders that hold an earlier run's outputs: a summary.csv that
+    starts with this table's header. Their maps and overlays are not parts to inspect."""
+    header = ",".join(COLUMNS)
+    found = []
+    for item in inputs:
+        if not Path(item).is_dir():
+            continue
+        for table in Path(item).rglob(SUMMARY_NAME):
+            try:
+                with open(table, encoding="utf-8", errors="replace") as file:
+                    first = file.readline().strip()
+            except OSError:
+                continue
+            if first == header:
+                found.append(table.parent)
+    return sorted(set(found))
+
+
 class RunSummary:
     """Writes `summary.csv` in `out_dir`, replacing an earlier run's (it describes this run only)."""
 

@@ -236,3 +236,30 @@ def test_joined_captions_flag_runs_the_full_pipeline_with_one_head_run(full_tiny
         assert "warning: " in err and "exported with --random-init" in err
         maps[bool(flag)] = np.load(out / "bottle_demo_map.npy")
     assert np.abs(maps[True] - maps[False]).max() > 1e-3  # the joined run is another algorithm, not a relabelling
+
+
+def test_earlier_output_folders_among_the_inputs_are_not_parts(lite_engine_dir, data_dir, tmp_path, capsys):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    shutil.copy(defect_images(data_dir)[0], folder / "part.jpg")
+    common = ["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress"]
+    assert infer.main([*common, str(folder), "--out", str(folder / "results")]) == 0  # outputs inside the input folder
+    capsys.readouterr()
+    assert infer.main([*common, str(folder), "--out", str(tmp_path / "second")]) == 0
+    err = capsys.readouterr().err
+    assert f"left out 1 earlier output folder(s) among the inputs (they hold a runtime.infer summary.csv): {folder / 'results'}" in err
+    assert "1 of 1 images written" in err  # part.jpg only, not the first run's map and overlay PNGs
+    with open(tmp_path / "second" / "summary.csv", newline="") as table:
+        assert [row["image"] for row in csv.DictReader(table)] == [str(folder / "part.jpg")]
+
+
+@pytest.mark.parametrize("where", ["the input folder", "an engines dir"])
+def test_an_output_folder_that_would_hide_the_inputs_or_mix_with_engines_is_refused(lite_engine_dir, tmp_path, capsys, where):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    out = folder if where == "the input folder" else lite_engine_dir
+    with pytest.raises(SystemExit) as stop:
+        infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert ("is the output folder" in err) if where == "the input folder" else ("is an engines dir" in err)
