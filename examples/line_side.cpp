@@ -97,6 +97,8 @@ bool read_pnm(const std::string &path, Frame &frame, std::string &error) {
 
 bool read_image(const std::string &path, Frame &frame, std::string &error) {
     std::ifstream probe(path, std::ios::binary);
+    if (!probe)
+        return error = path + ": cannot open", false;
     char magic[2] = {0, 0};
     probe.read(magic, 2);
     if (probe && magic[0] == 'P' && (magic[1] == '5' || magic[1] == '6'))

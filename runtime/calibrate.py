@@ -35,7 +35,7 @@ import numpy as np
 from .decision import Thresholds, image_score
 from .config import add_config_arguments
 from .sessions import DEVICES
-from .errors import ConfigError, ImageError, SaaError
+from .errors import ConfigError, ImageError, SaaError, one_line_warnings
 from .image_io import IMAGE_SUFFIXES, check_output_file, decode_file, is_mask_file, read_image, write_bytes
 
 FORMAT = "saa-calibration"
@@ -331,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_warnings
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .pipeline import Pipeline

@@ -84,6 +84,8 @@ _OPTION_KEYS = {f.name for f in fields(AlgorithmOptions)}
 
 def config_from_dict(data: Any, source: str = "config") -> PromptConfig:
     """Validate a config mapping; every problem is a ConfigError naming the key and the source."""
+    if data is None:
+        raise ConfigError(f"{source}: empty (no settings)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -221,6 +223,9 @@ def resolve_config(dataset: str | None = None, category: str | None = None, conf
             merged = {**asdict(loaded.options), **options}
             loaded = config_from_dict({**loaded.to_dict(), "options": merged}, source=str(config))
         return loaded
-    if not dataset or not category:
+    if bool(dataset) != bool(category):
+        missing = "--category C" if dataset else "--dataset D"
+        raise ConfigError(f"{missing} is missing: a shipped prompt config is named by both --dataset D and --category C")
+    if not dataset:
         raise ConfigError("a prompt config is needed: --dataset D --category C, or --config FILE")
     return load_shipped_config(dataset, category, options)

@@ -1,6 +1,13 @@
 """Errors the runtime raises for the user's input; each message names the file or setting at fault."""
 from __future__ import annotations
 
+import functools
+import sys
+import warnings
+from typing import Any, Callable, TypeVar
+
+Main = TypeVar("Main", bound=Callable[..., Any])
+
 
 class SaaError(Exception):
     """Base of every error the runtime reports to a user (CLI, Python API, C ABI)."""
@@ -43,3 +50,22 @@ def engine_failure(what: str, err: BaseException) -> EngineError:
     if any(sign in text.lower() for sign in OUT_OF_MEMORY_SIGNS) and OUT_OF_MEMORY_HINT not in message:
         message += f" ({OUT_OF_MEMORY_HINT})"
     return EngineError(message)
+
+
+def _show_one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+    try:
+        print(f"warning: {message}", file=file or sys.stderr)
+    except OSError:  # a closed stderr: warnings must not stop the run
+        pass
+
+
+def one_line_warnings(main: Main) -> Main:
+    """A command-line entry point whose warnings print as one line, "warning: <message>": they
+    speak to the user, and Python's default form adds the file and source line that warned."""
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_one_line
+            return main(*args, **kwargs)
+    return run  # type: ignore[return-value]

@@ -44,7 +44,7 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
             f'alt="{html.escape(row["outputs"])}"></a><div class="score">{html.escape(row["image_score"])}'
             f'{" " + html.escape(label) if label else ""}</div><div>{html.escape(row["image"])}</div>'
             f"<div>{html.escape(best)}</div></div>")
-    failures = "".join(f"<li>{html.escape(r['image'])}: {html.escape(r['error'])}</li>" for r in failed)
+    failures = "".join(f"<li>{html.escape(_failure_line(r['image'], r['error']))}</li>" for r in failed)
     page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{total_done} parts{f', the {len(done)} highest shown' if len(done) < total_done else ''}, "
@@ -55,3 +55,7 @@ def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
     path.write_text(page, encoding="utf-8", errors="replace")
     return path
 
+
+def _failure_line(image: str, error: str) -> str:
+    """"image: error", without the name twice where the error already starts with it."""
+    return error if error.startswith(f"{image}:") else f"{image}: {error}"

@@ -49,6 +49,8 @@ def decode_file(path: str | Path, flags: int) -> np.ndarray:
     """An image file decoded by OpenCV with `flags`; ImageError naming the file where it cannot be.
     The bytes are read by numpy: OpenCV's own file functions crash on names that are not UTF-8."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: a folder, not an image file")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:

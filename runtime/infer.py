@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import add_config_arguments
 from .sessions import DEVICES
-from .errors import SaaError
+from .errors import SaaError, one_line_warnings
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
 from .overlay import overlay
 from .pipeline import JOINED_CAPTIONS_NOTE, RANDOM_WEIGHTS_NOTE, AnomalyResult, Pipeline
@@ -100,6 +100,7 @@ class Tally:
     interrupted: bool = False
 
 
+@one_line_warnings
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -156,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"warning: {args.engine_dir}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
             if pipeline.saliency_only:
                 print(f"{args.engine_dir}: lite engines: saliency-only anomaly maps (no GroundingDINO/SAM)", file=sys.stderr)
+                if args.joined_captions:
+                    print("warning: --joined-captions changes nothing with lite engines (no GroundingDINO)", file=sys.stderr)
             elif pipeline.config.options.joined_captions:
                 print(f"{JOINED_CAPTIONS_NOTE} (faster; compare it on your parts: bench.compare_engines)", file=sys.stderr)
             kind = "saliency-only maps (lite engines)" if pipeline.saliency_only else "anomaly maps"
@@ -164,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = summary.error is None
         if summary.error:
             print(f"error: {summary.error}", file=sys.stderr)
-        saved = _write_gallery(out_dir, summary, title) and saved
+        gallery_saved = _write_gallery(out_dir, summary, title)
+        saved = gallery_saved and saved
         if args.save_memory:
             try:
                 pipeline.save_memory(args.save_memory)
@@ -172,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 saved = False
                 print(f"error: {err}", file=sys.stderr)
     done = tally.processed
-    print(f"{done - len(tally.failures)} of {done} images written to {out_dir} (table: {summary.path.name}, "
-          f"overlays by score: {GALLERY_NAME})", file=sys.stderr)
+    pages = f", overlays by score: {GALLERY_NAME}" if gallery_saved else ""
+    table = summary.path.name if summary.error is None else f"{summary.path.name}, incomplete"
+    print(f"{done - len(tally.failures)} of {done} images written to {out_dir} (table: {table}{pages})", file=sys.stderr)
     if pipeline.thresholds.image is not None:
         print(f"{tally.rejected} NG, {done - len(tally.failures) - tally.rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)

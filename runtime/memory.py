@@ -36,7 +36,7 @@ import numpy as np
 from . import manifest as mf
 from .config import add_config_arguments
 from .sessions import DEVICES
-from .errors import ConfigError, SaaError
+from .errors import ConfigError, SaaError, one_line_warnings
 from .memory_kernels import DEFAULT_BLOCK_BYTES, check_rows, greedy_coreset, nearest_distance, project
 from .saliency import smooth_grid
 from .saliency_kernels import knn_distance_mean
@@ -414,6 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_warnings
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .calibrate import list_parts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,6 +119,11 @@ class Pipeline:
         # Zero-shot one-object P^S: the profile's preset (lite: the tuned map), sharing the session.
         self.zero_shot_saliency = self.saliency.with_settings(
             preset_settings(manifest, options.saliency_preset, options.saliency_n, options.saliency_mode))
+        positions = (self.zero_shot_saliency.single_size // self.saliency.stride) ** 2
+        if options.saliency_n is not None and options.saliency_n >= positions:
+            warnings.warn(f"saliency_n {options.saliency_n} is at least the {positions} positions of the saliency "
+                          "grid: each position's mean takes all its distances (as the reference's slice does)",
+                          stacklevel=3)
         # Line side (runtime.lineside.attach sets them): thresholds, normal memory, streaming memory.
         self.thresholds = Thresholds()
         self.memory = self.stream = self.calibration = None

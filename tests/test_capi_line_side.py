@@ -147,6 +147,8 @@ def test_line_side_prompt_file_and_errors(line_side, lite_engine_dir, images, tm
     broken.write_bytes(images["ppm"].read_bytes()[:500])
     done = run_line_side(line_side, lite_engine_dir, broken, tmp_path / "c.npy")
     assert done.returncode == 2 and "truncated pixel data" in done.stderr
+    done = run_line_side(line_side, lite_engine_dir, tmp_path / "missing.ppm", tmp_path / "e.npy")
+    assert done.returncode == 2 and "missing.ppm: cannot open" in done.stderr
     done = run_line_side(line_side, lite_engine_dir, images["pgm"], tmp_path / "d.npy",
                          env={"SAA_PYTHON": str(tmp_path / "no-python")})
     assert done.returncode == 1 and "no-python" in done.stderr and "SAA_PYTHON" in done.stderr

@@ -82,3 +82,9 @@ def test_resolve_config_errors(tmp_path):
         resolve_config("mvtec", "bottle", tmp_path / "x.yaml")
     with pytest.raises(ConfigError, match="a prompt config is needed"):
         resolve_config()
+    with pytest.raises(ConfigError, match="--category C is missing"):
+        resolve_config("mvtec")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml: empty"):
+        resolve_config(config=empty)

@@ -19,6 +19,7 @@ def test_cards_run_from_the_highest_score_and_names_are_escaped(tmp_path):
     assert "&lt;b&gt;odd &amp; part&lt;/b&gt;.png" in page and "<b>odd" not in page and "&lt;mtd&gt;" in page
     assert 'class="card NG"' in page and 'class="card OK"' in page and "black hole (0.5)" in page
     assert "1 failed" in page and "bad.png: empty file" in page and page.count("<img ") == 3
+    assert "bad.png: bad.png" not in page  # the error names the file already
     assert write_gallery(tmp_path, [], "empty").read_text().count("<img ") == 0
 
 

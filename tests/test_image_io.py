@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -46,6 +48,8 @@ def test_tiny_huge_and_odd_shapes():
         to_bgr8(np.full((4, 4), np.nan, np.float32))
     with pytest.raises(ImageError, match="no such file"):
         read_image("/nonexistent/x.png")
+    with pytest.raises(ImageError, match="a folder, not an image file"):
+        read_image(Path(__file__).parent)
 
 
 def test_list_images(tmp_path):

@@ -152,7 +152,8 @@ def test_an_output_that_cannot_be_written_is_reported_and_the_batch_goes_on(lite
 @pytest.mark.parametrize("args, message", [
     (["--engine-dir", "/nonexistent/engines", "--dataset", "mtd", "--category", "mtd"], "does not exist"),
     (["--dataset", "mtd", "--category", "nope"], "no category 'nope'"),
-    (["--dataset", "mtd"], "a prompt config is needed"),
+    (["--dataset", "mtd"], "--category C is missing"),
+    (["--category", "mtd"], "--dataset D is missing"),
     (["--dataset", "mtd", "--category", "mtd", "--threads", "-1"], "threads must be an integer from 0"),
     (["--dataset", "mtd", "--category", "mtd", "--stream-memory", "50", "--save-memory", "/nonexistent/m.npz"],
      "the folder /nonexistent does not exist"),
@@ -263,3 +264,31 @@ def test_an_output_folder_that_would_hide_the_inputs_or_mix_with_engines_is_refu
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert ("is the output folder" in err) if where == "the input folder" else ("is an engines dir" in err)
+
+
+def test_a_page_that_cannot_be_written_is_not_announced(lite_engine_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "index.html").mkdir(parents=True)  # a folder where the page should go
+    code = infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       str(defect_images(data_dir)[0]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: cannot write {out / 'index.html'}" in err
+    assert "1 of 1 images written" in err and "(table: summary.csv)" in err and "overlays by score" not in err
+
+
+def test_warnings_print_as_one_line_without_the_source(lite_engine_dir, tmp_path, capsys):
+    image = tmp_path / "twelve_bit.png"
+    cv2.imwrite(str(image), (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096))  # a 12-bit camera's frame
+    assert infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       str(image), "--out", str(tmp_path / "out")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "12 bits" in line or "image_io.py" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {image}: 16-bit image uses only 12 bits")
+
+
+def test_lite_says_which_requests_change_nothing_or_are_capped(lite_engine_dir, data_dir, tmp_path, capsys):
+    assert infer.main(["--engine-dir", str(lite_engine_dir), "--dataset", "mtd", "--category", "mtd", "--no-progress",
+                       "--joined-captions", "--saliency-n", "100000", str(defect_images(data_dir)[0]),
+                       "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --joined-captions changes nothing with lite engines" in err
+    assert "warning: saliency_n 100000 is at least the 4096 positions of the saliency grid" in err

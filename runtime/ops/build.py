@@ -112,7 +112,7 @@ def is_stale(library: Path, sources: tuple[Path, ...] = SOURCES) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the saa.edge onnxruntime custom-op library.")
+    parser = argparse.ArgumentParser(prog="python -m runtime.ops.build", description="Build the saa.edge onnxruntime custom-op library.")
     parser.add_argument("--cuda", action="store_true", help=f"build {CUDA_LIBRARY} (CPU + CUDA kernels) with nvcc")
     parser.add_argument("--out", type=Path, help="where to write the library (default: beside the sources)")
     args = parser.parse_args(argv)
