@@ -97,14 +97,18 @@ def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
     """Images under a folder, subfolders included (as runtime.infer reads folders), with their
     masks (None without one). Files that are another image's mask (masks/<stem>.png beside an
     images/ folder, <stem>_mask.png, <stem>.png beside a non-PNG image) are not parts; hidden
-    files and folders are left out."""
+    files and folders and runtime.infer's output folders are left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder of images")
+    from .summary import earlier_run_folders  # here: summary imports the pipeline
+
+    outputs = earlier_run_folders([folder])  # runtime.infer's maps and overlays are not parts
     by_folder: dict[Path, list[Path]] = {}
     for path in folder.rglob("*"):
         if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-                and not any(part.startswith(".") for part in path.relative_to(folder).parts)):
+                and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+                and not any(path.is_relative_to(output) for output in outputs)):
             by_folder.setdefault(path.parent, []).append(path)
     parts = []
     for directory in sorted(by_folder):

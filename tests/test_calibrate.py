@@ -14,6 +14,7 @@ from runtime import infer
 from runtime.errors import ConfigError
 from runtime.memory import MemorySettings, NormalMemory
 from runtime.pipeline import Pipeline
+from runtime.summary import COLUMNS
 
 
 # ---------------------------------------------------------------- rules
@@ -73,6 +74,9 @@ def test_list_parts_skips_masks(tmp_path):
         (nested / sub).mkdir(parents=True)
     for name in ("MT_Free/Imgs/f.jpg", "MT_Free/Imgs/f.png", "MT_Crack/Imgs/c.jpg", "MT_Crack/Imgs/c.png", ".hidden/h.jpg"):
         cv2.imwrite(str(nested / name), image)
+    (nested / "results").mkdir()  # an earlier runtime.infer run's outputs
+    cv2.imwrite(str(nested / "results" / "f_overlay.png"), image)
+    (nested / "results" / "summary.csv").write_text(",".join(COLUMNS) + "\n")
     assert [(str(p.relative_to(nested)), m.name) for p, m in cal.list_parts(nested)] == [
         ("MT_Crack/Imgs/c.jpg", "c.png"), ("MT_Free/Imgs/f.jpg", "f.png")]
     with pytest.raises(ConfigError, match="not a folder"):
