@@ -1,6 +1,7 @@
 """SAA+ edge runtime: export (torch, once per machine) and runtime (no torch)."""
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -75,8 +76,12 @@ class BuildSharedLibraries(build_ext):
             try:
                 builder.build_cuda(output)
             except builder.BuildError as err:
-                raise SystemExit(f"{err}\nSet SAA_BUILD_CUDA_OPS=0 to install without the CUDA kernels "
-                                 "(GPUs then run the op on the CPU)") from None
+                if os.environ.get("SAA_BUILD_CUDA_OPS") == "1":  # asked for: its failure stops the install
+                    raise SystemExit(f"{err}\nSet SAA_BUILD_CUDA_OPS=0 to install without the CUDA kernels "
+                                     "(GPUs then run the op on the CPU)") from None
+                # found by chance (an nvcc on the machine): the install goes on without it, and says so
+                print(f"warning: the CUDA kernels were not built, GPUs will run the custom op on the CPU "
+                      f"(SAA_BUILD_CUDA_OPS=1 makes this an error):\n{err}", file=sys.stderr)
 
 
 def _cuda_ops_wanted() -> bool:

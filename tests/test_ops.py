@@ -103,6 +103,34 @@ def test_cpu_op_names_bad_shapes(cpu_library: Path, change, words: str) -> None:
 def test_cpu_op_refuses_bad_spatial_shapes(cpu_library: Path) -> None:
     with pytest.raises(Exception, match="spatial_shapes"):
         op_session(cpu_library, levels=((4, 0),)).run(["out"], op_feeds(levels=((4, 0),)))
+    # 1 + 2^32 * 2^32 wraps to 1 in int64: it matched a 1-position value and the kernel read far
+    # outside it (a review found it: garbage, or a crash). Sides are bounded now.
+    wrapping = ((1, 1), (2 ** 32, 2 ** 32))
+    feeds = {"value": np.ones((1, 1, 1, 1), np.float32), "grids": np.zeros((1, 1, 1, 2, 1, 2), np.float32),
+             "weights": np.ones((1, 1, 1, 2, 1), np.float32)}
+    with pytest.raises(Exception, match=r"spatial_shapes .* has a size outside 1\.\.16384"):
+        op_session(cpu_library, levels=wrapping).run(["out"], feeds)
+
+
+def nan_feeds() -> dict[str, np.ndarray]:
+    """Non-finite samples, as a broken upstream layer would give: grid_sample's sum is NaN there."""
+    feeds = op_feeds(queries=5, channels=32)
+    feeds["grids"][0, 1, 0, 2, 3, 0] = np.nan  # one coordinate of one sample
+    feeds["grids"][1, 2, 1, 0, 0, 1] = np.inf
+    feeds["grids"][1, 3, 2, 1, 1] = [5.0, 5.0]  # off its level: it would add nothing...
+    feeds["weights"][1, 3, 2, 1, 1] = np.nan  # ...but its weight is NaN
+    return feeds
+
+
+def test_cpu_op_shows_non_finite_samples_as_nan(cpu_library: Path) -> None:
+    feeds = nan_feeds()
+    got = op_session(cpu_library).run(["out"], feeds)[0]
+    expected = torch_sum(feeds)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)  # NaN where torch has NaN, equal elsewhere
+    heads = got.reshape(2, 5, 3, 32)
+    for b, q, h in ((0, 1, 0), (1, 2, 1), (1, 3, 2)):
+        assert np.isnan(heads[b, q, h]).all()
+    assert np.isnan(heads).sum() == 3 * 32  # the other heads of those queries are untouched
 
 
 def test_library_choice_and_missing_library(cpu_library: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -156,6 +184,38 @@ def test_build_reports_a_missing_compiler(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # no partial file left
 
 
+def fake_tool(path: Path, script: str) -> str:
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_build_retries_without_the_isa_clones_where_the_compiler_refuses_them(tmp_path: Path) -> None:
+    """GCC 11 stops at target_clones("arch=x86-64-v4", ...) with "no dispatcher found": the build
+    takes one more try with -DSAA_NO_CLONES (a slower library beats a failed pip install)."""
+    calls = tmp_path / "calls"
+    compiler = fake_tool(tmp_path / "old-c++", f'echo "$@" >> {calls}\n'
+                         'case "$*" in *-DSAA_NO_CLONES*) exec c++ "$@";; esac\n'
+                         'echo "saa_ops.cc:91:21: error: no dispatcher found for the versioning attributes" >&2; exit 1\n')
+    library = build.build_cpu(tmp_path / "lib.so", compiler=compiler)
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and "-DSAA_NO_CLONES" not in lines[0] and "-DSAA_NO_CLONES" in lines[1]
+    feeds = op_feeds()
+    np.testing.assert_allclose(op_session(library).run(["out"], feeds)[0], torch_sum(feeds), atol=2e-5, rtol=1e-5)
+    failing = fake_tool(tmp_path / "broken-c++", 'echo "saa_ops.cc:1: error: expected ;" >&2; exit 1\n')
+    with pytest.raises(build.BuildError, match="expected ;"):  # any other error: no second try
+        build.build_cpu(tmp_path / "other.so", compiler=failing)
+
+
+def test_cuda_archs_are_cut_to_what_the_nvcc_builds(tmp_path: Path) -> None:
+    jetpack5 = fake_tool(tmp_path / "nvcc-11.4", "printf 'compute_53\\ncompute_72\\ncompute_75\\ncompute_80\\ncompute_86\\ncompute_87\\n'\n")
+    assert build.supported_archs(jetpack5, build.CUDA_ARCHS) == ("75", "80", "86", "87")
+    with pytest.raises(build.BuildError, match="builds none of the CUDA architectures 89 90"):
+        build.supported_archs(jetpack5, ("89", "90"))
+    unlisting = fake_tool(tmp_path / "nvcc-10", "echo 'nvcc fatal : Unknown option' >&2; exit 1\n")
+    assert build.supported_archs(unlisting, ("89", "90")) == ("89", "90")  # cannot tell: nvcc decides
+
+
 # The CUDA kernel's per-element body, compiled for the CPU and looped over every output element.
 ELEMENT_HARNESS = r"""
 #include "msda_element.h"
@@ -181,8 +241,8 @@ def test_cuda_kernel_body_equals_grid_sample_sum(tmp_path: Path) -> None:
                                                          "points")] + [(name, ctypes.c_int64 * 8) for name in
                                                                        ("height", "width", "start")]
 
-    for channels in (32, 5):
-        feeds = op_feeds(channels=channels)
+    for feeds in (op_feeds(channels=32), op_feeds(channels=5), nan_feeds()):
+        channels = feeds["value"].shape[3]
         batch, positions, heads, _ = feeds["value"].shape
         _, queries, _, levels, points, _ = feeds["grids"].shape
         shape = Shape(batch, positions, heads, channels, queries, levels, points)

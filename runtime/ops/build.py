@@ -23,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CPU_LIBRARY = "libsaa_ops.so"
 CUDA_LIBRARY = "libsaa_ops_cuda.so"
-SOURCES = (HERE / "saa_ops.cc", HERE / "msda.h", HERE / "include" / "onnxruntime_c_api.h", Path(__file__).resolve())
+SOURCES = (HERE / "saa_ops.cc", HERE / "msda.h", HERE / "msda_element.h", HERE / "include" / "onnxruntime_c_api.h",
+           Path(__file__).resolve())
 # Turing (7.5, CUDA 13's oldest) to Hopper (9.0), Jetson Orin (8.7) included; PTX of the oldest, which
 # the driver compiles for GPUs newer than the list. SAA_CUDA_ARCHS="90" (say) builds fewer.
 CUDA_ARCHS = ("75", "80", "86", "87", "89", "90")
@@ -62,16 +63,40 @@ def _replace(partial: Path, output: Path) -> Path:
 
 
 def build_cpu(output: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile the CPU-only library into `output` (default: beside this file), replacing it atomically."""
+    """Compile the CPU-only library into `output` (default: beside this file), replacing it atomically.
+    A compiler that refuses the per-ISA clones (saa_ops.cc's guard covers GCC 11 and Clang; others
+    may differ) gets one more try without them: a slower library beats a failed install."""
     output = Path(output or HERE / CPU_LIBRARY)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        _run(cpu_command(partial, compiler), CPU_LIBRARY)
+        try:
+            _run(cpu_command(partial, compiler), CPU_LIBRARY)
+        except BuildError as first:
+            if "target_clones" not in str(first) and "dispatcher" not in str(first):
+                raise
+            _run(cpu_command(partial, compiler) + ["-DSAA_NO_CLONES"], CPU_LIBRARY)
     except BuildError:
         partial.unlink(missing_ok=True)
         raise
     return _replace(partial, output)
+
+
+def supported_archs(nvcc: str, archs: tuple[str, ...]) -> tuple[str, ...]:
+    """The architectures of `archs` this nvcc can build (nvcc --list-gpu-arch, CUDA 11.0 and later;
+    an older nvcc that cannot list them gets the list as it is). JetPack 5's CUDA 11.4 stops at 8.7."""
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return archs
+    known = {line.strip().removeprefix("compute_") for line in listed.stdout.split() if line.startswith("compute_")}
+    if listed.returncode != 0 or not known:
+        return archs
+    kept = tuple(arch for arch in archs if arch in known)
+    if not kept:
+        raise BuildError(f"{nvcc} builds none of the CUDA architectures {' '.join(archs)} (it lists "
+                         f"{' '.join(sorted(known, key=int))}); set SAA_CUDA_ARCHS")
+    return kept
 
 
 def build_cuda(output: Path | None = None, nvcc: str | None = None, archs: tuple[str, ...] | None = None) -> Path:
@@ -82,6 +107,7 @@ def build_cuda(output: Path | None = None, nvcc: str | None = None, archs: tuple
     nvcc = nvcc or nvcc_path()
     if nvcc is None:
         raise BuildError(f"nvcc not found (set CUDACXX or put it on PATH): it is needed to build {CUDA_LIBRARY}")
+    archs = supported_archs(nvcc, archs)
     output = Path(output or HERE / CUDA_LIBRARY)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #define SAA_MSDA_MAX_LEVELS 8
+#define SAA_MSDA_MAX_SIDE 16384 /* a level's height or width: 8 levels of 16384^2 add up to 2^31 */
 
 typedef struct SaaMsdaShape {
   int64_t batch, positions, heads, channels, queries, levels, points;

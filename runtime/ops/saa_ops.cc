@@ -16,6 +16,7 @@
 
 #include "include/onnxruntime_c_api.h"
 #include "msda.h"
+#include "msda_element.h"  // saa_msda_finite, shared with the CUDA kernel
 
 namespace {
 
@@ -48,7 +49,11 @@ struct CpuJob {
 
 // The sum is compiled for several x86 levels and picked at load time (GCC/Clang function clones):
 // AVX2 with FMA took a full-size GroundingDINO layer's op from 38 to 24 ms on 2 cores.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+// Dispatch on x86-64 ISA levels came with GCC 12 (GCC 11 stops with "no dispatcher found"; Clang
+// before 18 is reported to dispatch wrongly): elsewhere, or with -DSAA_NO_CLONES (build.py's retry
+// when a compiler refuses the clones), one baseline build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(__CUDACC__) && \
+    !defined(SAA_NO_CLONES)
 #define SAA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SAA_CPU_CLONES
@@ -71,10 +76,15 @@ __attribute__((always_inline)) inline void SumRow(const SaaMsdaShape& s, const f
         // grid_sample's unnormalisation (align_corners=False): pixel = ((g + 1) * size - 1) / 2
         const float x = ((grid[0] + 1.f) * (float)width - 1.f) / 2.f;
         const float y = ((grid[1] + 1.f) * (float)height - 1.f) / 2.f;
-        if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) continue;  // all corners out (or NaN)
+        const float w = *weight;
+        if (!saa_msda_finite(x, y, w)) {  // NaN or infinity from upstream: shown, not hidden (grid_sample gives NaN)
+          for (int64_t c = 0; c < channels; ++c) acc[c] = NAN;
+          continue;
+        }
+        if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) continue;  // all corners out
         const float x0f = floorf(x), y0f = floorf(y);
         const int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f;
-        const float fx = x - x0f, fy = y - y0f, w = *weight;
+        const float fx = x - x0f, fy = y - y0f;
         const float corner_weight[4] = {(1.f - fx) * (1.f - fy) * w, fx * (1.f - fy) * w, (1.f - fx) * fy * w, fx * fy * w};
         const int64_t corner_x[4] = {x0, x0 + 1, x0, x0 + 1}, corner_y[4] = {y0, y0, y0 + 1, y0 + 1};
         for (int k = 0; k < 4; ++k) {
@@ -206,9 +216,11 @@ OrtStatus* CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKerne
                 std::to_string(count) + " numbers");
   Kernel* kernel = new Kernel();
   for (size_t i = 0; i < count; i += 2) {
-    if (shapes[i] <= 0 || shapes[i + 1] <= 0) {
+    // Bounded sides: the positions they add up to must not overflow (a wrapped sum could match
+    // value's S and send the kernel outside it), and pixel coordinates stay exact in float.
+    if (shapes[i] <= 0 || shapes[i + 1] <= 0 || shapes[i] > SAA_MSDA_MAX_SIDE || shapes[i + 1] > SAA_MSDA_MAX_SIDE) {
       delete kernel;
-      return Fail("spatial_shapes " + Show(shapes) + " has a size <= 0");
+      return Fail("spatial_shapes " + Show(shapes) + " has a size outside 1.." + std::to_string(SAA_MSDA_MAX_SIDE));
     }
     kernel->heights.push_back(shapes[i]);
     kernel->widths.push_back(shapes[i + 1]);
