@@ -62,7 +62,16 @@ class BuildSharedLibraries(build_ext):
             return str(Path(*parts[:-1], parts[-1] + ".so"))
         return super().get_ext_filename(fullname)
 
-    def build_extension(self, ext: Extension) -> None:
+    def build_extensions(self) -> None:
+        # One at a time; a library left out (the CUDA one, where the nvcc found cannot build it) leaves
+        # the list, so the install does not look for its file.
+        built = []
+        for ext in self.extensions:
+            if self.build_extension(ext) is not False:
+                built.append(ext)
+        self.extensions = built
+
+    def build_extension(self, ext: Extension) -> bool | None:
         short = ext.name.rsplit(".", 1)[-1]
         if short not in LIBRARIES:
             return super().build_extension(ext)
@@ -82,6 +91,8 @@ class BuildSharedLibraries(build_ext):
                 # found by chance (an nvcc on the machine): the install goes on without it, and says so
                 print(f"warning: the CUDA kernels were not built, GPUs will run the custom op on the CPU "
                       f"(SAA_BUILD_CUDA_OPS=1 makes this an error):\n{err}", file=sys.stderr)
+                return False
+        return None
 
 
 def _cuda_ops_wanted() -> bool:
