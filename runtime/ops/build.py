@@ -4,7 +4,8 @@ setup.py loads this file by path at install time, before any dependency is insta
     python -m runtime.ops.build            # libsaa_ops.so: the CPU kernel (pip install builds it)
     python -m runtime.ops.build --cuda     # libsaa_ops_cuda.so: CPU + CUDA kernels (needs nvcc; pip
                                            # install builds it too where nvcc is found, unless
-                                           # SAA_BUILD_CUDA_OPS=0)
+                                           # SAA_BUILD_CUDA_OPS=0; a failure there only warns,
+                                           # unless SAA_BUILD_CUDA_OPS=1)
 
 The CUDA library links the CUDA runtime statically (it needs the driver, glibc 2.34 and libstdc++
 where it runs) and holds code for the GPUs in CUDA_ARCHS plus PTX for newer ones.
