@@ -39,8 +39,10 @@ SAA_HOST_DEVICE float saa_msda_element(const SaaMsdaShape* s, const float* value
     for (int64_t p = 0; p < s->points; ++p, grid += 2, ++weight) {
       const float x = ((grid[0] + 1.f) * (float)width - 1.f) / 2.f; /* grid_sample, align_corners=False */
       const float y = ((grid[1] + 1.f) * (float)height - 1.f) / 2.f;
-      if (!saa_msda_finite(x, y, *weight)) return NAN; /* from upstream: shown, not hidden */
-      if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) continue; /* all corners off */
+      if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) { /* all corners off, or NaN */
+        if (!saa_msda_finite(x, y, *weight)) return NAN; /* from upstream: shown, not hidden */
+        continue;
+      }
       const float x0f = floorf(x), y0f = floorf(y);
       const int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f;
       const float fx = x - x0f, fy = y - y0f;

@@ -77,11 +77,13 @@ __attribute__((always_inline)) inline void SumRow(const SaaMsdaShape& s, const f
         const float x = ((grid[0] + 1.f) * (float)width - 1.f) / 2.f;
         const float y = ((grid[1] + 1.f) * (float)height - 1.f) / 2.f;
         const float w = *weight;
-        if (!saa_msda_finite(x, y, w)) {  // NaN or infinity from upstream: shown, not hidden (grid_sample gives NaN)
-          for (int64_t c = 0; c < channels; ++c) acc[c] = NAN;
+        if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) {  // all corners out, or NaN
+          // A non-finite coordinate or weight from upstream is shown, not hidden: grid_sample's sum
+          // is NaN there. (On the level, a NaN weight carries through the products by itself.)
+          if (!saa_msda_finite(x, y, w))
+            for (int64_t c = 0; c < channels; ++c) acc[c] = NAN;
           continue;
         }
-        if (!(x > -1.f && x < (float)width && y > -1.f && y < (float)height)) continue;  // all corners out
         const float x0f = floorf(x), y0f = floorf(y);
         const int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f;
         const float fx = x - x0f, fy = y - y0f;
