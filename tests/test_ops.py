@@ -472,3 +472,28 @@ def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytes
     monkeypatch.setenv("SAA_OPS_LIBRARY", str(broken))
     with pytest.raises(EngineError, match=rf"{path}: cannot load engine: cannot load the custom-op library"):
         session_factory("cpu")(path)
+
+
+def test_sessions_opened_from_several_threads_share_the_registration(cpu_library: Path) -> None:
+    """The library makes its op domain once per process (one per registration was never freed);
+    every session registered from any thread still gets the op."""
+    import threading
+
+    feeds = op_feeds(queries=7)
+    expected = torch_sum(feeds)
+    failures = []
+
+    def open_and_run() -> None:
+        try:
+            for _ in range(5):
+                got = op_session(cpu_library, threads=1).run(["out"], feeds)[0]
+                np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+        except Exception as err:  # reported below: an assert in a thread would not fail the test
+            failures.append(err)
+
+    workers = [threading.Thread(target=open_and_run) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert failures == []

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -271,20 +272,33 @@ const OrtCustomOp kCudaOp = MakeOp<true>();
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                const OrtApiBase* api_base) {
-  g_api = api_base->GetApi(kApiVersion);
-  if (g_api == nullptr) {  // an onnxruntime older than 1.17: every release knows version 1's CreateStatus
+  const OrtApi* api = api_base->GetApi(kApiVersion);
+  if (api == nullptr) {  // an onnxruntime older than 1.17: every release knows version 1's CreateStatus
     const OrtApi* oldest = api_base->GetApi(1);
     return oldest ? oldest->CreateStatus(ORT_FAIL, "the saa.edge ops need onnxruntime 1.17 or newer") : nullptr;
   }
-  OrtCustomOpDomain* domain = nullptr;
-  OrtStatus* status = g_api->CreateCustomOpDomain(kDomain, &domain);
-  if (status) return status;
-  // The domain must outlive the sessions that use it; one per registration, released with the process.
-  if ((status = g_api->CustomOpDomain_Add(domain, &kCpuOp)) != nullptr) return status;
+  // One domain for the process, shared by every session that registers the library (the domain
+  // must outlive them; a domain per registration was never freed). Made under a lock: sessions
+  // may be opened from several threads.
+  static std::mutex mutex;
+  static OrtCustomOpDomain* shared_domain = nullptr;
+  std::lock_guard<std::mutex> lock(mutex);
+  g_api = api;
+  if (shared_domain == nullptr) {
+    OrtCustomOpDomain* domain = nullptr;
+    OrtStatus* status = g_api->CreateCustomOpDomain(kDomain, &domain);
+    if (status) return status;
+    status = g_api->CustomOpDomain_Add(domain, &kCpuOp);
 #ifdef SAA_OPS_CUDA
-  if ((status = g_api->CustomOpDomain_Add(domain, &kCudaOp)) != nullptr) return status;
+    if (status == nullptr) status = g_api->CustomOpDomain_Add(domain, &kCudaOp);
 #endif
-  return g_api->AddCustomOpDomain(options, domain);
+    if (status) {
+      g_api->ReleaseCustomOpDomain(domain);
+      return status;
+    }
+    shared_domain = domain;
+  }
+  return g_api->AddCustomOpDomain(options, shared_domain);
 }
 
 extern "C" __attribute__((visibility("default"))) const char* SaaOpsBuildInfo(void) {
