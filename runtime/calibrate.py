@@ -36,7 +36,7 @@ from .decision import Thresholds, image_score
 from .config import add_config_arguments
 from .sessions import DEVICES
 from .errors import ConfigError, ImageError, SaaError, one_line_warnings
-from .image_io import IMAGE_SUFFIXES, check_output_file, decode_file, is_mask_file, read_image, write_bytes
+from .image_io import check_output_file, decode_file, list_images, read_image, write_bytes
 
 FORMAT = "saa-calibration"
 FORMAT_VERSION = 1
@@ -103,28 +103,18 @@ def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
         raise ConfigError(f"{folder}: not a folder of images")
     from .summary import earlier_run_folders  # here: summary imports the pipeline
 
-    outputs = earlier_run_folders([folder])  # runtime.infer's maps and overlays are not parts
-    by_folder: dict[Path, list[Path]] = {}
-    for path in folder.rglob("*"):
-        if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-                and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-                and not any(path.is_relative_to(output) for output in outputs)):
-            by_folder.setdefault(path.parent, []).append(path)
+    # runtime.infer's own walk: hidden files, masks beside their images and earlier runs' outputs left out
     parts = []
-    for directory in sorted(by_folder):
+    for path in list_images([folder], exclude=earlier_run_folders([folder])):
+        directory = path.parent
         if directory.name == "masks" and (directory.parent / "images").is_dir():
             continue  # the masks of the images/ folder beside it
-        files = sorted(by_folder[directory])
-        stems = {p.stem for p in files if p.suffix.lower() != ".png"}
-        for path in files:
-            if is_mask_file(path, stems):
-                continue
-            candidates = [path.with_name(f"{path.stem}_mask.png")]
-            if directory.name == "images":
-                candidates.insert(0, directory.parent / "masks" / f"{path.stem}.png")
-            if path.suffix.lower() != ".png":
-                candidates.append(path.with_suffix(".png"))
-            parts.append((path, next((c for c in candidates if c.is_file()), None)))
+        candidates = [path.with_name(f"{path.stem}_mask.png")]
+        if directory.name == "images":
+            candidates.insert(0, directory.parent / "masks" / f"{path.stem}.png")
+        if path.suffix.lower() != ".png":
+            candidates.append(path.with_suffix(".png"))
+        parts.append((path, next((c for c in candidates if c.is_file()), None)))
     if not parts:
         raise ConfigError(f"{folder}: no images (subfolders included)")
     return parts

@@ -36,19 +36,24 @@ def _fit(picture_width: int, text: str, scale: float) -> tuple[float, int, int, 
     return scale, thickness, width, height, baseline
 
 
-def text_rect(picture_shape: tuple[int, ...], text: str, origin: tuple[int, int], scale: float) -> Rect:
-    """Where put_text draws `text` at `origin` (baseline left), its strip included."""
+def _layout(picture_shape: tuple[int, ...], text: str, origin: tuple[int, int], scale: float) -> tuple[float, int, Rect]:
+    """(scale, thickness, strip) of `text` at `origin` (baseline left): shrunk to fit, moved left
+    where the line would run off the right edge."""
     scale, thickness, width, height, baseline = _fit(picture_shape[1], text, scale)
     x = max(0, min(origin[0], picture_shape[1] - 2 - width))
-    return x - 1, origin[1] - height - 1, x + width + 1, origin[1] + baseline + 1
+    return scale, thickness, (x - 1, origin[1] - height - 1, x + width + 1, origin[1] + baseline + 1)
+
+
+def text_rect(picture_shape: tuple[int, ...], text: str, origin: tuple[int, int], scale: float) -> Rect:
+    """Where put_text draws `text` at `origin` (baseline left), its strip included."""
+    return _layout(picture_shape, text, origin, scale)[2]
 
 
 def put_text(picture: np.ndarray, text: str, origin: tuple[int, int], scale: float) -> None:
     """White text on a black strip (readable on any colour of the heat map) at origin, moved left
     where the line would run off the right edge and shrunk where it is wider than the picture."""
-    x0, y0, x1, y1 = text_rect(picture.shape, text, origin, scale)
+    scale, thickness, (x0, y0, x1, y1) = _layout(picture.shape, text, origin, scale)
     cv2.rectangle(picture, (x0, y0), (x1, y1), BLACK, cv2.FILLED)
-    scale, thickness, _, _, _ = _fit(picture.shape[1], text, scale)
     cv2.putText(picture, text, (x0 + 1, origin[1]), FONT, scale, WHITE, thickness, cv2.LINE_AA)
 
 
