@@ -53,7 +53,7 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 
 def match_regions(faithful: Sequence[Any], other: Sequence[Any]) -> dict[str, int]:
     """Fused regions of two runs matched one to one, greedily by IoU, within the same prompt."""
-    from runtime.regions import box_iou
+    from runtime.stages.regions import box_iou
 
     a = [r for r in faithful if r.in_top_k]
     b = [r for r in other if r.in_top_k]

@@ -13,7 +13,7 @@ Protocols (metrics, normalisation and metrics.json keys exactly as bench.evaluat
     default settings); evaluation runs on the remaining test images only (for MTD, whose good
     images are test images, the K shots leave the test set).
   * stream, seed S: the test images in an order shuffled with seed S, the pipeline with an empty
-    streaming memory (runtime.stream, default guard) that learns as it goes; each image is
+    streaming memory (runtime.lineside.stream, default guard) that learns as it goes; each image is
     scored before it can be learned.
 --split: MTD-style sets have no separate tuning data, so mtd-dev is split once (per defect type,
 seed 0) into a tune third and a held-out two thirds; shot pools come from the same part. Defaults
@@ -155,7 +155,7 @@ def run_shots(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_t
 
 def run_stream(pipe: Any, test: Sequence[Sample], seed: int, capacity: int, stream_settings: Any = None,
                **kwargs: Any) -> dict[str, Any]:
-    from runtime.stream import StreamingMemory
+    from runtime.lineside.stream import StreamingMemory
 
     order = [test[i] for i in np.random.default_rng(seed).permutation(len(test))]
     stream = StreamingMemory.empty(pipe.manifest, pipe.saliency, capacity, stream_settings)
@@ -237,7 +237,7 @@ def run_tune(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_te
     """Blend sweep: the self-similarity and memory grids are computed once per (shots, seed), and
     each blend is the memory's own blend function of the two, evaluated like the pipeline's map."""
     from runtime.memory import MemorySettings, NormalMemory, single_object_grids
-    from runtime.saliency import smooth_grid
+    from runtime.stages.saliency import smooth_grid
 
     options = pipe.config.options
     self_grids = {}
@@ -291,7 +291,7 @@ def _current_path() -> Path:
 def run_latency(pipe: Any, images: Sequence[Path], repeats: int = 15) -> dict[str, Any]:
     """Per memory size: the saliency stage with the memory, the search alone, and one stream update."""
     from runtime.memory import MemorySettings, NormalMemory, as_rows
-    from runtime.stream import StreamingMemory
+    from runtime.lineside.stream import StreamingMemory
 
     pictures = [read_image(p) for p in images]
     bank = np.concatenate([as_rows(pipe.saliency.single_object_features(im)) for im in pictures])

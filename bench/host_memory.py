@@ -1,5 +1,5 @@
 """`python -m bench.host_memory`: the host memory one full-pipeline call takes at large image sizes,
-against the estimate `runtime.host_memory.mask_bytes` refuses images by.
+against the estimate `runtime.engine.host_memory.mask_bytes` refuses images by.
 
     python -m bench.host_memory --engine-dir ENGINES --sizes 2000 4000 8000 --out bench/results/host_memory_cpu_DATE.json
 
@@ -27,7 +27,7 @@ _CHILD = r"""
 import json, sys
 import cv2
 import runtime.pipeline as pipeline_module
-from runtime.host_memory import mask_bytes
+from runtime.engine.host_memory import mask_bytes
 from runtime.image_io import read_image
 
 engine_dir, dataset, category, size, demo = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m bench.host_memory " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine_dir": str(args.engine_dir), "tiny": manifest.data.get("size") != "full",
         "machine": platform.machine(), "config": f"{args.dataset}/{args.category}", "image": str(DEMO), "runs": runs,
-        "estimate": "runtime.host_memory.mask_bytes: 1 byte a region-pixel + 32 bytes a pixel",
+        "estimate": "runtime.engine.host_memory.mask_bytes: 1 byte a region-pixel + 32 bytes a pixel",
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,17 +36,17 @@ def time_preparation(engine_dir: Path, image_path: Path, iters: int) -> dict[str
     import numba
 
     from runtime import manifest as mf
-    from runtime.detector import Detector
+    from runtime.stages.detector import Detector
     from runtime.image_io import read_image
-    from runtime.segmenter import Segmenter
-    from runtime.sessions import session_factory
+    from runtime.stages.segmenter import Segmenter
+    from runtime.engine.sessions import session_factory
 
     manifest = mf.load_manifest(engine_dir)
     make = session_factory("cpu", threads=1)
     image = read_image(image_path)
     rgb = np.ascontiguousarray(image[:, :, ::-1])
-    from runtime.pixels import normalised_canvas
-    from runtime.resize import longest_side_shape, resize_like_pil
+    from runtime.engine.pixels import normalised_canvas
+    from runtime.engine.resize import longest_side_shape, resize_like_pil
 
     detector, segmenter = Detector(manifest, make), Segmenter(manifest, make)
     # Each input's two steps alone, so a GPU session can tell which one to move to the device.

@@ -32,10 +32,10 @@ def median_ms(step: Callable[[], Any], iters: int) -> float:
 
 
 def knn_steps(features: np.ndarray, n: int, iters: int) -> dict[str, float]:
-    """The symmetric kNN path of runtime.saliency_kernels, step by step (farthest, self included)."""
+    """The symmetric kNN path of runtime.stages.saliency_kernels, step by step (farthest, self included)."""
     import cv2
 
-    from runtime import saliency_kernels as K
+    from runtime.stages import saliency_kernels as K
 
     positions = features.shape[1]
     rows = K.rows_of(features)

@@ -501,7 +501,7 @@ def format_comparison(comparison: dict[str, Any] | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.sessions import DEVICES
+    from runtime.engine.sessions import DEVICES
 
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: give either --config FILE or --dataset D --category C, not both", file=sys.stderr)
         return 2
     from runtime.errors import SaaError
-    from runtime.sessions import check_threads
+    from runtime.engine.sessions import check_threads
 
     out = Path(args.out)
     folder = out.parent if out.suffix == ".json" else out

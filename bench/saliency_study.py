@@ -42,7 +42,7 @@ import numpy as np
 
 from runtime.errors import SaaError
 from runtime.image_io import read_image as runtime_read_image
-from runtime.saliency import SaliencyExtractor, SaliencySettings, smooth_grid
+from runtime.stages.saliency import SaliencyExtractor, SaliencySettings, smooth_grid
 
 from . import metrics as mt
 from .datasets import GOOD, Sample, list_samples, read_mask
@@ -121,7 +121,7 @@ Variant = tuple[str, int, bool]  # (mode, n, exclude_self)
 
 def knn_means(features: np.ndarray, ns: Iterable[int], block_bytes: int = N_BLOCK_BYTES) -> dict[Variant, np.ndarray]:
     """For each n and mode, with the position itself excluded and included: what
-    runtime.saliency_kernels.knn_distance_mean returns (float32 [P]).
+    runtime.stages.saliency_kernels.knn_distance_mean returns (float32 [P]).
 
     Each row of d = 0.5 * (1 - cos) is sorted once (the position itself set to +inf so it sorts
     last); the sum of its k smallest others is then a prefix sum, and of its k largest the total
@@ -599,7 +599,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     from runtime import manifest as mf
-    from runtime.sessions import session_factory
+    from runtime.engine.sessions import session_factory
 
     started = time.time()
     manifest = mf.load_manifest(args.engine_dir)

@@ -9,13 +9,13 @@ The runtime may not import onnx, so these graphs ship as files in runtime/data/g
 tests/test_builtin_graphs.py checks every file against its builder. The bytes are pinned
 (ir_version 8, opset 17, fixed producer), so a rebuild with another onnx gives the same files.
 Graphs:
-  gemm_transposed     y = a @ b.T (the CPU kNN's products, runtime/saliency_kernels.py)
-  knn_distance_mean   the one-object kNN saliency on a GPU (runtime/saliency_kernels.py)
-  mask_upscale        SAM's postprocess_masks + threshold for all boxes at once (runtime/mask_graph.py)
-  mask_sums           saliency sum and pixel count inside each mask (runtime/mask_fusion.py)
-  mask_fuse           top-K fusion of kept masks into the anomaly map (runtime/mask_fusion.py)
+  gemm_transposed     y = a @ b.T (the CPU kNN's products, runtime/stages/saliency_kernels.py)
+  knn_distance_mean   the one-object kNN saliency on a GPU (runtime/stages/saliency_kernels.py)
+  mask_upscale        SAM's postprocess_masks + threshold for all boxes at once (runtime/stages/mask_graph.py)
+  mask_sums           saliency sum and pixel count inside each mask (runtime/stages/mask_fusion.py)
+  mask_fuse           top-K fusion of kept masks into the anomaly map (runtime/stages/mask_fusion.py)
   image_canvas_hv     uint8 image -> PIL-exact resize -> normalised, padded float32 canvas,
-  image_canvas_vh     horizontal or vertical pass first (runtime/device_canvas.py)
+  image_canvas_vh     horizontal or vertical pass first (runtime/engine/device_canvas.py)
   msda_check          one saa.edge::MultiScaleDeformableAttention node on small fixed levels: the
                       GPU kernel's check against the CPU kernel (runtime/ops: check_gpu_kernel)
 """
@@ -220,12 +220,12 @@ def image_canvas(vertical_first: bool) -> bytes:
     """A uint8 image to the normalised float32 canvas an image graph takes, on the device.
 
     image uint8 [h, w, 3]; rows float64 [H', h] and cols_t float64 [w, W']: PIL's 22-bit
-    fixed-point bilinear weights as dense matrices (runtime.resize.pil_weight_matrix; the
+    fixed-point bilinear weights as dense matrices (runtime.engine.resize.pil_weight_matrix; the
     identity times 2^22 where a side keeps its size); pads int64 [8] (the canvas's bottom and
     right padding of [1, 3, H', W']); mean, std float32 [1, 3, 1, 1]; divisor float32 [] ->
     canvas float32 [1, 3, Hc, Wc] = pad((resized / divisor - mean) / std).
     Each pass is a float64 matrix product (integer sums stay exact), then PIL's rounding:
-    floor((sum + 2^21) / 2^22) clipped to 0..255, so the result is runtime.resize's to the bit.
+    floor((sum + 2^21) / 2^22) clipped to 0..255, so the result is runtime.engine.resize's to the bit.
     Channels go first at once, so both products are plain GEMMs (3 batched, or [3h, w] x [w, W'])."""
     _, TensorProto, helper = _onnx()
     nodes = [

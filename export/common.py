@@ -371,7 +371,7 @@ def convert_to_fp16(path: Path, keep_ops: Sequence[str] = FP32_OPS) -> dict[str,
 def _run_all(path: Path, feeds: Sequence[dict[str, np.ndarray]], provider: str) -> list[list[np.ndarray]]:
     if provider == "CPUExecutionProvider":
         providers: list[Any] = [provider]
-    else:  # fp32 islands of an fp16 graph stay fp32 on the GPU too (runtime.sessions does the same)
+    else:  # fp32 islands of an fp16 graph stay fp32 on the GPU too (runtime.engine.sessions does the same)
         providers = [(provider, {"use_tf32": "0"}), "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), cpu_session_options(), providers=providers)
     return [session.run(None, case) for case in feeds]
@@ -435,7 +435,7 @@ def precision_feeds(engine_dir: Path, names: Sequence[str]) -> dict[str, list[di
         (embedding,) = ort_session(engine_dir / f"{mf.SAM_ENCODER}.onnx").run(None, {"image": image})
         feeds[mf.SAM_DECODER] = [{"image_embeddings": embedding, "boxes": parity_boxes(5, seed=11).numpy()}]
     if mf.GDINO_IMAGE in names:
-        from runtime.text import TOKENIZER_FILE, GdinoTokenizer
+        from runtime.stages.text import TOKENIZER_FILE, GdinoTokenizer
 
         from . import gdino
 

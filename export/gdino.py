@@ -8,7 +8,7 @@ backbone (Swin) is most of that cost and does not depend on the text, and the te
 - **gdino_text.onnx** — BERT + the text projection. Inputs `input_ids`, `position_ids` [P,L]
   int64 and `text_self_attention_masks` [P,L,L] bool; output `text_features` [P,L,d_model].
   The sub-sentence masks and position ids are computed outside the graph
-  (`runtime.text`; the upstream code uses `isin`/in-place ops that do not export). BERT never
+  (`runtime.stages.text`; the upstream code uses `isin`/in-place ops that do not export). BERT never
   sees the plain attention mask in GroundingDINO (the sub-sentence mask replaces it), so the
   graph does not take one. Runs once per prompt config; the runtime caches its result.
 - **gdino_image.onnx** — Swin backbone, input projections, the extra stride-64 level, sine
@@ -73,7 +73,7 @@ from runtime.manifest import (
     IMAGENET_STD,
 )
 from runtime import ops
-from runtime.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
+from runtime.stages.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
 from .gdino_forms import DEFORMABLE_ATTENTIONS, IMAGE_TRACE_FORMS, trace_forms

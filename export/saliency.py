@@ -36,7 +36,7 @@ from runtime.manifest import (
     SALIENCY_SINGLE_SIZE,
     SALIENCY_STRIDE,
 )
-from runtime.saliency import INPUT_NAME, OUTPUT_NAME
+from runtime.stages.saliency import INPUT_NAME, OUTPUT_NAME
 
 from .checkpoints import checkpoint_record, resolve_checkpoint
 from .common import ExportedModel, ExportError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
@@ -267,7 +267,7 @@ def export_saliency(model: SaliencyCNN, out_dir: Path | str, backbone: str) -> l
 
 
 def preprocess_record(backbone: str, channels: int | SaliencyCNN) -> dict[str, Any]:
-    """The manifest's preprocess["saliency"] section, read by runtime.saliency.SaliencyExtractor."""
+    """The manifest's preprocess["saliency"] section, read by runtime.stages.saliency.SaliencyExtractor."""
     if backbone not in BACKBONES:
         raise ExportError(f"unknown saliency backbone {backbone!r} (expected one of {', '.join(BACKBONES)})")
     if isinstance(channels, SaliencyCNN):

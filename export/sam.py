@@ -6,7 +6,7 @@ sam_decoder.onnx: image_embeddings + boxes [N, 4] (xyxy in the resized, pre-padd
     multimask_output=False) computes before upscaling.
 Boxes sit on the batch axis (one prompt per box): packing N boxes as 2N points of one prompt
 gives garbage masks (segment-anything#308). There is no orig_im_size input: upscaling,
-cropping and thresholding stay outside the graph (runtime/segmenter.py), which keeps shape
+cropping and thresholding stay outside the graph (runtime/stages/segmenter.py), which keeps shape
 tensors out of the graph (segment-anything#425).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from runtime.manifest import SAM_DECODER, SAM_ENCODER, SAM_IMAGE_SIZE, SAM_MASK_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from runtime.segmenter import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, ENCODER_OUTPUT
+from runtime.stages.segmenter import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, ENCODER_OUTPUT
 
 from .checkpoints import checkpoint_record, resolve_checkpoint
 from .common import ExportedModel, ExportError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
@@ -370,7 +370,7 @@ def export_sam(sam: Sam, out_dir: Path, source: dict[str, Any] | None = None,
 
 
 def preprocess_record(variant: str) -> dict[str, Any]:
-    """The manifest's preprocess["sam"] section, read by runtime.segmenter.Segmenter."""
+    """The manifest's preprocess["sam"] section, read by runtime.stages.segmenter.Segmenter."""
     if variant not in PRESETS:
         raise ExportError(f"unknown SAM variant {variant!r} (expected one of {sorted(PRESETS)})")
     return {

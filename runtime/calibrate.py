@@ -3,7 +3,7 @@
     python -m runtime.calibrate --engine-dir E (--dataset D --category C | --config F) --good DIR
         [--defects DIR] [--memory FILE] [--false-reject-rate R] --out calibration.json
 
-The pipeline scores every image (pred_score = max of its anomaly map, see runtime.decision).
+The pipeline scores every image (pred_score = max of its anomaly map, see runtime.lineside.decision).
 How the thresholds are chosen (the file says which rule gave each):
   * image, good parts only: the largest threshold-free choice that rejects at most
     floor(R * n) of the n good parts: the (n - floor(R n))-th smallest good score (R = 0: the
@@ -32,9 +32,9 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .decision import Thresholds, image_score
+from .lineside.decision import Thresholds, image_score
 from .config import add_config_arguments
-from .sessions import DEVICES
+from .engine.sessions import DEVICES
 from .errors import ConfigError, ImageError, SaaError, one_line_warnings
 from .image_io import check_output_file, decode_file, list_images, read_image, write_bytes
 
@@ -101,7 +101,7 @@ def list_parts(folder: str | Path) -> list[tuple[Path, Path | None]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder of images")
-    from .summary import earlier_run_folders  # here: summary imports the pipeline
+    from .outputs.summary import earlier_run_folders  # here: summary imports the pipeline
 
     # runtime.infer's own walk: hidden files, masks beside their images and earlier runs' outputs left out
     parts = []

@@ -43,7 +43,7 @@ class AlgorithmOptions:
     text_threshold: float = 0.1
     decoder_chunk: int = 32  # SAM boxes per decoder call (bounded memory with many boxes)
     max_boxes_per_prompt: int | None = None  # None: as the reference, keep every box that passes
-    # GroundingDINO's multi-phrase captions: one head run for every caption (runtime.text.join_captions).
+    # GroundingDINO's multi-phrase captions: one head run for every caption (runtime.stages.text.join_captions).
     # Not the reference algorithm (it runs one caption at a time): the image meets all phrases at once.
     joined_captions: bool = False
 

@@ -15,14 +15,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .config import add_config_arguments
-from .sessions import DEVICES
+from .engine.sessions import DEVICES
 from .errors import SaaError, one_line_warnings
 from .image_io import check_output_file, list_images, read_image, write_bytes, write_image
-from .overlay import overlay
+from .outputs.overlay import overlay
 from .pipeline import JOINED_CAPTIONS_NOTE, RANDOM_WEIGHTS_NOTE, AnomalyResult, Pipeline
-from .gallery import GALLERY_NAME, write_gallery
-from .summary import SUMMARY_NAME, RunSummary, earlier_run_folders
-from .watch import FolderWatch
+from .outputs.gallery import GALLERY_NAME, write_gallery
+from .outputs.summary import SUMMARY_NAME, RunSummary, earlier_run_folders
+from .outputs.watch import FolderWatch
 
 
 MAX_OUT_SIZE = 16384  # square maps: 16384^2 float32 is 1 GB per map

@@ -35,11 +35,11 @@ import numpy as np
 
 from . import manifest as mf
 from .config import add_config_arguments
-from .sessions import DEVICES
+from .engine.sessions import DEVICES
 from .errors import ConfigError, SaaError, one_line_warnings
-from .memory_kernels import DEFAULT_BLOCK_BYTES, check_rows, greedy_coreset, nearest_distance, project
-from .saliency import smooth_grid
-from .saliency_kernels import knn_distance_mean
+from .lineside.memory_kernels import DEFAULT_BLOCK_BYTES, check_rows, greedy_coreset, nearest_distance, project
+from .stages.saliency import smooth_grid
+from .stages.saliency_kernels import knn_distance_mean
 
 FORMAT = "saa-normal-memory"
 FORMAT_VERSION = 1

@@ -22,14 +22,14 @@ import numpy as np
 from . import manifest as mf
 from . import ops
 from .config import PromptConfig, resolve_config
-from .decision import Thresholds, decide, image_score
+from .lineside.decision import Thresholds, decide, image_score
 from .errors import EngineError, ImageError, SaaError
-from .fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
-from .host_memory import available_bytes, mask_bytes
+from .stages.fusion import fuse_masks, mean_inside_masks, rescore, top_k_indices
+from .engine.host_memory import available_bytes, mask_bytes
 from .image_io import to_bgr8
-from .mask_fusion import DeviceMasks, MaskFusion
-from .regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
-from .sessions import ENGINE_CLOCK, session_factory
+from .stages.mask_fusion import DeviceMasks, MaskFusion
+from .stages.regions import OBJECT_PROMPT_INDEX, Region, box_iou, select_regions
+from .engine.sessions import ENGINE_CLOCK, session_factory
 
 WARM_UP_HW = (480, 640)  # the synthetic frame of Pipeline.warm_up: a common camera size
 # With overlap, calls before this many full calls run their stages one after another: CUDA graphs
@@ -48,7 +48,7 @@ class AnomalyResult:
     notes: list[str] = field(default_factory=list)  # e.g. "no object box: whole image used as the object"
     timings_ms: dict[str, float] = field(default_factory=dict)
     engine_ms: dict[str, float] = field(default_factory=dict)  # per stage, the share spent inside onnxruntime runs
-    pred_score: float | None = None  # max of the anomaly map at image size (runtime.decision)
+    pred_score: float | None = None  # max of the anomaly map at image size (runtime.lineside.decision)
     pred_label: int | None = None  # 1 NG / 0 OK: pred_score > image threshold; None without one
     pred_mask: np.ndarray | None = None  # bool, anomaly_map > pixel threshold; None without one
     stream: dict[str, Any] | None = None  # what the streaming memory did with this part
@@ -94,14 +94,14 @@ class Pipeline:
         thread waited for them. No gain on a CPU, whose cores the head already fills. None:
         SAA_OVERLAP=1 (off by default until measured on a GPU).
         device_canvas: GroundingDINO's and SAM's input images are resized and normalised on the
-        device by a built-in graph (runtime.device_canvas: the same canvas to the bit), so the
+        device by a built-in graph (runtime.engine.device_canvas: the same canvas to the bit), so the
         host uploads the uint8 image instead of preparing a float canvas. Needs the GPU paths.
         None: SAA_DEVICE_CANVAS=1 (off by default until measured on a GPU)."""
         self.manifest = manifest
         self.config = config
         self.device = device
         make_session = session_factory(device, threads)
-        from .saliency import SaliencyExtractor, preset_settings  # imported here: numba compiles on first import
+        from .stages.saliency import SaliencyExtractor, preset_settings  # imported here: numba compiles on first import
 
         options = config.options
         # reference settings: memory, multi-object; off the CPU the one-object kNN runs on the GPU too
@@ -124,7 +124,7 @@ class Pipeline:
             warnings.warn(f"saliency_n {options.saliency_n} is at least the {positions} positions of the saliency "
                           "grid: each position's mean takes all its distances (as the reference's slice does)",
                           stacklevel=3)
-        # Line side (runtime.lineside.attach sets them): thresholds, normal memory, streaming memory.
+        # Line side (runtime.lineside.attach.attach sets them): thresholds, normal memory, streaming memory.
         self.thresholds = Thresholds()
         self.memory = self.stream = self.calibration = None
         self.saliency_only = manifest.profile == "lite"
@@ -143,8 +143,8 @@ class Pipeline:
         self._side: ThreadPoolExecutor | None = None  # the overlap's second thread, started on first use
         self._full_calls = 0
         if not self.saliency_only:
-            from .detector import Detector
-            from .segmenter import Segmenter
+            from .stages.detector import Detector
+            from .stages.segmenter import Segmenter
 
             if manifest.models.get(mf.GDINO_HEAD, {}).get("source", {}).get("custom_ops"):
                 ops.check_gpu_kernel(device)  # a fused head on a GPU: its CUDA kernel checked once per process
@@ -188,14 +188,14 @@ class Pipeline:
              warm_up: bool = False) -> "Pipeline":
         """calibration: file from runtime.calibrate (thresholds; refused for other engines/config/memory).
         memory: normal memory file or NormalMemory (runtime.memory). stream_memory: capacity of a memory
-        that learns from parts judged normal (runtime.stream). image/pixel_threshold override the calibration's.
+        that learns from parts judged normal (runtime.lineside.stream). image/pixel_threshold override the calibration's.
         warm_up: one call on a synthetic frame before returning (Pipeline.warm_up)."""
         manifest = mf.load_manifest(engine_dir, verify_hashes=verify_hashes)
         prompt_config = resolve_config(dataset, category, config, options)
         pipeline = cls(manifest, prompt_config, device=device, threads=threads)
         if calibration is not None or memory is not None or stream_memory is not None \
                 or image_threshold is not None or pixel_threshold is not None:
-            from .lineside import attach
+            from .lineside.attach import attach
 
             attach(pipeline, calibration, memory, stream_memory, image_threshold, pixel_threshold)
         if warm_up:

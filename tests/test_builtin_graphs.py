@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import sessions as S
+from runtime.engine import sessions as S
 from runtime.errors import EngineError
 
 onnx = pytest.importorskip("onnx")

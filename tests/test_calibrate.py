@@ -14,7 +14,7 @@ from runtime import infer
 from runtime.errors import ConfigError
 from runtime.memory import MemorySettings, NormalMemory
 from runtime.pipeline import Pipeline
-from runtime.summary import COLUMNS
+from runtime.outputs.summary import COLUMNS
 
 
 # ---------------------------------------------------------------- rules

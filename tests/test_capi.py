@@ -21,7 +21,7 @@ from runtime import capi
 from runtime.capi import _host, abi, build
 from runtime.capi import CapiError, CPipeline
 from runtime.pipeline import Pipeline
-from runtime.regions import Region
+from runtime.stages.regions import Region
 
 DATA = Path(__file__).parent / "data"
 IMAGE = DATA / "mtd_break_exp6_num_348888.jpg"  # real MTD image, 488x380 gray

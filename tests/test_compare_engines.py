@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bench import compare_engines as C
-from runtime.regions import Region
+from runtime.stages.regions import Region
 
 BOTTLE = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
 

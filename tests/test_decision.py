@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.decision import Thresholds, decide, image_score
+from runtime.lineside.decision import Thresholds, decide, image_score
 from runtime.errors import ConfigError
 from runtime.pipeline import Pipeline
 

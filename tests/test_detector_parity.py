@@ -28,8 +28,8 @@ from export.common import ort_session
 from export.gdino import TINY_IMAGE_HW, export_tiny_gdino, tiny_test_model
 from runtime.errors import ImageError, ManifestError
 from runtime.manifest import Manifest
-from runtime.detector import Detector
-from runtime.text import TOKENIZER_FILE, TOKENIZER_KEY
+from runtime.stages.detector import Detector
+from runtime.stages.text import TOKENIZER_FILE, TOKENIZER_KEY
 
 DATA = Path(__file__).parent / "data"
 TOLERANCE = 1e-4  # sigmoid scores and box coordinates, both in 0..1
@@ -158,7 +158,7 @@ def test_preprocessing_matches_the_reference_transform(detector, reference):
     expected = reference_transform(image, preprocess["short_side"], preprocess["max_side"]).numpy()
     assert exact and content_hw == expected.shape[1:] == TINY_IMAGE_HW
     diff = np.abs(feeds["pixel_values"][0] - expected)
-    # runtime.resize rounds like PIL up to its fixed-point coefficients: at most one grey level
+    # runtime.engine.resize rounds like PIL up to its fixed-point coefficients: at most one grey level
     # on a few pixels (1/255/std). GroundingDINO's top-900 query selection can still reorder on
     # such a change with random weights, which is why the detection test feeds 224x224 directly.
     assert diff.max() <= 1.0 / 255 / min(preprocess["std"]) + 1e-6

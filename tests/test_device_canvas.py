@@ -1,13 +1,13 @@
-"""runtime.device_canvas: the image graphs' input canvas made by a built-in graph, the host path's to the bit."""
+"""runtime.engine.device_canvas: the image graphs' input canvas made by a built-in graph, the host path's to the bit."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runtime import device_canvas as D
+from runtime.engine import device_canvas as D
 from runtime.errors import EngineError
-from runtime.pixels import normalised_canvas
-from runtime.resize import resize_like_pil, vertical_pass_first
+from runtime.engine.pixels import normalised_canvas
+from runtime.engine.resize import resize_like_pil, vertical_pass_first
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

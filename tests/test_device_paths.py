@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 
 from runtime import manifest as mf
-from runtime.detector import Detector
+from runtime.stages.detector import Detector
 from runtime.errors import EngineError
 from runtime.image_io import read_image
-from runtime.saliency import SaliencyExtractor
-from runtime.segmenter import Segmenter, upscale_mask_logits
-from runtime.sessions import DeviceRunner, PlainRunner, runner_for, session_factory, to_host
+from runtime.stages.saliency import SaliencyExtractor
+from runtime.stages.segmenter import Segmenter, upscale_mask_logits
+from runtime.engine.sessions import DeviceRunner, PlainRunner, runner_for, session_factory, to_host
 
 BOTTLE = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
 CAPTIONS = ["bottle,", "defect on bottle", "crack. black hole."]
@@ -97,7 +97,7 @@ def test_segmenter_with_io_binding_equals_plain_runs(full_tiny, image):
     boxes = np.array([[10, 20, 300, 400], [0, 0, width - 1, height - 1], [500, 100, 880, 700]], np.float32)
     expected, got = plain.predict_boxes(boxes, chunk=2), bound.predict_boxes(boxes, chunk=2)
     assert got.shape == expected.shape and got.dtype == bool
-    # The bound path upscales in runtime.mask_graph (onnxruntime Resize), the plain one with cv2:
+    # The bound path upscales in runtime.stages.mask_graph (onnxruntime Resize), the plain one with cv2:
     # the same bilinear steps, so masks differ only where a logit sits within ~1e-4 of 0.
     low_res, _ = plain.decode(plain.transform_boxes(boxes))
     logits = np.stack([upscale_mask_logits(m, plain._input_size, plain._original_size, plain.image_size) for m in low_res[:, 0]])
@@ -109,7 +109,7 @@ def test_segmenter_with_io_binding_equals_plain_runs(full_tiny, image):
 def test_decoder_with_a_fixed_box_count_pads_and_drops_the_copies(full_tiny, image):
     """GPU paths reopen SAM's decoder for decoder_chunk boxes a call: 5 boxes in chunks of 2
     are decoded as 2 + 2 + (1 + a copy); the copy's mask is made and never used."""
-    from runtime.mask_fusion import MaskFusion
+    from runtime.stages.mask_fusion import MaskFusion
 
     make = session_factory("cpu", threads=1)
     plain, fixed = Segmenter(full_tiny, make, io_binding=True), Segmenter(full_tiny, make, io_binding=True)
@@ -134,7 +134,7 @@ def test_decoder_with_a_fixed_box_count_pads_and_drops_the_copies(full_tiny, ima
 
 @pytest.mark.parametrize("preset", ["reference", "tuned"])
 def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, preset):
-    from runtime.saliency import preset_settings
+    from runtime.stages.saliency import preset_settings
 
     manifest = mf.load_manifest(lite_engine_dir)
     settings = preset_settings(manifest, preset)
@@ -155,7 +155,7 @@ def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, pre
 
 
 def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
-    from runtime.detector import CPU_HEAD_POSITIONS, ImageFeatures
+    from runtime.stages.detector import CPU_HEAD_POSITIONS, ImageFeatures
 
     detector = Detector(full_tiny, session_factory("cpu", threads=1))
 
@@ -172,9 +172,9 @@ def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
 
 def test_pipeline_gpu_paths_agree_with_the_cpu_paths(full_tiny, image):
     """The whole pipeline with every GPU path on the CPU provider: features, embedding and masks
-    kept "on the device", masks scored and fused by runtime.mask_fusion, the kNN as a graph."""
+    kept "on the device", masks scored and fused by runtime.stages.mask_fusion, the kNN as a graph."""
     from runtime.config import resolve_config
-    from runtime.mask_fusion import DeviceMasks
+    from runtime.stages.mask_fusion import DeviceMasks
     from runtime.pipeline import Pipeline
 
     config = resolve_config("mvtec", "bottle", None, {"decoder_chunk": 16})
@@ -403,7 +403,7 @@ def test_cuda_graphs_and_overlap_on_the_device_give_the_sequential_results(full_
 
 
 def test_the_device_canvas_gives_the_same_results(full_tiny, image):
-    """device_canvas=True: both image graphs take their input from runtime.device_canvas (through
+    """device_canvas=True: both image graphs take their input from runtime.engine.device_canvas (through
     the fixed buffers of CUDA graphs too), images of two sizes; the same maps as the host canvas."""
     from runtime.config import resolve_config
     from runtime.pipeline import Pipeline

@@ -1,6 +1,6 @@
-"""runtime/gallery.py: the run's overlays on one page, highest score first."""
-from runtime.gallery import write_gallery
-from runtime.summary import COLUMNS
+"""runtime/outputs/gallery.py: the run's overlays on one page, highest score first."""
+from runtime.outputs.gallery import write_gallery
+from runtime.outputs.summary import COLUMNS
 
 
 def _row(image, stem, score, label="", prompt="", status="ok", error=""):
@@ -24,7 +24,7 @@ def test_cards_run_from_the_highest_score_and_names_are_escaped(tmp_path):
 
 
 def test_a_long_run_shows_its_highest_parts_and_says_how_many_there_were(tmp_path, monkeypatch):
-    from runtime import gallery
+    from runtime.outputs import gallery
 
     monkeypatch.setattr(gallery, "MAX_CARDS", 2)
     rows = [_row(f"{i}.png", str(i), str(i / 10)) for i in range(5)]

@@ -18,7 +18,7 @@ from export import gdino as G
 from export import gdino_forms as F
 from export.common import ExportError, ParityError
 from runtime.manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT
-from runtime.text import GdinoTokenizer, encode_captions
+from runtime.stages.text import GdinoTokenizer, encode_captions
 
 CAPTIONS = ["bottle,", "crack. flawed golden wire. black hole.", "scratch"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import host_memory
+from runtime.engine import host_memory
 from runtime.errors import ImageError
 from runtime.image_io import read_image
 

@@ -100,7 +100,7 @@ def test_the_table_labels_parts_at_the_image_threshold_and_a_table_in_the_way_is
 
 def test_a_table_that_stops_mid_run_is_reported_and_the_maps_go_on(lite_engine_dir, data_dir, tmp_path, capsys,
                                                                     monkeypatch):
-    from runtime import summary
+    from runtime.outputs import summary
 
     real_add = summary.RunSummary.add
 
@@ -189,7 +189,7 @@ def test_tampered_engine_is_refused(lite_engine_dir, data_dir, tmp_path, capsys)
 
 
 def test_runtime_imports_no_torch():
-    code = "import sys, runtime.infer, runtime.pipeline, runtime.detector, runtime.segmenter, runtime.saliency; " \
+    code = "import sys, runtime.infer, runtime.pipeline, runtime.stages.detector, runtime.stages.segmenter, runtime.stages.saliency; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

@@ -1,4 +1,4 @@
-"""Rescoring sums and top-K fusion on the device (runtime/mask_fusion.py) against runtime/fusion.py.
+"""Rescoring sums and top-K fusion on the device (runtime/stages/mask_fusion.py) against runtime/stages/fusion.py.
 
 The graphs run here on onnxruntime's CPU provider over masks held as OrtValues, as the GPU
 pipeline holds them; the CUDA run is the `gpu`-marked test.
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import EngineError
-from runtime.fusion import fuse_masks_numpy, mean_inside_masks_numpy, top_k_indices
-from runtime.mask_fusion import DeviceMasks, MaskFusion
+from runtime.stages.fusion import fuse_masks_numpy, mean_inside_masks_numpy, top_k_indices
+from runtime.stages.mask_fusion import DeviceMasks, MaskFusion
 
 
 @pytest.fixture(scope="module")

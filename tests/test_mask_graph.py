@@ -1,4 +1,4 @@
-"""SAM mask post-processing as an ONNX graph (runtime/mask_graph.py) against the cv2 path.
+"""SAM mask post-processing as an ONNX graph (runtime/stages/mask_graph.py) against the cv2 path.
 
 The graph runs here on onnxruntime's CPU provider; the CUDA run is the `gpu`-marked test.
 export/builtin_graphs.py is the graph's source; tests/test_builtin_graphs.py checks the file.
@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import mask_graph as M
+from runtime.stages import mask_graph as M
 from runtime.errors import EngineError
-from runtime.segmenter import upscale_mask_logits
-from runtime.sessions import DeviceRunner, builtin_graph
+from runtime.stages.segmenter import upscale_mask_logits
+from runtime.engine.sessions import DeviceRunner, builtin_graph
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 1024
@@ -213,7 +213,7 @@ def test_bad_inputs_name_the_problem(runner, low_res, input_size, original_size,
 
 
 def test_runtime_module_imports_neither_torch_nor_onnx():
-    code = ("import sys, runtime.mask_graph as M; M.mask_session('cpu'); "
+    code = ("import sys, runtime.stages.mask_graph as M; M.mask_session('cpu'); "
             "sys.exit(1 if {'torch', 'onnx'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from runtime import manifest as mf
-from runtime.decision import Thresholds
+from runtime.lineside.decision import Thresholds
 from runtime.errors import ConfigError
 from runtime.memory import (MemoryFileError, MemorySettings, NormalMemory, SaliencyGrids, as_rows,
                             single_object_grids)
-from runtime.memory_kernels import (greedy_coreset, greedy_coreset_twin, nearest_distance, nearest_distance_twin,
+from runtime.lineside.memory_kernels import (greedy_coreset, greedy_coreset_twin, nearest_distance, nearest_distance_twin,
                                     project)
 from runtime.pipeline import Pipeline
-from runtime.saliency import smooth_grid
-from runtime.stream import StreamingMemory, StreamSettings
+from runtime.stages.saliency import smooth_grid
+from runtime.lineside.stream import StreamingMemory, StreamSettings
 
 SEARCH_TOLERANCE = 1e-6  # blocked BLAS vs one product: float32 sums of 16..176 terms may round differently
 

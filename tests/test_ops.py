@@ -159,7 +159,7 @@ def test_a_gpu_without_the_cuda_library_falls_back_to_the_cpu_kernel_with_a_warn
 
 def test_a_fused_graph_without_the_library_says_what_to_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
                                                               tmp_path: Path) -> None:
-    from runtime.sessions import session_factory
+    from runtime.engine.sessions import session_factory
 
     path = tmp_path / "msda.onnx"
     path.write_bytes(op_model())
@@ -418,11 +418,11 @@ def cuda_build(monkeypatch: pytest.MonkeyPatch) -> Path:
     """The CUDA library chosen for GPUs, with the 'cuda' providers turned into the CPU provider."""
     if not ops.CUDA_LIBRARY.is_file():
         pytest.skip("libsaa_ops_cuda.so is not built (no nvcc)")
-    import runtime.sessions
+    import runtime.engine.sessions
 
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
     # the 'GPU' list differs from the plain CPU list the check runs second (the fake session tells them apart)
-    monkeypatch.setattr(runtime.sessions, "providers_for", lambda *args, **kwargs: [("CPUExecutionProvider", {})])
+    monkeypatch.setattr(runtime.engine.sessions, "providers_for", lambda *args, **kwargs: [("CPUExecutionProvider", {})])
     monkeypatch.setattr(ops, "_gpu_checked", {})
     return ops.CUDA_LIBRARY
 
@@ -463,7 +463,7 @@ def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_d
 
 
 def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from runtime.sessions import session_factory
+    from runtime.engine.sessions import session_factory
 
     path = tmp_path / "msda.onnx"
     path.write_bytes(op_model())

@@ -1,8 +1,8 @@
-"""runtime/overlay.py: the label says what a user must know before trusting the picture."""
+"""runtime/outputs/overlay.py: the label says what a user must know before trusting the picture."""
 import numpy as np
 import pytest
 
-from runtime import overlay as overlay_module
+from runtime.outputs import overlay as overlay_module
 from runtime.pipeline import AnomalyResult
 
 
@@ -44,7 +44,7 @@ def test_a_label_goes_below_its_box_where_the_title_takes_the_room_above():
 
 
 def test_regions_without_a_phrase_are_labelled_with_their_prompt(monkeypatch):
-    from runtime.regions import Region
+    from runtime.stages.regions import Region
 
     written = []
     monkeypatch.setattr(overlay_module, "put_text", lambda picture, text, origin, scale: written.append(text))

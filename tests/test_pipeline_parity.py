@@ -116,7 +116,7 @@ def test_regions_of_one_box_share_one_sam_decode(full_tiny_engine_dir, data_dir,
     """Joined captions keep a query once for every caption it passes: SAM decodes each box once,
     and the map is the one decoding every region's box gives."""
     from runtime import pipeline as pipeline_module
-    from runtime.regions import Region
+    from runtime.stages.regions import Region
 
     regions = [Region((1, 2, 3, 4), 0.5, "a", 0, "a", 0.1), Region((0, 0, 9, 9), 0.4, "b", 1, "b", 0.2),
                Region((1, 2, 3, 4), 0.3, "c", 2, "c", 0.1)]

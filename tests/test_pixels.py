@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime.pixels import normalised_canvas
+from runtime.engine.pixels import normalised_canvas
 
 SAM_MEAN, SAM_STD = np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)
 DINO_MEAN, DINO_STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)

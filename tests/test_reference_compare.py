@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench.reference.compare import PIXEL_TOLERANCE, compare_boxes, compare_maps, compare_to_reference
-from runtime.regions import Region
+from runtime.stages.regions import Region
 
 
 def region(box, score, in_top_k=False):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from runtime.fusion import fuse_masks, fuse_masks_numpy, mean_inside_masks, rescore, top_k_indices
-from runtime.regions import box_keep, box_keep_numpy, cxcywh_to_xyxy_pixels, select_regions
+from runtime.stages.fusion import fuse_masks, fuse_masks_numpy, mean_inside_masks, rescore, top_k_indices
+from runtime.stages.regions import box_keep, box_keep_numpy, cxcywh_to_xyxy_pixels, select_regions
 
 
 @settings(max_examples=60, deadline=None)
@@ -77,7 +77,7 @@ def test_cxcywh_to_pixels():
 @settings(max_examples=40, deadline=None)
 @given(count=st.integers(0, 6), size=st.integers(1, 20), seed=st.integers(0, 10_000))
 def test_mask_means_match_twin(count, size, seed):
-    from runtime.fusion import mean_inside_masks_numpy
+    from runtime.stages.fusion import mean_inside_masks_numpy
 
     rng = np.random.default_rng(seed)
     saliency = rng.random((size, size + 1), dtype=np.float32)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.resize import longest_side_shape, resize_like_pil, shorter_side_shape
+from runtime.engine.resize import longest_side_shape, resize_like_pil, shorter_side_shape
 
 CASES = [((300, 500), (120, 200)), ((100, 80), (256, 200)), ((1024, 768), (800, 600)), ((37, 53), (37, 800)),
          ((64, 64), (32, 32)), ((400, 200), (100, 300)), ((400, 200), (300, 100)), ((5, 7), (5, 7))]

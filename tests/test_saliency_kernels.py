@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import saliency_kernels as K
-from runtime.sessions import builtin_graph
+from runtime.stages import saliency_kernels as K
+from runtime.engine.sessions import builtin_graph
 
 ATOL = 1e-6  # float64 sums in a different order, cast to float32: at most an ulp or two apart
 
@@ -223,7 +223,7 @@ def test_gemm_transposed(backend, m, n, k, monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemm_session_blocks_between_runs_and_pins_its_workers(threads, monkeypatch):
-    from runtime.sessions import worker_affinities
+    from runtime.engine.sessions import worker_affinities
 
     monkeypatch.setattr(K, "_gemm_sessions", {})
     monkeypatch.setattr(K.os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)

@@ -23,7 +23,7 @@ from bench.reference.saliency import (
 from export.saliency import build_saliency_cnn, export_lite_saliency
 from runtime import manifest as mf
 from runtime.errors import ConfigError, EngineError, ImageError, ManifestError
-from runtime.saliency import SaliencyExtractor, SaliencySettings
+from runtime.stages.saliency import SaliencyExtractor, SaliencySettings
 
 IMAGE = Path(__file__).parent / "data" / "mtd_break_exp6_num_348888.jpg"
 TOLERANCE = 1e-5
@@ -142,8 +142,8 @@ def test_timing_single_object_saliency(lite, image):
     import numba
     import threadpoolctl
 
-    from runtime.saliency_kernels import knn_distance_mean
-    from runtime.sessions import session_factory
+    from runtime.stages.saliency_kernels import knn_distance_mean
+    from runtime.engine.sessions import session_factory
 
     manifest, _, cnn = lite
     for threads in (1, 2):

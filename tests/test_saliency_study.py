@@ -25,7 +25,7 @@ from bench.datasets import Sample, list_samples
 from bench.evaluate import evaluate_category
 from runtime import manifest as mf
 from runtime.errors import ConfigError, ManifestError
-from runtime.saliency import (
+from runtime.stages.saliency import (
     TUNED,
     SaliencyExtractor,
     SaliencySettings,
@@ -33,7 +33,7 @@ from runtime.saliency import (
     preset_settings,
     smooth_grid,
 )
-from runtime.saliency_kernels import knn_distance_mean_twin
+from runtime.stages.saliency_kernels import knn_distance_mean_twin
 
 MINI = Path(__file__).parent / "data" / "mtd-mini"
 

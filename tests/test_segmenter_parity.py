@@ -1,8 +1,8 @@
-"""runtime.segmenter (onnxruntime + numpy) against the reference's SAM calls (PyTorch) on a real image.
+"""runtime.stages.segmenter (onnxruntime + numpy) against the reference's SAM calls (PyTorch) on a real image.
 
 Tolerance: at most 1e-3 of a mask's pixels may differ (measured <= 1.1e-5 on this image and its
 transpose, <= 1.3e-4 on another MTD image). The differences come from preprocessing:
-runtime.resize.resize_like_pil equals PIL's bilinear resize up to PIL's fixed-point rounding (+-1 grey level on ~0.03% of values), which moves the embedding by ~1e-2.
+runtime.engine.resize.resize_like_pil equals PIL's bilinear resize up to PIL's fixed-point rounding (+-1 grey level on ~0.03% of values), which moves the embedding by ~1e-2.
 Random weights give mask logits of |x| ~ 0.03, so pixels whose logit lies within ~1e-4 of the
 threshold flip; the test checks that every flipped pixel is such a threshold-edge pixel
 (|reference logit| < 5% of the logits' std; measured < 0.002%).
@@ -23,7 +23,7 @@ from export.common import ort_session
 from export.sam import build_sam, export_tiny_sam
 from runtime.errors import EngineError, ImageError, ManifestError
 from runtime.manifest import Manifest
-from runtime.segmenter import Segmenter, upscale_mask_logits
+from runtime.stages.segmenter import Segmenter, upscale_mask_logits
 
 torch.set_num_threads(1)
 
@@ -188,6 +188,6 @@ def test_manifest_without_sam_preprocess(engines: Manifest) -> None:
 
 
 def test_runtime_segmenter_does_not_import_torch() -> None:
-    code = "import sys, runtime.segmenter; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, runtime.stages.segmenter; sys.exit(1 if 'torch' in sys.modules else 0)"
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr or "runtime.segmenter imported torch"
+    assert result.returncode == 0, result.stderr or "runtime.stages.segmenter imported torch"

@@ -7,9 +7,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import sessions as S
+from runtime.engine import sessions as S
 from runtime.errors import EngineError
-from runtime.sessions import builtin_graph
+from runtime.engine.sessions import builtin_graph
 
 _GEMM_ONNX = builtin_graph("gemm_transposed")  # a one-node graph y = a @ b.T
 
@@ -177,7 +177,7 @@ def test_device_runner_keeps_outputs_on_the_gpu():
 
 @pytest.mark.gpu
 def test_knn_graph_on_the_gpu_matches_the_twin():
-    from runtime import saliency_kernels as K
+    from runtime.stages import saliency_kernels as K
 
     rng = np.random.default_rng(0)
     features = np.maximum(rng.standard_normal((176, 4096)), 0).astype(np.float32) + np.float32(1e-3)

@@ -1,11 +1,11 @@
-"""runtime/summary.py: the run's table, one row per input."""
+"""runtime/outputs/summary.py: the run's table, one row per input."""
 import csv
 
 import numpy as np
 
 from runtime.pipeline import AnomalyResult
-from runtime.regions import Region
-from runtime.summary import COLUMNS, RunSummary
+from runtime.stages.regions import Region
+from runtime.outputs.summary import COLUMNS, RunSummary
 
 
 def _region(phrase, score, fused):
@@ -34,7 +34,7 @@ def test_rows_name_the_best_fused_region_and_the_label(tmp_path):
 
 
 def test_a_long_watch_keeps_the_highest_parts_and_latest_failures_in_memory(tmp_path, monkeypatch):
-    from runtime import summary as summary_module
+    from runtime.outputs import summary as summary_module
 
     monkeypatch.setattr(summary_module, "KEEP_ROWS", 3)
     with RunSummary(tmp_path) as summary:

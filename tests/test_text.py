@@ -1,4 +1,4 @@
-"""runtime.text against the reference's own code: transformers' mask function and tokenizer.
+"""runtime.stages.text against the reference's own code: transformers' mask function and tokenizer.
 
 The sub-sentence masks and position ids must equal transformers'
 generate_masks_with_special_tokens_and_transfer_map (and the authors' original, when the
@@ -23,7 +23,7 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
 from bench.reference.detector import load_reference_tokenizer, reference_caption
 from export.gdino import copy_tokenizer
 from runtime.errors import ConfigError, ManifestError
-from runtime.text import GdinoTokenizer, encode_captions, normalize_caption, sub_sentence_mask
+from runtime.stages.text import GdinoTokenizer, encode_captions, normalize_caption, sub_sentence_mask
 
 from official_gdino import official_groundingdino  # tests/official_gdino.py
 
@@ -207,7 +207,7 @@ def test_bad_inputs_raise_clear_errors(tok, tmp_path):
 
 
 def test_runtime_text_side_does_not_import_torch():
-    code = "import sys, runtime.text, runtime.detector; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, runtime.stages.text, runtime.stages.detector; sys.exit(1 if 'torch' in sys.modules else 0)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -218,7 +218,7 @@ JOIN_CASES = [["bottle,", "defect on bottle", "crack. flawed golden wire. black 
 
 @pytest.mark.parametrize("captions", JOIN_CASES)
 def test_joined_captions_are_the_joined_string_with_each_phrase_as_alone(tok, captions):
-    from runtime.text import join_captions
+    from runtime.stages.text import join_captions
 
     joined = join_captions(tok, captions)
     (text,) = joined.encoded.captions
@@ -239,7 +239,7 @@ def test_joined_captions_are_the_joined_string_with_each_phrase_as_alone(tok, ca
 
 
 def test_joined_captions_fill_rows_up_to_max_text_len(tokenizer_json):
-    from runtime.text import join_captions
+    from runtime.stages.text import join_captions
 
     tok = GdinoTokenizer(tokenizer_json, max_text_len=10)
     captions = ["crack", "black hole", "flawed golden wire", "a hole in the metal surface of the capsule"]

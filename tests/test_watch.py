@@ -1,4 +1,4 @@
-"""runtime/watch.py and `runtime.infer --watch`: frames a camera saves into a folder, taken as they arrive."""
+"""runtime/outputs/watch.py and `runtime.infer --watch`: frames a camera saves into a folder, taken as they arrive."""
 import csv
 import shutil
 import threading
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime import infer
-from runtime.watch import FolderWatch
+from runtime.outputs.watch import FolderWatch
 
 MTD = Path(__file__).resolve().parent / "data" / "mtd-mini"
 FRAMES = sorted(MTD.glob("*/Imgs/*.jpg"))

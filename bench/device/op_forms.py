@@ -5,7 +5,7 @@
 
 Each case exports one layer in each of its forms to ONNX (torch, so this runs where export
 runs), checks the forms agree, and times them with the runtime's own session settings
-(`runtime.sessions`: the CUDA provider with TF32 off, fixed buffers, a CUDA graph where it
+(`runtime.engine.sessions`: the CUDA provider with TF32 off, fixed buffers, a CUDA graph where it
 captures). Cases:
 
 - `deformable_sum`: one GroundingDINO encoder layer's deformable attention at Swin-T 800x800
@@ -159,7 +159,7 @@ def _export(module: Any, feeds: dict[str, np.ndarray], path: Path, fp16: bool) -
 
 def _time(path: Path, feeds: dict[str, np.ndarray], device: str, iters: int) -> tuple[float, np.ndarray]:
     from runtime.errors import EngineError
-    from runtime.sessions import DeviceRunner, PlainRunner, session_factory
+    from runtime.engine.sessions import DeviceRunner, PlainRunner, session_factory
 
     keep = ("out",) if device != "cpu" else ()
     try:  # as the runtime runs its fixed-shape graphs on CUDA: captured as a CUDA graph

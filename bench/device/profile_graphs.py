@@ -3,7 +3,7 @@
     python -m bench.device.profile_graphs --engine-dir ENGINES --device cuda --iters 10 --out profile.json
 
 Every session of the pipeline (the engines and the built-in graphs) profiles itself
-(runtime.sessions.PROFILE_ENV). Per graph the summary gives: the p50 of a whole run
+(runtime.engine.sessions.PROFILE_ENV). Per graph the summary gives: the p50 of a whole run
 (`model_run`), time per execution provider, the op types that take longest, the nodes
 onnxruntime placed on the CPU in a GPU session (each one a copy and a sync), and, where the
 onnxruntime build records them, the CUDA kernels. On a GPU a node's own `dur` is mostly the
@@ -120,7 +120,7 @@ def profile_pipeline(engine_dir: Path, device: str, image_path: Path, dataset: s
                      iters: int, warmup: int, folder: Path) -> dict[str, Any]:
     from runtime.image_io import read_image
     from runtime.pipeline import Pipeline
-    from runtime.sessions import PROFILE_ENV
+    from runtime.engine.sessions import PROFILE_ENV
 
     os.environ[PROFILE_ENV] = str(folder)
     try:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.regions import box_iou
+from runtime.stages.regions import box_iou
 
 PIXEL_TOLERANCE = 1e-4  # map values closer than this count as equal (float32 sums in another order)
 SAME_BOX_IOU = 0.99  # boxes this close are the same detection (pixel boxes from float32 vs float64 arithmetic)

@@ -249,7 +249,7 @@ def _gdino_parity(models: ReferenceModels) -> dict[str, float]:
     """Text and image graphs, then the head on their outputs (the export's own wrappers)."""
     from export import gdino as G
     from export.common import ParityError
-    from runtime.text import GdinoTokenizer
+    from runtime.stages.text import GdinoTokenizer
 
     manifest = models.manifest
     record = manifest.preprocess["gdino"]

@@ -22,8 +22,8 @@ from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaErr
 from ..image_io import MAX_PIXELS
 from ..memory import MemoryFileError
 from ..pipeline import Pipeline
-from ..regions import Region
-from ..sessions import DEVICES
+from ..stages.regions import Region
+from ..engine.sessions import DEVICES
 from .abi import (E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL, E_INVALID_ARGUMENT, OK, PHRASE_CAPACITY,
                   REGION_DTYPE)
 

@@ -123,7 +123,7 @@ def check_gpu_kernel(device: str) -> float | None:
     import numpy as np
     import onnxruntime as ort
 
-    from ..sessions import builtin_graph, providers_for
+    from ..engine.sessions import builtin_graph, providers_for
 
     library = library_for(device)
     if device not in GPU_DEVICES or library is None or not _builds_cuda(library):

@@ -14,8 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Mapping, Sequence
 
-from .errors import SaaError
-from .pipeline import AnomalyResult
+from ..errors import SaaError
+from ..pipeline import AnomalyResult
 
 SUMMARY_NAME = "summary.csv"
 KEEP_ROWS = 1000  # rows of each kind a long watch keeps in memory for the gallery (the table has them all)

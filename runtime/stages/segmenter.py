@@ -14,14 +14,14 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from .device_canvas import DeviceCanvas
-from .errors import EngineError, ImageError, engine_failure
-from .manifest import SAM_DECODER, SAM_ENCODER, Manifest
+from ..engine.device_canvas import DeviceCanvas
+from ..errors import EngineError, ImageError, engine_failure
+from ..manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
-from .pixels import normalised_canvas
-from .resize import longest_side_shape, resize_like_pil
-from .sessions import DeviceRunner, open_session, runner_for
+from ..engine.pixels import normalised_canvas
+from ..engine.resize import longest_side_shape, resize_like_pil
+from ..engine.sessions import DeviceRunner, open_session, runner_for
 
 # Graph I/O names, shared with export/sam.py.
 ENCODER_INPUT = "image"
@@ -55,11 +55,11 @@ class Segmenter:
 
     def __init__(self, manifest: Manifest, make_session: Callable[..., Any], io_binding: bool | None = None,
                  cuda_graphs: bool = False, device_canvas: bool = False) -> None:
-        """io_binding: see runtime.sessions.runner_for (None: on a GPU the image embedding stays
+        """io_binding: see runtime.engine.sessions.runner_for (None: on a GPU the image embedding stays
         there between the encoder and every decoder call). cuda_graphs (with IO binding, a
-        session factory of runtime.sessions): the encoder captures a CUDA graph where onnxruntime
+        session factory of runtime.engine.sessions): the encoder captures a CUDA graph where onnxruntime
         allows it; `cuda_graphs` then says "captured" or why not. device_canvas (with IO
-        binding): the image's resize and normalisation run on the device (runtime.device_canvas)."""
+        binding): the image's resize and normalisation run on the device (runtime.engine.device_canvas)."""
         config = manifest.preprocess_section("sam", PREPROCESS_KEYS)
         self.image_size = int(config["image_size"])
         self.mask_size = int(config["mask_size"])
@@ -114,7 +114,7 @@ class Segmenter:
 
     def set_image(self, image: np.ndarray) -> None:
         """Run the image encoder once; later predict_boxes() calls reuse the embedding. The input
-        is made on the device where the device canvas is on (runtime.device_canvas)."""
+        is made on the device where the device canvas is on (runtime.engine.device_canvas)."""
         self._embedding = None
         if self._canvas is None:
             tensor, input_size = self.preprocess(image)
@@ -199,7 +199,7 @@ class Segmenter:
         The decoder runs on at most `chunk` boxes at a time and each mask is upscaled
         on its own, so memory beyond the returned masks stays bounded. on_device (needs
         masks_on_device): the chunks' masks stay on the device as DeviceMasks
-        (runtime.mask_fusion scores and fuses them there).
+        (runtime.stages.mask_fusion scores and fuses them there).
         """
         if self._embedding is None:
             raise EngineError("Segmenter: call set_image() before predict_boxes()")

@@ -27,7 +27,7 @@ _STYLE = """body{font-family:sans-serif;margin:1em;background:#f4f4f4}
 
 def write_gallery(out_dir: Path, rows: Sequence[Mapping[str, str]], title: str,
                   counts: Mapping[str, int] | None = None) -> Path:
-    """Writes index.html from summary rows (runtime.summary.COLUMNS), at most MAX_CARDS of them,
+    """Writes index.html from summary rows (runtime.outputs.summary.COLUMNS), at most MAX_CARDS of them,
     highest score first; counts: the run's totals where `rows` holds only some (a long watch).
     Returns its path."""
     done, failed = ranked(rows)

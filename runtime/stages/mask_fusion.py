@@ -1,6 +1,6 @@
-"""P^S rescoring sums and top-K fusion over masks that stay on the GPU (runtime/fusion.py's device twin).
+"""P^S rescoring sums and top-K fusion over masks that stay on the GPU (runtime/stages/fusion.py's device twin).
 
-On a GPU the mask graph (runtime/mask_graph.py) leaves each decoder chunk's masks on the
+On a GPU the mask graph (runtime/stages/mask_graph.py) leaves each decoder chunk's masks on the
 device. Bringing them to the host and scoring them there costs more than the 25 ms budget
 allows (59 masks of 900x900 are 48 MB over PCIe, then 15 ms of mask means and 6 ms of fusion
 on a 2-core CPU), so two small built-in graphs (export/builtin_graphs.py) do it where the
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .errors import EngineError
-from .sessions import DeviceRunner, builtin_graph_session
+from ..errors import EngineError
+from ..engine.sessions import DeviceRunner, builtin_graph_session
 
 FUSE_ACCUMULATORS = ("total_out", "weight_out")
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import ConfigError, ManifestError
+from ..errors import ConfigError, ManifestError
 
 TOKENIZER_FILE = "tokenizer.json"  # in the engines dir, listed under manifest "files"
 TOKENIZER_KEY = "tokenizer"

@@ -33,7 +33,7 @@ import numba
 import numpy as np
 import onnxruntime as ort
 
-from .sessions import DeviceRunner, builtin_graph, builtin_graph_session, engine_time, session_options
+from ..engine.sessions import DeviceRunner, builtin_graph, builtin_graph_session, engine_time, session_options
 
 MODES = ("farthest", "nearest")
 DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once

@@ -30,10 +30,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from . import manifest as mf
+from .. import manifest as mf
 from .decision import Thresholds
-from .errors import ConfigError
-from .memory import MemorySettings, NormalMemory, SaliencyGrids, as_rows
+from ..errors import ConfigError
+from ..memory import MemorySettings, NormalMemory, SaliencyGrids, as_rows
 
 STREAM_STATE = "saa-stream-state"
 

@@ -33,10 +33,10 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from . import manifest as mf
-from .errors import ConfigError, EngineError, ImageError, ManifestError, engine_failure
-from .pixels import normalised_canvas
-from .sessions import DeviceRunner, engine_time
+from .. import manifest as mf
+from ..errors import ConfigError, EngineError, ImageError, ManifestError, engine_failure
+from ..engine.pixels import normalised_canvas
+from ..engine.sessions import DeviceRunner, engine_time
 from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
                                multi_instance_distance)
 

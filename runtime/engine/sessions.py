@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import ops
-from .errors import ConfigError, EngineError, engine_failure
+from .. import ops
+from ..errors import ConfigError, EngineError, engine_failure
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 TRT_CACHE_DIR = "trt_cache"  # inside the engines dir: TensorRT plans are tied to the GPU and TensorRT version
@@ -264,7 +264,7 @@ def named_dims(inputs: Iterable[Any], feeds: Mapping[str, Any]) -> dict[str, int
     return dims
 
 
-GRAPH_DIR = Path(__file__).resolve().parent / "data" / "graphs"  # built by export/builtin_graphs.py
+GRAPH_DIR = Path(__file__).resolve().parents[1] / "data" / "graphs"  # built by export/builtin_graphs.py
 
 
 def builtin_graph(name: str) -> bytes:

@@ -32,12 +32,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .device_canvas import DeviceCanvas
-from .errors import EngineError, ImageError, ManifestError, engine_failure
-from .manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
-from .pixels import normalised_canvas
-from .resize import resize_like_pil, shorter_side_shape
-from .sessions import DeviceRunner, named_dims, open_session, runner_for
+from ..engine.device_canvas import DeviceCanvas
+from ..errors import EngineError, ImageError, ManifestError, engine_failure
+from ..manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
+from ..engine.pixels import normalised_canvas
+from ..engine.resize import resize_like_pil, shorter_side_shape
+from ..engine.sessions import DeviceRunner, named_dims, open_session, runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, JoinedCaptions, encode_captions, join_captions
 
 PREPROCESS_KEY = "gdino"
@@ -56,7 +56,7 @@ class TextFeatures:
 
     encoded: EncodedText  # what the text graph and the head get: the captions, or the joined captions
     features: np.ndarray  # [P, L, d_model] float32
-    joined: JoinedCaptions | None = None  # set where the captions were joined (runtime.text.join_captions)
+    joined: JoinedCaptions | None = None  # set where the captions were joined (runtime.stages.text.join_captions)
 
     @property
     def captions(self) -> tuple[str, ...]:
@@ -119,13 +119,13 @@ class Detector:
         prompts x image positions). None: all captions together on a GPU; on the CPU as many
         as keep prompts x positions within CPU_HEAD_POSITIONS (at 800x800, one caption per run:
         measured with Swin-T, batching five cost 10 GB more and was no faster than one by one).
-        io_binding: see runtime.sessions.runner_for (None: on a GPU the image graph's outputs
+        io_binding: see runtime.engine.sessions.runner_for (None: on a GPU the image graph's outputs
         stay there and feed the head without a round trip through the host).
-        cuda_graphs (with IO binding, a session factory of runtime.sessions): the image graph,
+        cuda_graphs (with IO binding, a session factory of runtime.engine.sessions): the image graph,
         and the head once its shapes are fixed, capture CUDA graphs where onnxruntime allows it;
         `cuda_graphs` then says per graph "captured" or why not.
         device_canvas (with IO binding): the image's resize and normalisation run on the device
-        (runtime.device_canvas; the same canvas to the bit).
+        (runtime.engine.device_canvas; the same canvas to the bit).
         """
         config = gdino_preprocess(manifest)
         self.height, self.width = int(config["height"]), int(config["width"])
@@ -162,7 +162,7 @@ class Detector:
         return self.cuda_graphs.get(name) == "captured"
 
     def _open(self, key: str, fixed_dims: Mapping[str, int] | None = None, cuda_graphs: bool = False) -> Any:
-        """One graph's session (runtime.sessions.open_session); its CUDA-graph status, where one was
+        """One graph's session (runtime.engine.sessions.open_session); its CUDA-graph status, where one was
         asked for, goes into self.cuda_graphs."""
         path = self._manifest.model_path(key)
         try:
@@ -196,7 +196,7 @@ class Detector:
     def encode_text(self, captions: Sequence[str], joined: bool = False) -> TextFeatures:
         """Captions (normalised as the reference does) through the text graph, all at once.
 
-        joined: as GroundingDINO's multi-phrase captions (runtime.text.join_captions), so that the
+        joined: as GroundingDINO's multi-phrase captions (runtime.stages.text.join_captions), so that the
         head runs once for all of them instead of once per caption; detect still answers per caption.
         """
         joined_captions = join_captions(self.tokenizer, captions) if joined else None
@@ -246,7 +246,7 @@ class Detector:
 
     def encode_image(self, image_rgb: np.ndarray) -> ImageFeatures:
         """One image through the image graph (resize, normalise, place in the engine canvas; on the
-        device where the device canvas is on, runtime.device_canvas)."""
+        device where the device canvas is on, runtime.engine.device_canvas)."""
         if self._canvas is None:
             feeds, content_hw, exact = self.preprocess(image_rgb)
         else:

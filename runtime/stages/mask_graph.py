@@ -1,10 +1,10 @@
 """SAM's mask post-processing (Sam.postprocess_masks, then the threshold) as one ONNX graph.
 
-runtime/segmenter.py upscales each box's mask with cv2 on the CPU, ~2 ms a box; on a GPU
+runtime/stages/segmenter.py upscales each box's mask with cv2 on the CPU, ~2 ms a box; on a GPU
 that loop would outweigh the networks. This graph does the same for all boxes at once on the
 session's device, and can take the decoder's `low_res_masks` still on the device (an OrtValue
 from DeviceRunner.run(..., keep=("low_res_masks",))) and leave its masks there
-(runtime/mask_fusion.py scores and fuses them without bringing them to the host).
+(runtime/stages/mask_fusion.py scores and fuses them without bringing them to the host).
 
 The graph is runtime/data/graphs/mask_upscale.onnx, built by export/builtin_graphs.py:
   inputs  low_res_masks float32 [n, 1, m, m]
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EngineError
+from ..errors import EngineError
 
 GRAPH_INPUTS = ("low_res_masks", "sizes", "threshold")
 GRAPH_OUTPUT = "masks"
@@ -33,7 +33,7 @@ GRAPH_OUTPUT = "masks"
 
 def mask_session(device: str = "cuda") -> Any:
     """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here)."""
-    from .sessions import builtin_graph_session
+    from ..engine.sessions import builtin_graph_session
 
     return builtin_graph_session("mask_upscale", device)
 
@@ -69,7 +69,7 @@ def upscale_masks_graph(
 
     low_res: numpy float32 array or an OrtValue the decoder left on the device. input_size:
     (h, w) of the image resized into the image_size x image_size frame before padding.
-    runner: a runtime.sessions.DeviceRunner over mask_session(). keep_on_device: return the
+    runner: a runtime.engine.sessions.DeviceRunner over mask_session(). keep_on_device: return the
     masks as an OrtValue left on the runner's device. n == 0 returns an empty numpy
     [0, H, W] without running the graph.
     """

@@ -2,9 +2,9 @@
 
 On an H200 the host's share of GroundingDINO's image stage was 7.6 of 15 ms and of SAM's encoder
 stage 4.1 ms (bench/results/latency_cuda-h200_*): the PIL-exact resize and the normalisation
-(runtime.resize, runtime.pixels), then a 7.7 / 12.6 MB float32 upload. The built-in graphs
+(runtime.engine.resize, runtime.engine.pixels), then a 7.7 / 12.6 MB float32 upload. The built-in graphs
 image_canvas_hv / _vh (export/builtin_graphs.py) do both on the device: each resize pass is a
-float64 matrix product with PIL's fixed-point weights (runtime.resize.pil_weight_matrix; the
+float64 matrix product with PIL's fixed-point weights (runtime.engine.resize.pil_weight_matrix; the
 integer sums stay exact) and PIL's rounding, then the same float32 normalisation and the zero
 padding. The canvas is the host path's to the bit (tested on the CPU provider). The host uploads
 the uint8 image (2.4 MB for 900x900) and builds nothing per image: the weight matrices stay on the
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .errors import engine_failure
+from ..errors import engine_failure
 from .resize import pil_weight_matrix, vertical_pass_first
 from .sessions import builtin_graph_session, engine_time
 
