@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if other_dir == args.engine_dir and not other_env and not other_options:
         parser.error("nothing to compare: give --other ENGINES, --other-env KEY=VALUE and/or --other-option KEY=VALUE")
     from runtime.errors import SaaError
-    from runtime.image_io import list_images, read_image
+    from runtime.image_io import read_image
+    from runtime.inputs import list_images
     from runtime.pipeline import Pipeline
 
     opened = dict(dataset=args.dataset, category=args.category, config=args.config, device=args.device,

@@ -134,7 +134,7 @@ def run_zero_shot(pipe: Any, test: Sequence[Sample], **kwargs: Any) -> dict[str,
 
 def run_shots(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_test: bool, shots: int, seed: int,
               settings: Any = None, **kwargs: Any) -> dict[str, Any]:
-    from runtime.memory import NormalMemory
+    from runtime.lineside.normal_memory import NormalMemory
 
     chosen = draw_shots(pool, shots, seed)
     started = time.perf_counter()
@@ -236,7 +236,7 @@ def run_tune(pipe: Any, test: Sequence[Sample], pool: Sequence[Path], pool_in_te
              **kwargs: Any) -> dict[str, Any]:
     """Blend sweep: the self-similarity and memory grids are computed once per (shots, seed), and
     each blend is the memory's own blend function of the two, evaluated like the pipeline's map."""
-    from runtime.memory import MemorySettings, NormalMemory, single_object_grids
+    from runtime.lineside.normal_memory import MemorySettings, NormalMemory, single_object_grids
     from runtime.stages.saliency import smooth_grid
 
     options = pipe.config.options
@@ -290,7 +290,7 @@ def _current_path() -> Path:
 
 def run_latency(pipe: Any, images: Sequence[Path], repeats: int = 15) -> dict[str, Any]:
     """Per memory size: the saliency stage with the memory, the search alone, and one stream update."""
-    from runtime.memory import MemorySettings, NormalMemory, as_rows
+    from runtime.lineside.normal_memory import MemorySettings, NormalMemory, as_rows
     from runtime.lineside.stream import StreamingMemory
 
     pictures = [read_image(p) for p in images]
@@ -371,13 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _capacity(args: argparse.Namespace) -> int:
-    from runtime.memory import DEFAULT_CAPACITY
+    from runtime.lineside.normal_memory import DEFAULT_CAPACITY
 
     return DEFAULT_CAPACITY if args.capacity is None else args.capacity
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.memory import MemorySettings
+    from runtime.lineside.normal_memory import MemorySettings
     from runtime.pipeline import Pipeline
 
     listed = list_samples(args.dataset, args.root, [args.category] if args.category else None)

@@ -39,11 +39,12 @@ def status(key):
                 return int(line.split()[1]) * 1024
 
 counts = []
-check = pipeline_module._check_mask_memory
+import runtime.stages.segmenter as segmenter_module
+check = segmenter_module.check_mask_memory
 def counting(count, image_hw):
     counts.append((count, image_hw))
     check(count, image_hw)
-pipeline_module._check_mask_memory = counting
+segmenter_module.check_mask_memory = counting
 
 pipeline = pipeline_module.Pipeline.open(engine_dir, dataset=dataset, category=category)
 image = read_image(demo)

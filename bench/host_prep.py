@@ -40,9 +40,10 @@ def time_preparation(engine_dir: Path, image_path: Path, iters: int) -> dict[str
     from runtime.image_io import read_image
     from runtime.stages.segmenter import Segmenter
     from runtime.engine.sessions import session_factory
+    from runtime.settings import EngineSettings
 
     manifest = mf.load_manifest(engine_dir)
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     image = read_image(image_path)
     rgb = np.ascontiguousarray(image[:, :, ::-1])
     from runtime.engine.pixels import normalised_canvas

@@ -187,9 +187,9 @@ def versions(with_torch: bool, device: str = "cpu") -> dict[str, str]:
     # goes first on the path): say which one this process runs.
     out["onnxruntime_imported"] = f"{onnxruntime.__version__} ({Path(onnxruntime.__file__).parent})"
     out["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())
-    from runtime import ops
+    from runtime.engine import custom_ops
 
-    out["saa_ops"] = ops.describe(device)  # the custom-op library a fused head runs with
+    out["saa_ops"] = custom_ops.describe(device)  # the custom-op library a fused head runs with
     return out
 
 
@@ -266,7 +266,8 @@ def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from runtime.errors import SaaError
     from runtime.image_io import read_image
-    from runtime.pipeline import Pipeline, distinct_boxes
+    from runtime.pipeline import Pipeline
+    from runtime.stages.regions import distinct_boxes
 
     if args.iters < 1 or args.warmup < 0:
         raise BenchError(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
@@ -501,7 +502,7 @@ def format_comparison(comparison: dict[str, Any] | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime.engine.sessions import DEVICES
+    from runtime.settings import DEVICES
 
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", required=True, help="folder written by `python -m export`")
@@ -532,12 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: give either --config FILE or --dataset D --category C, not both", file=sys.stderr)
         return 2
     from runtime.errors import SaaError
-    from runtime.engine.sessions import check_threads
+    from runtime.settings import EngineSettings
 
     out = Path(args.out)
     folder = out.parent if out.suffix == ".json" else out
     try:
-        check_threads(args.threads)
+        EngineSettings(threads=args.threads)  # a bad count named now, not after the export's load
         if not args.no_write:  # now, not after minutes of timing
             folder.mkdir(parents=True, exist_ok=True)
             if not os.access(folder, os.W_OK):

@@ -600,10 +600,11 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from runtime import manifest as mf
     from runtime.engine.sessions import session_factory
+    from runtime.settings import EngineSettings
 
     started = time.time()
     manifest = mf.load_manifest(args.engine_dir)
-    extractor = SaliencyExtractor(manifest, session_factory("cpu", args.threads))
+    extractor = SaliencyExtractor(manifest, session_factory(EngineSettings(threads=args.threads)))
     samples = list_samples("mtd", args.root)["mtd"]
     tune, held = split_samples(samples, args.seed, args.good_limit)
     print(f"TUNE {len(tune)} images ({sum(s.label for s in tune)} anomalous), "

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.engine.sessions import DEVICES
+from runtime.settings import DEVICES
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "mtd_break_exp6_num_348888.jpg"
 

@@ -6,7 +6,8 @@
 //   ./line_side engines/ --dataset mtd --category mtd --calibration cal.json --mask part_mask.pgm part.ppm part_map.npy
 //
 // Line-side settings (saa_open_ex): --calibration FILE, --memory FILE, --image-threshold T,
-// --pixel-threshold T, --threads N. With an image threshold the decision (OK / NG and the
+// --pixel-threshold T, --threads N, --settings "key=value,..." (engine settings, e.g.
+// "cuda_graphs=on,overlap=on"; docs/configuration.md). With an image threshold the decision (OK / NG and the
 // score) goes to stderr; with a pixel threshold --mask OUT.pgm writes the defect mask (0/255).
 // Reads binary PPM (P6) or PGM (P5), 8 or 16 bit, with a reader of its own so that it builds
 // with nothing but the C++ standard library; other formats through OpenCV's C++ API when built
@@ -181,7 +182,7 @@ std::string region_json(const saa_region &r) {
 int usage() {
     std::cerr << "usage: line_side ENGINE_DIR (--dataset D --category C | --config FILE) IMAGE OUT.npy "
                  "[--device cpu|cuda] [--threads N] [--calibration FILE] [--memory FILE] [--image-threshold T] "
-                 "[--pixel-threshold T] [--mask OUT.pgm]\n";
+                 "[--pixel-threshold T] [--mask OUT.pgm] [--settings key=value,...]\n";
     return 2;
 }
 
@@ -189,7 +190,7 @@ int usage() {
 
 int main(int argc, char **argv) {
     std::string dataset, category, config, device = "cpu", calibration, memory, image_threshold, pixel_threshold,
-        threads, mask_path;
+        threads, mask_path, settings;
     std::vector<std::string> positional;
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
@@ -198,7 +199,7 @@ int main(int argc, char **argv) {
                             : arg == "--calibration"     ? &calibration     : arg == "--memory"          ? &memory
                             : arg == "--image-threshold" ? &image_threshold : arg == "--pixel-threshold" ? &pixel_threshold
                             : arg == "--threads"         ? &threads         : arg == "--mask"            ? &mask_path
-                                                         : nullptr;
+                            : arg == "--settings"        ? &settings        : nullptr;
         if (option) {
             if (++i >= argc)
                 return usage();
@@ -229,6 +230,7 @@ int main(int argc, char **argv) {
     options.device = device.c_str();
     options.calibration = calibration.empty() ? nullptr : calibration.c_str();
     options.memory = memory.empty() ? nullptr : memory.c_str();
+    options.settings = settings.empty() ? nullptr : settings.c_str();
     try {
         if (!threads.empty())
             options.threads = std::stoi(threads);

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from runtime import ops
+from runtime.engine import custom_ops
 
 OPSET = 17  # grid_sample (deformable attention) needs >= 16; LayerNormalization is native from 17
 
@@ -171,7 +171,7 @@ def cpu_session_options(threads: int = 0) -> ort.SessionOptions:
     if threads or _CPU_THREADS:
         options.intra_op_num_threads = threads or _CPU_THREADS
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    ops.register(options)  # heads traced with --deformable-attention fused use the saa.edge ops
+    custom_ops.register(options)  # heads traced with --deformable-attention fused use the saa.edge ops
     return options
 
 

@@ -73,6 +73,7 @@ from runtime.manifest import (
     IMAGENET_STD,
 )
 from runtime import ops
+from runtime.engine import custom_ops
 from runtime.stages.text import TOKENIZER_FILE, GdinoTokenizer, encode_captions
 
 from .common import ExportedModel, ExportError, ParityError, compare_outputs, export_onnx, io_spec, ort_session, parity_record
@@ -585,7 +586,7 @@ def export_grounding_dino(
     if deformable_attention not in DEFORMABLE_ATTENTIONS:
         raise ExportError(f"deformable attention must be one of {DEFORMABLE_ATTENTIONS}, got {deformable_attention!r}")
     if deformable_attention == "fused":
-        if ops.library_for("cpu") is None:  # the parity check runs the head in onnxruntime on the CPU
+        if custom_ops.library_for("cpu") is None:  # the parity check runs the head in onnxruntime on the CPU
             raise ExportError(f"--deformable-attention fused needs the runtime's op library ({ops.CPU_LIBRARY.name}), "
                               "which is not built: python -m runtime.ops.build (needs a C++ compiler)")
     out_dir = Path(out_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -142,42 +141,3 @@ def _to_uint8(image: np.ndarray, source: str) -> np.ndarray:
         scale = 255.0 if image.max(initial=0.0) <= 1.0 else 1.0
         return np.clip(image * scale + 0.5, 0, 255).astype(np.uint8)
     raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
-
-
-def is_mask_file(path: Path, stems_of_other_images: set[str]) -> bool:
-    """A defect mask stored beside its image, not a part: <stem>_mask.png (also what
-    `runtime.infer` writes), or <stem>.png beside a non-PNG image of that stem (MTD's layout)."""
-    return path.stem.endswith("_mask") or (path.suffix.lower() == ".png" and path.stem in stems_of_other_images)
-
-
-def _under_any(path: Path, folders: list[Path]) -> bool:
-    return any(path.is_relative_to(folder) for folder in folders)
-
-
-def list_images(inputs: list[str | Path], exclude: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
-    """Expand files and folders (recursively, sorted) into image paths; missing inputs are kept
-    so the caller reports them as per-file failures. In folders, masks beside their images
-    (is_mask_file) and anything under `exclude` (one folder or several: the output folder, an
-    earlier run's) are left out; files named one by one are always kept."""
-    if exclude is None:
-        excluded: list[str | Path] = []
-    elif isinstance(exclude, (str, Path)):
-        excluded = [exclude]
-    else:
-        excluded = list(exclude)
-    skips = [Path(folder).resolve() for folder in excluded]
-    paths: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if not item.is_dir():
-            paths.append(item)
-            continue
-        found = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(item).parts)
-                 and not (skips and _under_any(p.resolve(), skips))]
-        stems: dict[Path, set[str]] = {}  # per folder, the stems of its non-PNG images
-        for p in found:
-            if p.suffix.lower() != ".png":
-                stems.setdefault(p.parent, set()).add(p.stem)
-        paths.extend(sorted(p for p in found if not is_mask_file(p, stems.get(p.parent, set()))))
-    return list(dict.fromkeys(paths))  # a file named twice is processed once

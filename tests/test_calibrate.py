@@ -9,10 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime import calibrate as cal
+from runtime import calibrate as calibrate_cli
+from runtime.inputs import list_parts
+from runtime.lineside import calibration as cal
 from runtime import infer
 from runtime.errors import ConfigError
-from runtime.memory import MemorySettings, NormalMemory
+from runtime.lineside.normal_memory import MemorySettings, NormalMemory
 from runtime.pipeline import Pipeline
 from runtime.outputs.summary import COLUMNS
 
@@ -59,7 +61,7 @@ def test_list_parts_skips_masks(tmp_path):
     image = np.zeros((8, 8, 3), np.uint8)
     for name in ("a.jpg", "a.png", "b.png", "b_mask.png", "c.jpg"):  # MTD: a.png is a.jpg's mask
         cv2.imwrite(str(tmp_path / name), image)
-    parts = cal.list_parts(tmp_path)
+    parts = list_parts(tmp_path)
     assert [(p.name, m.name if m else None) for p, m in parts] == [
         ("a.jpg", "a.png"), ("b.png", "b_mask.png"), ("c.jpg", None)]
     folder = tmp_path / "layout"
@@ -67,7 +69,7 @@ def test_list_parts_skips_masks(tmp_path):
     (folder / "masks").mkdir()
     cv2.imwrite(str(folder / "images" / "x.png"), image)
     cv2.imwrite(str(folder / "masks" / "x.png"), image)
-    assert cal.list_parts(folder) == [(folder / "images" / "x.png", folder / "masks" / "x.png")]
+    assert list_parts(folder) == [(folder / "images" / "x.png", folder / "masks" / "x.png")]
     # subfolders are read, as runtime.infer reads them (MTD keeps its images in <class>/Imgs/)
     nested = tmp_path / "nested"
     for sub in ("MT_Free/Imgs", "MT_Crack/Imgs", ".hidden"):
@@ -77,10 +79,10 @@ def test_list_parts_skips_masks(tmp_path):
     (nested / "results").mkdir()  # an earlier runtime.infer run's outputs
     cv2.imwrite(str(nested / "results" / "f_overlay.png"), image)
     (nested / "results" / "summary.csv").write_text(",".join(COLUMNS) + "\n")
-    assert [(str(p.relative_to(nested)), m.name) for p, m in cal.list_parts(nested)] == [
+    assert [(str(p.relative_to(nested)), m.name) for p, m in list_parts(nested)] == [
         ("MT_Crack/Imgs/c.jpg", "c.png"), ("MT_Free/Imgs/f.jpg", "f.png")]
     with pytest.raises(ConfigError, match="not a folder"):
-        cal.list_parts(tmp_path / "missing")
+        list_parts(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------- the CLI on real images
@@ -99,7 +101,7 @@ def parts(tmp_path_factory, data_dir):
 
 
 def run_calibrate(engine_dir, out, *extra):
-    return cal.main(["--engine-dir", str(engine_dir), "--dataset", "mtd", "--category", "mtd", "--out", str(out),
+    return calibrate_cli.main(["--engine-dir", str(engine_dir), "--dataset", "mtd", "--category", "mtd", "--out", str(out),
                      *map(str, extra)])
 
 

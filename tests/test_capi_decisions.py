@@ -151,13 +151,13 @@ def test_save_memory_without_one_and_bad_options(lite_engine_dir, tmp_path):
     handle = ctypes.c_void_p(7)
     status = library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options), ctypes.byref(handle))
     assert status == abi.E_INVALID_ARGUMENT and handle.value is None
-    assert "struct_size is 0, expected 56 to 56" in library.saa_last_error(None).decode()
-    options.struct_size = 64  # a newer saa.h's struct: this library cannot know its extra fields
+    assert "struct_size is 0, expected 56 to 64" in library.saa_last_error(None).decode()
+    options.struct_size = 72  # a newer saa.h's struct: this library cannot know its extra fields
     assert library.saa_open_ex(str(lite_engine_dir).encode(), b"mtd/mtd", ctypes.byref(options),
                                ctypes.byref(handle)) == abi.E_INVALID_ARGUMENT
     assert "newer saa.h" in library.saa_last_error(None).decode()
     library.saa_open_options_init(ctypes.byref(options))
-    assert options.struct_size == ctypes.sizeof(abi.OpenOptions) == 56 and np.isnan(options.image_threshold)
+    assert options.struct_size == ctypes.sizeof(abi.OpenOptions) == 64 and np.isnan(options.image_threshold)
     options.threads = 9
     library.saa_open_options_init_sized(ctypes.byref(options), 56)  # what the header's macro calls
     assert options.struct_size == 56 and options.threads == 0 and np.isnan(options.pixel_threshold)

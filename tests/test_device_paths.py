@@ -17,11 +17,13 @@ import pytest
 
 from runtime import manifest as mf
 from runtime.stages.detector import Detector
-from runtime.errors import EngineError
+from runtime.errors import ConfigError, EngineError
 from runtime.image_io import read_image
 from runtime.stages.saliency import SaliencyExtractor
 from runtime.stages.segmenter import Segmenter, upscale_mask_logits
-from runtime.engine.sessions import DeviceRunner, PlainRunner, runner_for, session_factory, to_host
+from runtime.engine.runners import DeviceRunner, PlainRunner, runner_for, to_host
+from runtime.engine.sessions import session_factory
+from runtime.settings import EngineSettings
 
 BOTTLE = Path(__file__).resolve().parent / "data" / "bottle_demo.png"
 CAPTIONS = ["bottle,", "defect on bottle", "crack. black hole."]
@@ -38,7 +40,7 @@ def image() -> np.ndarray:
 
 
 def test_runner_choice_follows_the_session_device(full_tiny):
-    session = session_factory("cpu", threads=1)(full_tiny.model_path(mf.SAM_DECODER))
+    session = session_factory(EngineSettings(threads=1))(full_tiny.model_path(mf.SAM_DECODER))
     assert isinstance(runner_for(session), PlainRunner)  # CPU sessions: plain run
     assert isinstance(runner_for(session, io_binding=True), DeviceRunner)
 
@@ -51,7 +53,7 @@ def test_runner_choice_follows_the_session_device(full_tiny):
 
 
 def test_detector_with_io_binding_equals_plain_runs(full_tiny, image):
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     plain, bound = Detector(full_tiny, make), Detector(full_tiny, make, io_binding=True)
     rgb = np.ascontiguousarray(image[:, :, ::-1])
     features = bound.encode_image(rgb)
@@ -67,7 +69,7 @@ def test_detector_with_io_binding_equals_plain_runs(full_tiny, image):
 
 def test_head_with_fixed_shapes_gives_the_same_detections(full_tiny, image):
     """GPU pipelines reopen the head with the config's caption and token counts fixed."""
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     plain, fixed = Detector(full_tiny, make), Detector(full_tiny, make, io_binding=True)
     rgb = np.ascontiguousarray(image[:, :, ::-1])
     text = fixed.encode_text(CAPTIONS)
@@ -88,7 +90,7 @@ def test_head_with_fixed_shapes_gives_the_same_detections(full_tiny, image):
 
 
 def test_segmenter_with_io_binding_equals_plain_runs(full_tiny, image):
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     plain, bound = Segmenter(full_tiny, make), Segmenter(full_tiny, make, io_binding=True)
     plain.set_image(image)
     bound.set_image(image)
@@ -111,7 +113,7 @@ def test_decoder_with_a_fixed_box_count_pads_and_drops_the_copies(full_tiny, ima
     are decoded as 2 + 2 + (1 + a copy); the copy's mask is made and never used."""
     from runtime.stages.mask_fusion import MaskFusion
 
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     plain, fixed = Segmenter(full_tiny, make, io_binding=True), Segmenter(full_tiny, make, io_binding=True)
     assert fixed.fix_box_count(2) and fixed.decoder_boxes == 2
     for segmenter in (plain, fixed):
@@ -138,7 +140,7 @@ def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, pre
 
     manifest = mf.load_manifest(lite_engine_dir)
     settings = preset_settings(manifest, preset)
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     host = SaliencyExtractor(manifest, make, settings)
     graph = SaliencyExtractor(manifest, make, settings, knn_device="cpu")
     assert host.knn_session is None and graph.knn_session is not None
@@ -157,7 +159,7 @@ def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, pre
 def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
     from runtime.stages.detector import CPU_HEAD_POSITIONS, ImageFeatures
 
-    detector = Detector(full_tiny, session_factory("cpu", threads=1))
+    detector = Detector(full_tiny, session_factory(EngineSettings(threads=1)))
 
     def features(positions: int) -> ImageFeatures:
         return ImageFeatures({"vision_features": np.zeros((1, positions, 1), np.float32)}, (1, 1), (1, 1), True)
@@ -165,7 +167,7 @@ def test_cpu_head_runs_take_as_many_captions_as_fit(full_tiny, image):
     assert detector._auto_prompts_per_run(features(1045), 5) == 5          # tiny engines: all at once
     assert detector._auto_prompts_per_run(features(13294), 5) == 1         # Swin-T at 800x800: one by one
     assert detector._auto_prompts_per_run(features(CPU_HEAD_POSITIONS // 3), 5) == 3
-    bound = Detector(full_tiny, session_factory("cpu", threads=1), io_binding=True)  # OrtValue features
+    bound = Detector(full_tiny, session_factory(EngineSettings(threads=1)), io_binding=True)  # OrtValue features
     on_device = bound.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
     assert bound._auto_prompts_per_run(on_device, 5) == 5
 
@@ -220,7 +222,7 @@ def test_static_buffers_for_cuda_graphs_give_the_same_maps(full_tiny, image):
         expected, got = base(picture), static(picture)
         assert [r.box for r in got.regions] == [r.box for r in expected.regions]
         np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
-    with pytest.raises(EngineError, match="need the GPU paths"):
+    with pytest.raises(ConfigError, match="need the GPU paths"):
         Pipeline(full_tiny, config, threads=1, io_binding=False, cuda_graphs=True)
 
 
@@ -228,7 +230,7 @@ def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image
     from runtime.config import resolve_config
     from runtime.pipeline import Pipeline
 
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
 
     def refusing(path, fixed_dims=None, cuda_graphs=None):
         if cuda_graphs and "sam_encoder" in str(path):
@@ -250,7 +252,7 @@ def test_graphs_onnxruntime_refuses_fall_back_to_plain_sessions(full_tiny, image
         return make(path, cuda_graphs=cuda_graphs)
 
     no_fixed_dims.fixes_dims = True
-    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: no_fixed_dims)
+    monkeypatch.setattr("runtime.pipeline.SessionFactory", lambda *a, **kw: no_fixed_dims)
     pipeline = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True)
     assert "override refused" in pipeline.static_shapes_refused and not pipeline.detector.head_dims
     assert len(pipeline(image).regions) > 0  # still runs, with the dynamic-shape head and decoder
@@ -263,7 +265,7 @@ def test_pipelines_open_each_graph_once(full_tiny, monkeypatch, static_shapes):
     from runtime.config import resolve_config
     from runtime.pipeline import Pipeline
 
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     opened: list[tuple[str, bool]] = []
 
     def counting(path, fixed_dims=None, cuda_graphs=None):
@@ -271,7 +273,7 @@ def test_pipelines_open_each_graph_once(full_tiny, monkeypatch, static_shapes):
         return make(path, fixed_dims=fixed_dims, cuda_graphs=cuda_graphs)
 
     counting.fixes_dims = True
-    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: counting)
+    monkeypatch.setattr("runtime.pipeline.SessionFactory", lambda *a, **kw: counting)
     config = resolve_config("mvtec", "bottle", None, {})
     Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=static_shapes)
     graphs = [name for name, _ in opened]
@@ -284,7 +286,7 @@ def test_pipelines_open_each_graph_once(full_tiny, monkeypatch, static_shapes):
         return make(path, fixed_dims=fixed_dims, cuda_graphs=cuda_graphs)
 
     broken_decoder.fixes_dims = True
-    monkeypatch.setattr("runtime.pipeline.session_factory", lambda *a, **kw: broken_decoder)
+    monkeypatch.setattr("runtime.pipeline.SessionFactory", lambda *a, **kw: broken_decoder)
     with pytest.raises(EngineError, match="sam_decoder.onnx: cannot load engine"):
         Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=static_shapes)
 
@@ -292,7 +294,7 @@ def test_pipelines_open_each_graph_once(full_tiny, monkeypatch, static_shapes):
 def test_head_dims_come_from_the_manifest_or_the_session(full_tiny):
     """fix_head_shapes names the dimensions from the manifest's input records; where a
     manifest lacks them (hand-edited, older), from the dynamic session's inputs."""
-    make = session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     specs = full_tiny.inputs("gdino_head")
     assert specs is not None and [s.name for s in specs] == [i.name for i in make(full_tiny.model_path("gdino_head")).get_inputs()]
     text = Detector(full_tiny, make).encode_text(CAPTIONS)
@@ -324,7 +326,8 @@ def test_overlapped_stages_give_the_same_results(full_tiny, image):
     """overlap=True: SAM's encoding and the saliency in a second thread while the head runs (after
     the calls that capture CUDA graphs); the maps and regions are those of the sequential pipeline."""
     from runtime.config import resolve_config
-    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+    from runtime.engine.overlap import OVERLAP_AFTER_CALLS
+    from runtime.pipeline import Pipeline
 
     config = resolve_config("mvtec", "bottle", None, {})
     base = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
@@ -341,12 +344,13 @@ def test_overlapped_stages_give_the_same_results(full_tiny, image):
         np.testing.assert_array_equal(got.saliency_map, expected.saliency_map)
         np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
     overlapped.close()
-    assert overlapped._side is None
+    assert overlapped._side._executor is None  # the second thread is shut down
 
 
 def test_an_error_in_either_thread_reaches_the_caller(full_tiny, image, monkeypatch):
     from runtime.config import resolve_config
-    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+    from runtime.engine.overlap import OVERLAP_AFTER_CALLS
+    from runtime.pipeline import Pipeline
 
     pipeline = Pipeline(full_tiny, resolve_config("mvtec", "bottle", None, {}), threads=1, overlap=True)
     for _ in range(OVERLAP_AFTER_CALLS):
@@ -383,7 +387,8 @@ def test_cuda_graphs_and_overlap_on_the_device_give_the_sequential_results(full_
     """On the CUDA provider: CUDA graphs captured, and SAM's encoder and the saliency running in a
     second thread beside the captured head, give what the plain sequential CUDA pipeline gives."""
     from runtime.config import resolve_config
-    from runtime.pipeline import OVERLAP_AFTER_CALLS, Pipeline
+    from runtime.engine.overlap import OVERLAP_AFTER_CALLS
+    from runtime.pipeline import Pipeline
 
     manifest = mf.load_manifest(full_tiny_engine_dir)
     config = resolve_config("mvtec", "bottle", None, {})
@@ -419,5 +424,5 @@ def test_the_device_canvas_gives_the_same_results(full_tiny, image):
         expected, got = base(picture), on_device(picture)
         assert [(r.box, r.score) for r in got.regions] == [(r.box, r.score) for r in expected.regions]
         np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
-    with pytest.raises(EngineError, match="device canvas needs the GPU paths"):
+    with pytest.raises(ConfigError, match="device canvas needs the GPU paths"):
         Pipeline(full_tiny, config, threads=1, io_binding=False, device_canvas=True)

@@ -50,6 +50,7 @@ def test_the_memory_bench_measures_one_call_against_the_estimate(full_tiny_engin
 def test_pipeline_refuses_masks_that_would_not_fit(full_tiny_engine_dir, monkeypatch):
     from runtime import manifest as mf
     from runtime import pipeline
+    from runtime.engine import host_memory
     from runtime.config import resolve_config
 
     config = resolve_config("mvtec", "bottle", None, {})
@@ -57,8 +58,8 @@ def test_pipeline_refuses_masks_that_would_not_fit(full_tiny_engine_dir, monkeyp
     image = read_image(BOTTLE)
     result = run(image)
     assert result.regions  # the check below has regions to refuse
-    monkeypatch.setattr(pipeline, "available_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1_000_000)
     with pytest.raises(ImageError, match=r"regions at 900x900 need about .* GiB of masks, more than the 0\.0 GiB"):
         run(image)
-    monkeypatch.setattr(pipeline, "available_bytes", lambda: None)  # unknown (not Linux): no check
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: None)  # unknown (not Linux): no check
     assert run(image).regions

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from runtime.errors import ImageError
-from runtime.image_io import list_images, read_image, to_bgr8
+from runtime.image_io import read_image, to_bgr8
+from runtime.inputs import list_images
 
 
 def test_layouts_become_bgr8(tmp_path):

@@ -18,7 +18,8 @@ import pytest
 from runtime.stages import mask_graph as M
 from runtime.errors import EngineError
 from runtime.stages.segmenter import upscale_mask_logits
-from runtime.engine.sessions import DeviceRunner, builtin_graph
+from runtime.engine.runners import DeviceRunner
+from runtime.engine.sessions import builtin_graph
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 1024

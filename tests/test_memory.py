@@ -14,7 +14,7 @@ import pytest
 from runtime import manifest as mf
 from runtime.lineside.decision import Thresholds
 from runtime.errors import ConfigError
-from runtime.memory import (MemoryFileError, MemorySettings, NormalMemory, SaliencyGrids, as_rows,
+from runtime.lineside.normal_memory import (MemoryFileError, MemorySettings, NormalMemory, SaliencyGrids, as_rows,
                             single_object_grids)
 from runtime.lineside.memory_kernels import (greedy_coreset, greedy_coreset_twin, nearest_distance, nearest_distance_twin,
                                     project)
@@ -151,7 +151,7 @@ def test_coreset_never_exceeds_its_bound(tmp_path):
 
 
 def test_build_from_many_images_pools_in_rounds(tmp_path, monkeypatch):
-    import runtime.memory as memory_module
+    import runtime.lineside.normal_memory as memory_module
 
     monkeypatch.setattr(memory_module, "BUILD_POOL_FACTOR", 2)  # reduce after every 2 x capacity features
     memory = NormalMemory.from_images(FakeExtractor(), fake_manifest(tmp_path), random_images(12),

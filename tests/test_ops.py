@@ -10,6 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from runtime import ops
+from runtime.engine import custom_ops as C
+from runtime.settings import EngineSettings
+from runtime.engine.sessions import check_gpu_kernel
 from runtime.errors import EngineError
 from runtime.ops import build
 
@@ -134,27 +137,25 @@ def test_cpu_op_shows_non_finite_samples_as_nan(cpu_library: Path) -> None:
 
 
 def test_library_choice_and_missing_library(cpu_library: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
-    assert ops.library_for("cpu") == cpu_library
-    monkeypatch.setenv("SAA_OPS_LIBRARY", str(tmp_path / "nothing.so"))
+    assert C.library_for("cpu") == cpu_library
     with pytest.raises(EngineError, match="SAA_OPS_LIBRARY"):
-        ops.library_for("cpu")
-    monkeypatch.delenv("SAA_OPS_LIBRARY")
-    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
-    monkeypatch.setattr(ops, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
-    assert ops.library_for("cpu") is None and ops.library_for("cuda") is None
+        C.library_for("cpu", tmp_path / "nothing.so")
+    assert EngineSettings.from_environment({"SAA_OPS_LIBRARY": "/x/lib.so"}).ops_library == "/x/lib.so"
+    monkeypatch.setattr(C, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    monkeypatch.setattr(C, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
+    assert C.library_for("cpu") is None and C.library_for("cuda") is None
 
 
 def test_a_gpu_without_the_cuda_library_falls_back_to_the_cpu_kernel_with_a_warning(
         cpu_library: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
-    monkeypatch.setattr(ops, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
-    monkeypatch.setattr(ops, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(C, "CUDA_LIBRARY", tmp_path / "libsaa_ops_cuda.so")
+    monkeypatch.setattr(C, "_warned_cpu_fallback", False)
     with pytest.warns(UserWarning, match=r"runtime.ops.build --cuda"):
-        assert ops.library_for("cuda") == cpu_library
+        assert C.library_for("cuda") == cpu_library
     built = tmp_path / "libsaa_ops_cuda.so"
     built.write_bytes(b"")  # present: chosen for GPUs, the CPU build for the CPU
-    assert ops.library_for("tensorrt") == built and ops.library_for("cpu") == cpu_library
+    assert C.library_for("tensorrt") == built and C.library_for("cpu") == cpu_library
 
 
 def test_a_fused_graph_without_the_library_says_what_to_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
@@ -163,19 +164,18 @@ def test_a_fused_graph_without_the_library_says_what_to_build(cpu_library: Path,
 
     path = tmp_path / "msda.onnx"
     path.write_bytes(op_model())
-    session_factory("cpu")(path)  # loads with the library
+    session_factory()(path)  # loads with the library
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
-    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    monkeypatch.setattr(C, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
     with pytest.raises(EngineError, match=r"saa.edge::MultiScaleDeformableAttention .*python -m runtime.ops.build"):
-        session_factory("cpu")(path)
+        session_factory()(path)
 
 
 def test_a_broken_library_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "libsaa_ops.so"
     broken.write_bytes(b"not a library")
-    monkeypatch.setenv("SAA_OPS_LIBRARY", str(broken))
     with pytest.raises(EngineError, match="cannot load the custom-op library"):
-        ops.register(ort.SessionOptions())
+        C.register(ort.SessionOptions(), "cpu", broken)
 
 
 def test_build_reports_a_missing_compiler(tmp_path: Path) -> None:
@@ -372,7 +372,7 @@ def test_export_of_a_fused_head_without_the_library_says_what_to_build(monkeypat
     from export.gdino import export_grounding_dino
 
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
-    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    monkeypatch.setattr(C, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
     with pytest.raises(ExportError, match="python -m runtime.ops.build"):
         export_grounding_dino(None, tmp_path, (224, 224), tmp_path / "tokenizer.json", deformable_attention="fused")
     with pytest.raises(ExportError, match="must be one of"):
@@ -392,12 +392,12 @@ def test_export_default_is_the_fused_op_and_standard_with_trt() -> None:
 def test_describe_names_the_library_and_its_build(cpu_library: Path, monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
-    assert ops.describe("cpu") == f"saa.edge ops 1: CPU ({cpu_library})"
-    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
-    assert ops.describe("cpu") == "not built"
+    assert C.describe("cpu") == f"saa.edge ops 1: CPU ({cpu_library})"
+    monkeypatch.setattr(C, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    assert C.describe("cpu") == "not built"
 
 
-# --- the GPU kernel's check before a fused head runs on a GPU (runtime.ops.check_gpu_kernel) ----------------
+# --- the GPU kernel's check before a fused head runs on a GPU (runtime.engine.sessions.check_gpu_kernel) ----------------
 
 
 class _FakeSession:
@@ -423,28 +423,27 @@ def cuda_build(monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("SAA_OPS_LIBRARY", raising=False)
     # the 'GPU' list differs from the plain CPU list the check runs second (the fake session tells them apart)
     monkeypatch.setattr(runtime.engine.sessions, "providers_for", lambda *args, **kwargs: [("CPUExecutionProvider", {})])
-    monkeypatch.setattr(ops, "_gpu_checked", {})
+    monkeypatch.setattr(C, "_gpu_checked", {})
     return ops.CUDA_LIBRARY
 
 
 def test_gpu_check_runs_the_builtin_graph_through_both_kernels(cuda_build: Path) -> None:
-    assert ops.check_gpu_kernel("cuda") == 0.0  # both runs on the CPU kernel here: equal to the bit
-    assert str(cuda_build) in ops._gpu_checked  # once per process and library
-    assert ops.check_gpu_kernel("cpu") is None
+    assert check_gpu_kernel(EngineSettings(device="cuda")) == 0.0  # both runs on the CPU kernel here: equal to the bit
+    assert str(cuda_build) in C._gpu_checked  # once per process and library
+    assert check_gpu_kernel(EngineSettings()) is None
 
 
 def test_gpu_check_refuses_a_kernel_that_disagrees(cuda_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
     with pytest.raises(EngineError, match=r"CUDA kernel .* disagrees with its CPU kernel by 0.5.*SAA_OPS_LIBRARY="):
-        ops.check_gpu_kernel("cuda")
+        check_gpu_kernel(EngineSettings(device="cuda"))
     monkeypatch.setattr(_FakeSession, "offset", 1e-6)
-    monkeypatch.setattr(ops, "_gpu_checked", {})
-    assert ops.check_gpu_kernel("cuda") == pytest.approx(1e-6, rel=0.2)
+    monkeypatch.setattr(C, "_gpu_checked", {})
+    assert check_gpu_kernel(EngineSettings(device="cuda")) == pytest.approx(1e-6, rel=0.2)
 
 
 def test_gpu_check_skips_a_library_without_cuda(cpu_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SAA_OPS_LIBRARY", str(cpu_library))
-    assert ops.check_gpu_kernel("cuda") is None
+    assert check_gpu_kernel(EngineSettings(device="cuda", ops_library=str(cpu_library))) is None
 
 
 def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_dir, full_tiny_standard_engine_dir,
@@ -454,12 +453,12 @@ def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_d
     from runtime.pipeline import Pipeline
 
     calls = []
-    monkeypatch.setattr(ops, "check_gpu_kernel", calls.append)
+    monkeypatch.setattr("runtime.pipeline.check_gpu_kernel", calls.append)
     config = load_shipped_config("mvtec", "bottle")
     Pipeline(mf.load_manifest(full_tiny_standard_engine_dir), config)
     assert calls == []
     Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
-    assert calls == ["cpu"]
+    assert [settings.device for settings in calls] == ["cpu"]
 
 
 def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -469,9 +468,8 @@ def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytes
     path.write_bytes(op_model())
     broken = tmp_path / "libsaa_ops.so"
     broken.write_bytes(b"not a library")
-    monkeypatch.setenv("SAA_OPS_LIBRARY", str(broken))
     with pytest.raises(EngineError, match=rf"{path}: cannot load engine: cannot load the custom-op library"):
-        session_factory("cpu")(path)
+        session_factory(EngineSettings(ops_library=str(broken)))(path)
 
 
 def test_sessions_opened_from_several_threads_share_the_registration(cpu_library: Path) -> None:

@@ -115,12 +115,12 @@ def test_no_object_box_takes_the_whole_image(full_models, full_tiny_engine_dir, 
 def test_regions_of_one_box_share_one_sam_decode(full_tiny_engine_dir, data_dir, monkeypatch):
     """Joined captions keep a query once for every caption it passes: SAM decodes each box once,
     and the map is the one decoding every region's box gives."""
-    from runtime import pipeline as pipeline_module
-    from runtime.stages.regions import Region
+    from runtime.stages import segmenter as segmenter_module
+    from runtime.stages.regions import Region, distinct_boxes
 
     regions = [Region((1, 2, 3, 4), 0.5, "a", 0, "a", 0.1), Region((0, 0, 9, 9), 0.4, "b", 1, "b", 0.2),
                Region((1, 2, 3, 4), 0.3, "c", 2, "c", 0.1)]
-    boxes, mask_of_region = pipeline_module.distinct_boxes(regions)
+    boxes, mask_of_region = distinct_boxes(regions)
     np.testing.assert_array_equal(boxes, [[1, 2, 3, 4], [0, 0, 9, 9]])  # first-seen order
     assert mask_of_region.tolist() == [0, 1, 0]
 
@@ -133,7 +133,7 @@ def test_regions_of_one_box_share_one_sam_decode(full_tiny_engine_dir, data_dir,
     shared = pipeline(image)
     every = np.array([r.box for r in shared.regions], np.float32)
     assert len(np.unique(every, axis=0)) == decoded[0] < len(shared.regions)  # duplicates were there, and decoded once
-    monkeypatch.setattr(pipeline_module, "distinct_boxes",  # each region its own decode, as the reference does
+    monkeypatch.setattr(segmenter_module, "distinct_boxes",  # each region its own decode, as the reference does
                         lambda rs: (np.array([r.box for r in rs], np.float32), np.arange(len(rs))))
     alone = pipeline(image)
     assert decoded[1] == len(alone.regions)

@@ -212,12 +212,11 @@ def test_knn_takes_the_symmetric_path_on_a_real_grid(monkeypatch):
 
 @pytest.mark.parametrize("backend", K.GEMM_BACKENDS)
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 1), (7, 130, 33), (256, 1000, 176)])
-def test_gemm_transposed(backend, m, n, k, monkeypatch):
-    monkeypatch.setattr(K, "_gemm_backend", backend)
+def test_gemm_transposed(backend, m, n, k):
     rng = np.random.default_rng(m + n + k)
     a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     out = np.full((m, n), np.nan, np.float32)
-    K.gemm_transposed(a, b, out)
+    K.gemm_transposed(a, b, out, backend)
     np.testing.assert_allclose(out, a.astype(np.float64) @ b.T.astype(np.float64), atol=1e-4, rtol=1e-5)
 
 
@@ -226,7 +225,9 @@ def test_gemm_session_blocks_between_runs_and_pins_its_workers(threads, monkeypa
     from runtime.engine.sessions import worker_affinities
 
     monkeypatch.setattr(K, "_gemm_sessions", {})
-    monkeypatch.setattr(K.os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
     options = K._gemm_session(threads).get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == threads

@@ -144,12 +144,13 @@ def test_timing_single_object_saliency(lite, image):
 
     from runtime.stages.saliency_kernels import knn_distance_mean
     from runtime.engine.sessions import session_factory
+    from runtime.settings import EngineSettings
 
     manifest, _, cnn = lite
     for threads in (1, 2):
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
-        extractor = SaliencyExtractor(manifest, session_factory("cpu", threads))
+        extractor = SaliencyExtractor(manifest, session_factory(EngineSettings(threads=threads)))
         with threadpoolctl.threadpool_limits(threads):
             features = extractor.features(image, 256)
             flat = features.reshape(features.shape[0], -1)

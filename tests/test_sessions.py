@@ -7,8 +7,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from runtime.engine import clock as C
+from runtime.engine import runners as R
 from runtime.engine import sessions as S
-from runtime.errors import EngineError
+from runtime.engine.sessions import session_factory
+from runtime.settings import EngineSettings
+from runtime.errors import ConfigError, EngineError
 from runtime.engine.sessions import builtin_graph
 
 _GEMM_ONNX = builtin_graph("gemm_transposed")  # a one-node graph y = a @ b.T
@@ -24,7 +28,7 @@ def test_devices_and_missing_providers(monkeypatch):
         S.providers_for("gpu")
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(EngineError, match="onnxruntime-gpu"):
-        S.session_factory("cuda")
+        session_factory(EngineSettings(device="cuda"))
     with pytest.raises(EngineError, match="TensorRT"):
         S.providers_for("tensorrt")
 
@@ -45,41 +49,56 @@ def test_cuda_keeps_fp32_matmuls_out_of_tf32_unless_asked(monkeypatch):
     # onnxruntime's own default is TF32 on: on an H200 that changed the tiny pipeline's regions
     # (bench/results/tf32_check_cuda-h200_2026-11-26.json).
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.delenv("SAA_CUDA_TF32", raising=False)
-    (_, options), _ = S.providers_for("cuda")
-    assert options["use_tf32"] == "0"
-    monkeypatch.setenv("SAA_CUDA_TF32", "1")
-    (_, options), _ = S.providers_for("cuda")
-    assert options["use_tf32"] == "1"
-    monkeypatch.setenv("SAA_CUDA_TF32", "head")  # only GroundingDINO's fp32 head: the kNN graph stays exact
-    assert [S.providers_for("cuda", graph=name)[0][1]["use_tf32"] for name in ("gdino_head", "sam_decoder", None)] \
-        == ["1", "0", "0"]
+
+    def tf32(graph=None, **given):
+        return S.providers_for("cuda", graph=graph, settings=EngineSettings(device="cuda", **given))[0][1]["use_tf32"]
+
+    assert tf32() == "0" and tf32(cuda_tf32="off") == "0"
+    assert tf32(cuda_tf32="on") == "1"
+    # only GroundingDINO's fp32 head: the kNN graph stays exact
+    assert [tf32(name, cuda_tf32="head") for name in ("gdino_head", "sam_decoder", None)] == ["1", "0", "0"]
     opened = {}
     monkeypatch.setattr(ort, "InferenceSession", lambda path, options, providers: opened.update({path: providers}))
-    make = S.session_factory("cuda")
+    make = session_factory(EngineSettings(device="cuda", cuda_tf32="head"))
     for name in ("gdino_head", "gdino_image"):  # the factory names each graph by its file
         make(Path(f"engines/{name}.onnx"))
     assert [opened[f"engines/{n}.onnx"][0][1]["use_tf32"] for n in ("gdino_head", "gdino_image")] == ["1", "0"]
-    monkeypatch.setenv("SAA_CUDA_TF32", "yes")
-    with pytest.raises(EngineError, match="SAA_CUDA_TF32='yes'"):
-        S.providers_for("cuda")
-    assert S.providers_for("cpu") == ["CPUExecutionProvider"]  # the CPU path never reads it
-    monkeypatch.setenv("SAA_CUDA_TF32", "0")
-    monkeypatch.setenv("SAA_CUDNN_SEARCH", "EXHAUSTIVE")
-    assert S.providers_for("cuda")[0][1]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
-    monkeypatch.setenv("SAA_CUDNN_SEARCH", "fastest")
-    with pytest.raises(EngineError, match="SAA_CUDNN_SEARCH='fastest'"):
-        S.providers_for("cuda")
+    with pytest.raises(ConfigError, match="cuda_tf32='yes'"):
+        EngineSettings(device="cuda", cuda_tf32="yes")
+    assert S.providers_for("cpu", settings=EngineSettings(cuda_tf32="on")) == ["CPUExecutionProvider"]
+    cudnn = S.providers_for("cuda", settings=EngineSettings(device="cuda", cudnn_search="EXHAUSTIVE"))
+    assert cudnn[0][1]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert S.providers_for("cuda")[0][1]["cudnn_conv_algo_search"] == "HEURISTIC"
+    with pytest.raises(ConfigError, match="cudnn_search='fastest'"):
+        EngineSettings(device="cuda", cudnn_search="fastest")
+
+
+def test_the_environment_sets_what_the_caller_left_unset():
+    environ = {"SAA_CUDA_TF32": "1", "SAA_CUDNN_SEARCH": "EXHAUSTIVE", "SAA_OVERLAP": "1"}
+    settings = EngineSettings.from_environment(environ, device="cuda", overlap=False)
+    assert (settings.cuda_tf32, settings.cudnn_search, settings.overlap) == ("on", "EXHAUSTIVE", False)
+    assert EngineSettings.from_environment({"SAA_CUDA_TF32": "head"}).cuda_tf32 == "head"
+    with pytest.raises(ConfigError, match="SAA_CUDA_TF32: cuda_tf32='yes'"):
+        EngineSettings.from_environment({"SAA_CUDA_TF32": "yes"})
+    with pytest.raises(ConfigError, match="SAA_CUDNN_SEARCH: cudnn_search='fastest'"):
+        EngineSettings.from_environment({"SAA_CUDNN_SEARCH": "fastest"})
+    # A variable set for a GPU process leaves a CPU one as it was.
+    cpu = EngineSettings.from_environment({"SAA_CUDA_GRAPHS": "1", "SAA_STATIC_SHAPES": "1", "SAA_DEVICE_CANVAS": "1"})
+    assert (cpu.cuda_graphs, cpu.static_shapes, cpu.device_canvas) == (None, None, None)
+    gpu = EngineSettings.from_environment({"SAA_CUDA_GRAPHS": "1", "SAA_STATIC_SHAPES": "0"}, device="cuda")
+    assert gpu.cuda_graphs is True and gpu.resolved().static_shapes is False
+    assert EngineSettings(device="cuda").resolved().static_shapes is True
+    assert EngineSettings().resolved().static_shapes is False
 
 
 def test_cpu_sessions_do_not_spin(tmp_path):
     path = tmp_path / "gemm.onnx"
     path.write_bytes(_GEMM_ONNX)
-    session = S.session_factory("cpu", threads=2)(path)
+    session = session_factory(EngineSettings(threads=2))(path)
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert S.session_device(session) == "cpu"
+    assert R.session_device(session) == "cpu"
     with pytest.raises(EngineError, match="cannot load engine"):
-        S.session_factory("cpu")(tmp_path / "missing.onnx")
+        session_factory()(tmp_path / "missing.onnx")
 
 
 @pytest.mark.parametrize(("threads", "cpus", "expected"), [
@@ -99,7 +118,7 @@ def test_sessions_accept_their_affinities(threads, tmp_path, monkeypatch):
     path = tmp_path / "gemm.onnx"
     path.write_bytes(_GEMM_ONNX)
     monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
-    session = S.session_factory("cpu", threads=threads)(path)
+    session = session_factory(EngineSettings(threads=threads))(path)
     entry = session.get_session_options().get_session_config_entry("session.intra_op_thread_affinities") if threads > 1 else None
     assert entry == S.worker_affinities(threads, set(range(threads)))
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -108,7 +127,7 @@ def test_sessions_accept_their_affinities(threads, tmp_path, monkeypatch):
 
 def test_device_runner_matches_run_and_chains_device_values():
     session = gemm_session()
-    runner = S.DeviceRunner(session)
+    runner = R.DeviceRunner(session)
     rng = np.random.default_rng(0)
     a, b, c = (rng.standard_normal(shape).astype(np.float32) for shape in [(3, 5), (4, 5), (2, 4)])
     (plain,) = session.run(None, {"a": a, "b": b})
@@ -123,7 +142,7 @@ def test_device_runner_matches_run_and_chains_device_values():
 
 def test_static_device_runner_holds_its_buffers():
     """static=True (CUDA graphs): same input and output buffers every call, new values in them."""
-    runner = S.DeviceRunner(gemm_session(), static=True)
+    runner = R.DeviceRunner(gemm_session(), static=True)
     a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
     np.testing.assert_array_equal(runner.run(["y"], {"a": a, "b": b})[0], np.full((2, 4), 3.0))
     (kept,) = runner.run(["y"], {"a": 2 * a, "b": b}, keep=("y",))  # same buffers, new values
@@ -134,7 +153,7 @@ def test_static_device_runner_holds_its_buffers():
     with pytest.raises(EngineError, match="differs from the first call"):
         runner.run(["y"], {"a": np.ones((5, 3), np.float32), "b": b})
     # A static downstream graph takes the upstream's held output, and nothing else.
-    downstream = S.DeviceRunner(gemm_session(), static=True)
+    downstream = R.DeviceRunner(gemm_session(), static=True)
     c = np.ones((1, 4), np.float32)
     np.testing.assert_array_equal(downstream.run(["y"], {"a": c, "b": kept})[0], np.full((1, 2), 36.0))
     runner.run(["y"], {"a": a, "b": b}, keep=("y",))
@@ -142,7 +161,7 @@ def test_static_device_runner_holds_its_buffers():
     other = ort.OrtValue.ortvalue_from_numpy(np.ones((2, 4), np.float32))
     with pytest.raises(EngineError, match="different device buffer"):
         downstream.run(["y"], {"a": c, "b": other})
-    assert isinstance(S.runner_for(gemm_session(), io_binding=True, static=True), S.DeviceRunner)
+    assert isinstance(R.runner_for(gemm_session(), io_binding=True, static=True), R.DeviceRunner)
     assert (a == 1).all() and (b == 1).all()  # the caller's arrays were copied, never written
 
 
@@ -151,7 +170,7 @@ def test_device_runner_counts_its_input_copies_as_engine_time(monkeypatch):
     run: both runners put that on the engine clock, so a stage's host share is host work only."""
     import time
 
-    runner = S.DeviceRunner(gemm_session(), static=True)
+    runner = R.DeviceRunner(gemm_session(), static=True)
     slow_copy = runner._bind_input
 
     def bind(name, value):
@@ -159,15 +178,15 @@ def test_device_runner_counts_its_input_copies_as_engine_time(monkeypatch):
         slow_copy(name, value)
 
     monkeypatch.setattr(runner, "_bind_input", bind)
-    before = S.ENGINE_CLOCK.ms
+    before = C.ENGINE_CLOCK.ms
     runner.run(["y"], {"a": np.ones((2, 3), np.float32), "b": np.ones((4, 3), np.float32)})
-    assert S.ENGINE_CLOCK.ms - before >= 100.0  # two inputs, 50 ms each
+    assert C.ENGINE_CLOCK.ms - before >= 100.0  # two inputs, 50 ms each
 
 
 @pytest.mark.gpu
 def test_device_runner_keeps_outputs_on_the_gpu():
     session = ort.InferenceSession(_GEMM_ONNX, S.session_options(), providers=S.providers_for("cuda"))
-    runner = S.DeviceRunner(session)
+    runner = R.DeviceRunner(session)
     a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
     (kept,) = runner.run(["y"], {"a": a, "b": b}, keep=("y",))
     assert kept.device_name().lower() == "cuda"
@@ -190,7 +209,7 @@ def test_knn_graph_on_the_gpu_matches_the_twin():
 def test_cpu_sessions_share_one_arena(tmp_path):
     path = tmp_path / "gemm.onnx"
     path.write_bytes(_GEMM_ONNX)
-    make = S.session_factory("cpu", threads=1)
+    make = session_factory(EngineSettings(threads=1))
     first, second = make(path), make(path)
     assert S._shared_cpu_arena  # registered once for the process
     for session in (first, second):

@@ -141,7 +141,7 @@ def stage_windows(record: Callable[[str], Any], synchronise: Callable[[], None])
     with `synchronise()`, so its device work finishes inside its window."""
     import runtime.pipeline as pipeline_module
 
-    original = pipeline_module._timed
+    original = pipeline_module.timed
 
     @contextmanager
     def windowed(timings: dict[str, float], stage: str) -> Iterator[None]:
@@ -149,11 +149,11 @@ def stage_windows(record: Callable[[str], Any], synchronise: Callable[[], None])
             yield
             synchronise()
 
-    pipeline_module._timed = windowed
+    pipeline_module.timed = windowed
     try:
         yield
     finally:
-        pipeline_module._timed = original
+        pipeline_module.timed = original
 
 
 def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: str, category: str,

@@ -84,9 +84,9 @@ def _deformable_case(captions: int = 5, seed: int = 0, device: str = "cpu") -> t
         "references": rng.random((captions, positions, len(LEVELS), 2), dtype=np.float32),
     }
     forms = ["per_point", "per_level"]
-    from runtime import ops
+    from runtime.engine import custom_ops
 
-    if ops.library_for(device) is not None:  # the custom op (export --deformable-attention fused)
+    if custom_ops.library_for(device) is not None:  # the custom op (export --deformable-attention fused)
         forms.append("fused")
     else:
         print("  deformable_sum: no saa.edge op library built (python -m runtime.ops.build [--cuda]): 'fused' not timed")
@@ -159,15 +159,19 @@ def _export(module: Any, feeds: dict[str, np.ndarray], path: Path, fp16: bool) -
 
 def _time(path: Path, feeds: dict[str, np.ndarray], device: str, iters: int) -> tuple[float, np.ndarray]:
     from runtime.errors import EngineError
-    from runtime.engine.sessions import DeviceRunner, PlainRunner, session_factory
+    from runtime.engine.runners import DeviceRunner, PlainRunner
+    from runtime.engine.sessions import session_factory
+    from runtime.settings import EngineSettings
 
+    settings = EngineSettings(device=device)
     keep = ("out",) if device != "cpu" else ()
     try:  # as the runtime runs its fixed-shape graphs on CUDA: captured as a CUDA graph
-        runner: Any = DeviceRunner(session_factory(device, cuda_graph=device == "cuda")(path), static=True)
+        runner: Any = DeviceRunner(session_factory(settings, cuda_graph=device == "cuda")(path), static=True)
         out = runner.run(["out"], feeds, keep=keep)[0]
     except EngineError as err:  # a graph onnxruntime will not capture runs plainly
         print(f"  {path.stem}: no CUDA graph ({err})", flush=True)
-        runner = DeviceRunner(session_factory(device)(path)) if device != "cpu" else PlainRunner(session_factory(device)(path))
+        plain = session_factory(settings)(path)
+        runner = DeviceRunner(plain) if device != "cpu" else PlainRunner(plain)
         out = runner.run(["out"], feeds, keep=keep)[0]
     for _ in range(2):
         runner.run(["out"], feeds, keep=keep)

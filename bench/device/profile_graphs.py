@@ -3,7 +3,7 @@
     python -m bench.device.profile_graphs --engine-dir ENGINES --device cuda --iters 10 --out profile.json
 
 Every session of the pipeline (the engines and the built-in graphs) profiles itself
-(runtime.engine.sessions.PROFILE_ENV). Per graph the summary gives: the p50 of a whole run
+(EngineSettings.ort_profile). Per graph the summary gives: the p50 of a whole run
 (`model_run`), time per execution provider, the op types that take longest, the nodes
 onnxruntime placed on the CPU in a GPU session (each one a copy and a sync), and, where the
 onnxruntime build records them, the CUDA kernels. On a GPU a node's own `dur` is mostly the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import sys
 import tempfile
@@ -120,18 +119,13 @@ def profile_pipeline(engine_dir: Path, device: str, image_path: Path, dataset: s
                      iters: int, warmup: int, folder: Path) -> dict[str, Any]:
     from runtime.image_io import read_image
     from runtime.pipeline import Pipeline
-    from runtime.engine.sessions import PROFILE_ENV
 
-    os.environ[PROFILE_ENV] = str(folder)
-    try:
-        pipeline = Pipeline.open(engine_dir, dataset=dataset, category=category, device=device)
-        image = read_image(image_path)
-        for _ in range(warmup):
-            pipeline(image)
-        calls = [pipeline(image) for _ in range(iters)]
-        files = end_all_profiles()
-    finally:
-        os.environ.pop(PROFILE_ENV, None)
+    pipeline = Pipeline.open(engine_dir, dataset=dataset, category=category, device=device, ort_profile=str(folder))
+    image = read_image(image_path)
+    for _ in range(warmup):
+        pipeline(image)
+    calls = [pipeline(image) for _ in range(iters)]
+    files = end_all_profiles()
     graphs: dict[str, Any] = {}
     for path in sorted(files):
         events = json.loads(path.read_text())

@@ -177,11 +177,11 @@ def _describe(source: dict[str, Any]) -> str:
 def _ort(path: Path):
     import onnxruntime as ort
 
-    from runtime import ops
+    from runtime.engine import custom_ops
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # fp16 graphs warn about every constant they cannot fold on CPU
-    ops.register(options)  # a head exported with --deformable-attention fused
+    custom_ops.register(options)  # a head exported with --deformable-attention fused
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -191,13 +191,14 @@ class CPipeline:
              config: str | os.PathLike | None = None, device: str = "cpu", threads: int = 0,
              calibration: str | os.PathLike | None = None, memory: str | os.PathLike | None = None,
              stream_memory: int = 0, image_threshold: float | None = None,
-             pixel_threshold: float | None = None, warm_up: bool = False) -> "CPipeline":
-        """saa_open, or saa_open_ex when a line-side setting, a thread count or a warm-up is given
-        (the keywords of Pipeline.open; stream_memory 0 is off)."""
+             pixel_threshold: float | None = None, warm_up: bool = False, settings: str | None = None) -> "CPipeline":
+        """saa_open, or saa_open_ex when a line-side setting, a thread count, a warm-up or engine
+        settings ("key=value,...", saa_open_options.settings) are given (the keywords of
+        Pipeline.open; stream_memory 0 is off)."""
         library = load_library()
         handle = ctypes.c_void_p()
         text = os.fsencode(config_string(dataset, category, config))
-        if not (threads or calibration or memory or stream_memory or warm_up) and image_threshold is None \
+        if not (threads or calibration or memory or stream_memory or warm_up or settings) and image_threshold is None \
                 and pixel_threshold is None:
             _check(library.saa_open(os.fsencode(engine_dir), text, device.encode(), ctypes.byref(handle)), None)
             return cls(int(handle.value))
@@ -207,6 +208,7 @@ class CPipeline:
         options.warm_up = int(warm_up)
         options.calibration = None if calibration is None else os.fsencode(calibration)
         options.memory = None if memory is None else os.fsencode(memory)
+        options.settings = None if settings is None else settings.encode()
         if image_threshold is not None:
             options.image_threshold = image_threshold
         if pixel_threshold is not None:

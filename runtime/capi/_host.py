@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ..calibrate import CalibrationError
+from ..lineside.calibration import CalibrationError
 from ..errors import ConfigError, EngineError, ImageError, ManifestError, SaaError
 from ..image_io import MAX_PIXELS
-from ..memory import MemoryFileError
+from ..lineside.normal_memory import MemoryFileError
 from ..pipeline import Pipeline
 from ..stages.regions import Region
-from ..engine.sessions import DEVICES
+from ..settings import DEVICES, EngineSettings
 from .abi import (E_CONFIG, E_ENGINE, E_ENGINES, E_IMAGE, E_INTERNAL, E_INVALID_ARGUMENT, OK, PHRASE_CAPACITY,
                   REGION_DTYPE)
 
@@ -88,15 +88,18 @@ def parse_config(text: str) -> dict[str, Any]:
 
 def open_pipeline(engine_dir: bytes, config: bytes, device: bytes, threads: int = 0, calibration: bytes | None = None,
                   memory: bytes | None = None, stream_memory: int = 0, image_threshold: float = math.nan,
-                  pixel_threshold: float = math.nan, warm_up: int = 0) -> tuple[int, Any]:
-    """saa_open / saa_open_ex (saa.c checked the pointers and the signs): None and NaN mean unset."""
+                  pixel_threshold: float = math.nan, warm_up: int = 0, settings: bytes | None = None) -> tuple[int, Any]:
+    """saa_open / saa_open_ex (saa.c checked the pointers and the signs): None and NaN mean unset.
+    settings: saa_open_options.settings, "key=value,..." (EngineSettings.parse)."""
     try:
         device_name = device.decode("utf-8", "replace")
         if device_name not in DEVICES:
             return E_INVALID_ARGUMENT, f"device {device_name!r} (expected one of {', '.join(DEVICES)})"
         keywords = parse_config(os.fsdecode(config))
+        engine = EngineSettings.parse(settings.decode("utf-8", "replace") if settings else "", device=device_name,
+                                      threads=threads)
         return OK, Pipeline.open(
-            os.fsdecode(engine_dir), device=device_name, threads=threads,
+            os.fsdecode(engine_dir), settings=engine,
             calibration=None if calibration is None else os.fsdecode(calibration),
             memory=None if memory is None else os.fsdecode(memory), stream_memory=stream_memory or None,
             image_threshold=None if math.isnan(image_threshold) else image_threshold,

@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-ABI_VERSION = 3  # SAA_ABI_VERSION
+ABI_VERSION = 4  # SAA_ABI_VERSION
 
 OK = 0
 E_INVALID_ARGUMENT = -1
@@ -32,7 +32,7 @@ REGION_DTYPE = np.dtype([
 
 
 class OpenOptions(ctypes.Structure):
-    """saa_open_options, field for field (56 bytes on 64-bit; saa.c asserts the size)."""
+    """saa_open_options, field for field (64 bytes on 64-bit; saa.c asserts the size)."""
 
     _fields_ = [
         ("struct_size", ctypes.c_int32),
@@ -44,4 +44,5 @@ class OpenOptions(ctypes.Structure):
         ("warm_up", ctypes.c_int32),
         ("image_threshold", ctypes.c_double),
         ("pixel_threshold", ctypes.c_double),
+        ("settings", ctypes.c_char_p),
     ]

@@ -43,7 +43,7 @@
 #define HOST_MODULE "runtime.capi._host"
 
 _Static_assert(sizeof(saa_region) == 96, "saa_region layout changed: update REGION_DTYPE in runtime/capi/abi.py");
-_Static_assert(sizeof(void *) != 8 || sizeof(saa_open_options) == 56,
+_Static_assert(sizeof(void *) != 8 || sizeof(saa_open_options) == 64,
                "saa_open_options layout changed: update OpenOptions in runtime/capi/abi.py");
 
 /* ---- the Python C API, resolved at run time ---------------------------------------- */
@@ -477,11 +477,11 @@ static int open_pipeline(const char *function, const char *engine_dir, const cha
     PyObject *pipeline = NULL;
     PyGILState_STATE gil = py_PyGILState_Ensure();
     /* "y" turns a NULL string into None: no calibration, no memory. */
-    PyObject *reply = py_PyObject_CallFunction(host_open, "yyyiyyiddi", engine_dir, config,
+    PyObject *reply = py_PyObject_CallFunction(host_open, "yyyiyyiddiy", engine_dir, config,
                                                options->device ? options->device : "cpu", (int)options->threads,
                                                options->calibration, options->memory, (int)options->stream_memory,
                                                options->image_threshold, options->pixel_threshold,
-                                               (int)(options->warm_up != 0));
+                                               (int)(options->warm_up != 0), options->settings);
     status = unpack_reply(reply, &pipeline, NULL, message, sizeof message);
     py_PyGILState_Release(gil);
     restore_host_signals(); /* opening imports the pipeline's modules */

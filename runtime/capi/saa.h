@@ -58,8 +58,9 @@ extern "C" {
 /* Bumped on any change to a signature, a struct or a code's meaning, and when functions are added
  * (2 added saa_open_options, saa_open_ex, saa_last_mask and saa_save_memory; what version 1 had is
  * unchanged, so a version-1 program runs with this library once rebuilt against this header;
- * 3 gave saa_open_options' reserved field its use, warm_up, which a version-2 program leaves 0). */
-#define SAA_ABI_VERSION 3
+ * 3 gave saa_open_options' reserved field its use, warm_up, which a version-2 program leaves 0;
+ * 4 appended saa_open_options.settings, which an older program's smaller struct leaves NULL). */
+#define SAA_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define SAA_API __attribute__((visibility("default")))
@@ -209,6 +210,11 @@ typedef struct saa_open_options {
                                 default): the first saa_infer pays it */
     double image_threshold;  /* NAN (the default): the calibration's, else off */
     double pixel_threshold;  /* NAN (the default): the calibration's, else off */
+    const char *settings;    /* engine settings as "key=value,key=value": the fields of
+                                runtime.settings.EngineSettings (docs/configuration.md), e.g.
+                                "cuda_graphs=on,overlap=on,cuda_tf32=head"; NULL or "": none. A
+                                setting left out takes its SAA_* variable, then its default; an
+                                unknown key or value is SAA_E_CONFIG, named in the message */
 } saa_open_options;
 
 /*

@@ -19,7 +19,9 @@ import onnxruntime as ort
 
 from ..errors import engine_failure
 from .resize import pil_weight_matrix, vertical_pass_first
-from .sessions import builtin_graph_session, engine_time
+from ..settings import EngineSettings
+from .clock import engine_time
+from .sessions import builtin_graph_session
 
 KEPT_SIZES = 4  # image sizes whose weight matrices stay on the device (a line camera has one)
 
@@ -28,8 +30,9 @@ class DeviceCanvas:
     """Calls give one OrtValue, the same buffer every call (a CUDA-graph input can take it)."""
 
     def __init__(self, device: str, canvas_hw: tuple[int, int], mean: np.ndarray, std: np.ndarray,
-                 divisor: float = 1.0) -> None:
+                 divisor: float = 1.0, settings: EngineSettings | None = None) -> None:
         self.device = device
+        self.settings = settings
         self.canvas = ort.OrtValue.ortvalue_from_shape_and_type([1, 3, *map(int, canvas_hw)], np.float32, device, 0)
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self._graphs: dict[bool, tuple[Any, Any]] = {}  # by pass order: (session, its IO binding)
@@ -60,7 +63,7 @@ class DeviceCanvas:
     def _graph(self, vertical_first: bool) -> tuple[Any, Any]:
         if vertical_first not in self._graphs:
             name = "image_canvas_vh" if vertical_first else "image_canvas_hv"
-            session = builtin_graph_session(name, "cpu" if self.device == "cpu" else "cuda")
+            session = builtin_graph_session(name, "cpu" if self.device == "cpu" else "cuda", self.settings)
             self._graphs[vertical_first] = (session, session.io_binding())
         return self._graphs[vertical_first]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ImageError
+
 _CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -39,3 +41,15 @@ def mask_bytes(count: int, image_hw: tuple[int, int]) -> int:
     1000x1000 (75 regions) to 8000x8000 (59 regions, 4.9 GiB): bench/results/host_memory_cpu_tiny_2026-11-26.json."""
     pixels = int(image_hw[0]) * int(image_hw[1])
     return count * pixels + 32 * pixels + FIXED_BYTES
+
+
+def check_mask_memory(count: int, image_hw: tuple[int, int]) -> None:
+    """ImageError when `count` image-size masks would not fit in the host memory left: the
+    process would otherwise be killed by the kernel without a word (a batch loses every image)."""
+    need, available = mask_bytes(count, image_hw), available_bytes()
+    if available is not None and need > available:
+        raise ImageError(
+            f"{count} regions at {image_hw[0]}x{image_hw[1]} need about {need / 2**30:.1f} GiB of masks, "
+            f"more than the {available / 2**30:.1f} GiB of memory left: downscale the image or lower "
+            "max_boxes_per_prompt in the config's options"
+        )

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..calibrate import load_calibration
+from .calibration import load_calibration
 from .decision import Thresholds
 from ..errors import ConfigError
-from ..memory import NormalMemory
+from .normal_memory import NormalMemory
 from .stream import StreamingMemory, StreamSettings
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from .. import manifest as mf
 from .decision import Thresholds
 from ..errors import ConfigError
-from ..memory import MemorySettings, NormalMemory, SaliencyGrids, as_rows
+from .normal_memory import MemorySettings, NormalMemory, SaliencyGrids, as_rows
 
 STREAM_STATE = "saa-stream-state"
 

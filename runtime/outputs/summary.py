@@ -15,31 +15,11 @@ from types import TracebackType
 from typing import IO, Mapping, Sequence
 
 from ..errors import SaaError
+from ..inputs import SUMMARY_COLUMNS as COLUMNS
+from ..inputs import SUMMARY_NAME
 from ..pipeline import AnomalyResult
 
-SUMMARY_NAME = "summary.csv"
 KEEP_ROWS = 1000  # rows of each kind a long watch keeps in memory for the gallery (the table has them all)
-COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_prompt", "top_phrase",
-           "top_score", "end_to_end_ms", "error")
-
-
-def earlier_run_folders(inputs: Sequence[str | Path]) -> list[Path]:
-    """Folders under the input folders that hold an earlier run's outputs: a summary.csv that
-    starts with this table's header. Their maps and overlays are not parts to inspect."""
-    header = ",".join(COLUMNS)
-    found = []
-    for item in inputs:
-        if not Path(item).is_dir():
-            continue
-        for table in Path(item).rglob(SUMMARY_NAME):
-            try:
-                with open(table, encoding="utf-8", errors="replace") as file:
-                    first = file.readline().strip()
-            except OSError:
-                continue
-            if first == header:
-                found.append(table.parent)
-    return sorted(set(found))
 
 
 class RunSummary:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..image_io import list_images
+from ..inputs import list_images
 
 POLL_S = 0.5
 

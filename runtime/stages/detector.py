@@ -37,7 +37,7 @@ from ..errors import EngineError, ImageError, ManifestError, engine_failure
 from ..manifest import GDINO_HEAD, GDINO_IMAGE, GDINO_TEXT, Manifest
 from ..engine.pixels import normalised_canvas
 from ..engine.resize import resize_like_pil, shorter_side_shape
-from ..engine.sessions import DeviceRunner, named_dims, open_session, runner_for
+from ..engine.runners import DeviceRunner, named_dims, open_session, runner_for
 from .text import TOKENIZER_KEY, EncodedText, GdinoTokenizer, JoinedCaptions, encode_captions, join_captions
 
 PREPROCESS_KEY = "gdino"
@@ -119,7 +119,7 @@ class Detector:
         prompts x image positions). None: all captions together on a GPU; on the CPU as many
         as keep prompts x positions within CPU_HEAD_POSITIONS (at 800x800, one caption per run:
         measured with Swin-T, batching five cost 10 GB more and was no faster than one by one).
-        io_binding: see runtime.engine.sessions.runner_for (None: on a GPU the image graph's outputs
+        io_binding: see runtime.engine.runners.runner_for (None: on a GPU the image graph's outputs
         stay there and feed the head without a round trip through the host).
         cuda_graphs (with IO binding, a session factory of runtime.engine.sessions): the image graph,
         and the head once its shapes are fixed, capture CUDA graphs where onnxruntime allows it;
@@ -144,7 +144,9 @@ class Detector:
         self._runners = {id(self._text): runner_for(self._text, io_binding),
                          id(self._image): runner_for(self._image, io_binding, static=self._captures(GDINO_IMAGE))}
         image_runner = self._runners[id(self._image)]
-        self._canvas = (DeviceCanvas(image_runner.device, (self.height, self.width), self.mean, self.std, 255.0)
+        # a SessionFactory's settings: the built-in graph's session switches
+        self._canvas = (DeviceCanvas(image_runner.device, (self.height, self.width), self.mean, self.std, 255.0,
+                                     getattr(make_session, "settings", None))
                         if device_canvas and isinstance(image_runner, DeviceRunner) else None)
         # The head opens on first need (head_session): a GPU pipeline fixes its shapes first, so
         # the largest graph is optimised once, not twice (ViT-B on the CPU provider: 3.1 -> 2.5 s to build,
@@ -162,7 +164,7 @@ class Detector:
         return self.cuda_graphs.get(name) == "captured"
 
     def _open(self, key: str, fixed_dims: Mapping[str, int] | None = None, cuda_graphs: bool = False) -> Any:
-        """One graph's session (runtime.engine.sessions.open_session); its CUDA-graph status, where one was
+        """One graph's session (runtime.engine.runners.open_session); its CUDA-graph status, where one was
         asked for, goes into self.cuda_graphs."""
         path = self._manifest.model_path(key)
         try:

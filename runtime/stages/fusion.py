@@ -1,8 +1,18 @@
-"""Rescoring by saliency (P^S) and the confidence prompt P^C: top-K regions fused into one map."""
+"""Rescoring by saliency (P^S) and the confidence prompt P^C: top-K regions fused into one map.
+
+`fuse_regions` is the step as the pipeline runs it: each region's mean saliency inside its mask
+rescores it, the top K are marked and fused, on the host or (DeviceMasks) on the device.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import numba
 import numpy as np
+
+from ..config import AlgorithmOptions
+from .mask_fusion import DeviceMasks, MaskFusion
+from .regions import Region
 
 
 @numba.njit(cache=True, parallel=True)
@@ -85,3 +95,28 @@ def fuse_masks(masks: np.ndarray, scores: np.ndarray, plus_one: bool = True) -> 
     """Weighted mean of the kept masks' scores per pixel (float64 [H,W])."""
     return _fuse_numba(np.ascontiguousarray(masks, dtype=np.bool_), np.ascontiguousarray(scores, dtype=np.float64),
                        bool(plus_one))
+
+
+def fuse_regions(regions: list[Region], masks: np.ndarray | DeviceMasks, mask_of_region: np.ndarray,
+                 saliency: np.ndarray, options: AlgorithmOptions, top_k: int,
+                 mask_fusion: MaskFusion | None = None) -> np.ndarray:
+    """The anomaly map of `regions` (masks[mask_of_region[i]] is region i's): their saliency,
+    mask area and final score set on each, the top K marked in_top_k and fused. Masks on the
+    device (DeviceMasks) are scored and fused there by `mask_fusion`."""
+    if not regions:
+        return np.zeros(saliency.shape, np.float32)
+    on_device = isinstance(masks, DeviceMasks)
+    if on_device and mask_fusion is None:
+        raise ValueError("masks on the device need a MaskFusion to score and fuse them")
+    device: Any = mask_fusion
+    means, areas = device.mean_inside_masks(saliency, masks) if on_device else mean_inside_masks(saliency, masks)
+    means, areas = means[mask_of_region], areas[mask_of_region]
+    scores = rescore(np.array([r.detector_score for r in regions]), means, areas, options.rescore_gain)
+    for region, mean, area, score in zip(regions, means, areas, scores):
+        region.saliency, region.mask_area, region.score = float(mean), int(area), float(score)
+    keep = top_k_indices(scores, top_k)
+    for index in keep:
+        regions[index].in_top_k = True
+    if on_device:
+        return device.fuse_masks(masks, mask_of_region[keep], scores[keep], options.fusion_plus_one)
+    return fuse_masks(masks[mask_of_region[keep]], scores[keep], options.fusion_plus_one).astype(np.float32)

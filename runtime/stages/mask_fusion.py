@@ -19,7 +19,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import EngineError
-from ..engine.sessions import DeviceRunner, builtin_graph_session
+from ..engine.runners import DeviceRunner
+from ..engine.sessions import builtin_graph_session
+from ..settings import EngineSettings
 
 FUSE_ACCUMULATORS = ("total_out", "weight_out")
 
@@ -56,10 +58,10 @@ class DeviceMasks:
 class MaskFusion:
     """The two fusion graphs on one device, with the start accumulators cached per map size."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, settings: EngineSettings | None = None) -> None:
         self.device = device
-        self._sums = DeviceRunner(builtin_graph_session("mask_sums", device))
-        self._fuse = DeviceRunner(builtin_graph_session("mask_fuse", device))
+        self._sums = DeviceRunner(builtin_graph_session("mask_sums", device, settings))
+        self._fuse = DeviceRunner(builtin_graph_session("mask_fuse", device, settings))
         self._starts: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
 
     def _on_device(self, array: np.ndarray) -> Any:

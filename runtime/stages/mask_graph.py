@@ -31,11 +31,12 @@ GRAPH_INPUTS = ("low_res_masks", "sizes", "threshold")
 GRAPH_OUTPUT = "masks"
 
 
-def mask_session(device: str = "cuda") -> Any:
-    """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here)."""
+def mask_session(device: str = "cuda", settings: Any = None) -> Any:
+    """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here),
+    with an EngineSettings' session switches (None: the defaults)."""
     from ..engine.sessions import builtin_graph_session
 
-    return builtin_graph_session("mask_upscale", device)
+    return builtin_graph_session("mask_upscale", device, settings)
 
 
 def _shape_and_type(low_res: Any) -> tuple[tuple[int, ...], str]:

@@ -3,15 +3,18 @@
 The reference keeps a box when its best token score passes the box threshold, its
 normalised area w*h lies in (min_area, max_area), and the phrase its tokens spell
 does not contain the prompt's exclude word. The area rule is applied to boxes, as
-the reference code does (the paper applies it to masks).
+the reference code does (the paper applies it to masks). `detected_regions` applies every
+rule to one image's detections: the object's, then the defects' bounded by the object.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numba
 import numpy as np
+
+from ..config import PromptConfig
 
 OBJECT_PROMPT_INDEX = -1
 
@@ -135,3 +138,44 @@ def select_regions(
             box_area=float(boxes[query, 2] * boxes[query, 3]),
         ))
     return regions
+
+
+def detected_regions(detections: Sequence[Any], config: PromptConfig, image_hw: tuple[int, int],
+                     notes: list[str]) -> tuple[list[Region], list[Region]]:
+    """P^P over one image's detections (the object caption's first, then each defect prompt's, as
+    runtime.stages.detector returns them): (object regions, defect regions).
+
+    The object's largest box sets the defect area bound (max_area = object area * defect_area_ratio);
+    with no object box the whole image is the object (area 1), and `notes` says so. With the paper's
+    location rule (object_iou_threshold) a defect box must overlap an object box that much."""
+    options = config.options
+
+    def regions(detection: Any, exclude: str | None, index: int, prompt: str, max_area: float) -> list[Region]:
+        return select_regions(detection.logits, detection.boxes, detection.phrase_of, exclude, index, prompt, image_hw,
+                              options.box_threshold, options.text_threshold, 0.0, max_area,
+                              options.max_boxes_per_prompt)
+
+    objects = regions(detections[0], None, OBJECT_PROMPT_INDEX, config.object_prompt, config.object_max_area)
+    if objects:
+        object_area = float(max(r.box_area for r in objects))
+    else:
+        object_area = 1.0
+        notes.append("no object box passed the filter: the whole image is taken as the object (object area 1)")
+    max_area = float(np.float32(object_area) * np.float32(config.defect_area_ratio))
+    defects: list[Region] = []
+    for index, (prompt, detection) in enumerate(zip(config.all_defect_prompts(), detections[1:])):
+        defects += regions(detection, prompt.exclude, index, prompt.text, max_area)
+    if options.object_iou_threshold is not None and objects and defects:
+        iou = box_iou(np.array([r.box for r in defects]), np.array([r.box for r in objects])).max(axis=1)
+        defects = [r for r, v in zip(defects, iou) if v >= options.object_iou_threshold]
+    return objects, defects
+
+
+def distinct_boxes(regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
+    """(the regions' distinct boxes, float32 [m, 4] in first-seen order; each region's row in them)."""
+    boxes = np.array([r.box for r in regions], dtype=np.float32).reshape(-1, 4)
+    _, first, inverse = np.unique(boxes, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # np.unique sorts the rows; SAM gets them in the regions' order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return boxes[first[order]], rank[inverse.reshape(-1)].astype(np.int64)

@@ -36,7 +36,9 @@ import numpy as np
 from .. import manifest as mf
 from ..errors import ConfigError, EngineError, ImageError, ManifestError, engine_failure
 from ..engine.pixels import normalised_canvas
-from ..engine.sessions import DeviceRunner, engine_time
+from ..engine.clock import engine_time
+from ..engine.runners import DeviceRunner
+from ..settings import EngineSettings
 from .saliency_kernels import (DEFAULT_BLOCK_BYTES, MODES, knn_distance_mean, knn_distance_mean_graph, knn_session,
                                multi_instance_distance)
 
@@ -139,10 +141,13 @@ class SaliencyExtractor:
         make_session: Callable[[Path], Any] | None = None,
         settings: SaliencySettings | None = None,
         knn_device: str | None = None,
+        engine: EngineSettings | None = None,
     ) -> None:
         """knn_device: None runs the one-object kNN with the numba kernels on the host; a device
         name ("cuda"; "cpu" in tests) runs it as one onnxruntime graph (similarity, TopK, mean)
-        there, as on a GPU pipeline the 4096 x 4096 x C product would otherwise land on the host."""
+        there, as on a GPU pipeline the 4096 x 4096 x C product would otherwise land on the host.
+        engine: the pipeline's EngineSettings (the kNN graph's session options, the host kNN's
+        gemm_backend)."""
         record = manifest.preprocess_section("saliency", PREPROCESS_KEYS)
         self.backbone = str(record["backbone"])
         self.channels = int(record["channels"])
@@ -158,7 +163,9 @@ class SaliencyExtractor:
         path = manifest.model_path(mf.SALIENCY)
         self.session = (make_session or _default_session)(path)
         self.path = path
-        self.knn_session = None if knn_device is None else knn_session(knn_device)
+        engine = (engine or EngineSettings()).resolved()
+        self.gemm_backend = engine.gemm_backend
+        self.knn_session = None if knn_device is None else knn_session(knn_device, engine)
 
     def _apply(self, settings: SaliencySettings) -> None:
         self.settings = settings.checked()
@@ -258,7 +265,8 @@ class SaliencyExtractor:
             if self.knn_session is not None:
                 scores = knn_distance_mean_graph(flat, settings.n, settings.mode, settings.exclude_self, self.knn_session)
             else:
-                scores = knn_distance_mean(flat, settings.n, settings.mode, settings.exclude_self, settings.block_bytes)
+                scores = knn_distance_mean(flat, settings.n, settings.mode, settings.exclude_self, settings.block_bytes,
+                                           self.gemm_backend)
         except ValueError as err:  # NaN or inf features: the CNN (or its preprocessing) is broken
             raise EngineError(f"{self.path}: {err}") from None
         return smooth_grid(scores.reshape(height, width), settings.blur_sigma)

@@ -24,7 +24,6 @@ Two forms, each with a plain-numpy twin that is the definition of correct:
 from __future__ import annotations
 
 import math
-import os
 import threading
 from typing import Any
 
@@ -33,7 +32,10 @@ import numba
 import numpy as np
 import onnxruntime as ort
 
-from ..engine.sessions import DeviceRunner, builtin_graph, builtin_graph_session, engine_time, session_options
+from ..engine.clock import engine_time
+from ..engine.runners import DeviceRunner
+from ..engine.sessions import builtin_graph, builtin_graph_session, session_options
+from ..settings import EngineSettings
 
 MODES = ("farthest", "nearest")
 DEFAULT_BLOCK_BYTES = 16 << 20  # similarity block kept in memory at once
@@ -345,6 +347,7 @@ def knn_distance_mean(
     mode: str = "farthest",
     exclude_self: bool | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    gemm_backend: str = "onnxruntime",
 ) -> np.ndarray:
     """Per position, the mean of its n largest ("farthest") or n smallest ("nearest") distances.
 
@@ -356,14 +359,17 @@ def knn_distance_mean(
     block_bytes: memory for one block of similarities on the row-block path. Long rows
     (P >= 1024, n <= P / 2) take the symmetric path, which keeps the upper triangle instead
     (~2 P^2 bytes: 34 MB for a 64x64 grid, reused per thread) when it fits TRIANGLE_MAX_BYTES.
+    gemm_backend: EngineSettings.gemm_backend, who computes the similarity products.
     """
     features, exclude_self, positions, k = _knn_arguments(features, n, mode, exclude_self)
+    if gemm_backend not in GEMM_BACKENDS:
+        raise ValueError(f"gemm_backend must be one of {', '.join(GEMM_BACKENDS)}, got {gemm_backend!r}")
     out = np.zeros(positions, np.float32)
     if k < 1:
         return out
     sign = np.float32(1.0 if mode == "farthest" else -1.0)
     if _samples_help(k, positions) and 4 * _triangle_layout(positions, SYMMETRIC_PANEL_ROWS)[1] <= TRIANGLE_MAX_BYTES:
-        return _knn_symmetric(features, k, sign, bool(exclude_self), out)
+        return _knn_symmetric(features, k, sign, bool(exclude_self), out, backend=gemm_backend)
     block_rows = int(max(1, min(positions, block_bytes // (4 * positions))))
     block = np.empty((block_rows, positions), np.float32)
     transposed = rows_of(features)
@@ -371,13 +377,12 @@ def knn_distance_mean(
     for first in range(0, positions, block_rows):
         rows = min(block_rows, positions - first)
         sim = block[:rows]
-        gemm_transposed(transposed[first:first + rows], transposed, sim)  # float32, as the reference
+        gemm_transposed(transposed[first:first + rows], transposed, sim, gemm_backend)  # float32, as the reference
         _block_mean_distance(sim, first, k, sign, bool(exclude_self), chunks, out[first:first + rows])
     return out
 
 
-GEMM_BACKENDS = ("onnxruntime", "numpy")
-_gemm_backend = os.environ.get("SAA_GEMM_BACKEND", "onnxruntime")  # "numpy": OpenBLAS, for comparisons
+GEMM_BACKENDS = ("onnxruntime", "numpy")  # "numpy": OpenBLAS, for comparisons
 _gemm_sessions: dict[int, Any] = {}
 _gemm_lock = threading.Lock()
 
@@ -400,9 +405,9 @@ def _gemm_session(threads: int) -> Any:
         return session
 
 
-def gemm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+def gemm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray, backend: str = "onnxruntime") -> np.ndarray:
     """out[...] = a @ b.T in float32; a [m, k] and b [n, k] C-contiguous, out [m, n] C-contiguous."""
-    if _gemm_backend == "numpy":
+    if backend == "numpy":
         return np.matmul(a, b.T, out=out)
     session = _gemm_session(numba.get_num_threads())
     binding = session.io_binding()
@@ -435,7 +440,7 @@ def _triangle_layout(positions: int, panel_rows: int) -> tuple[np.ndarray, int]:
 
 def _knn_symmetric(
     features: np.ndarray, k: int, sign: np.float32, exclude_self: bool, out: np.ndarray,
-    panel_rows: int = SYMMETRIC_PANEL_ROWS, capacity: int | None = None,
+    panel_rows: int = SYMMETRIC_PANEL_ROWS, capacity: int | None = None, backend: str = "onnxruntime",
 ) -> np.ndarray:
     """knn_distance_mean for long rows: each similarity computed once, one parallel pass.
 
@@ -450,13 +455,13 @@ def _knn_symmetric(
     transposed = rows_of(features)
     picks = (np.arange(_SAMPLE, dtype=np.int64) * _SAMPLE_STEP) % positions  # as the per-row sample
     sampled = np.empty((positions, _SAMPLE), np.float32)
-    gemm_transposed(transposed, np.ascontiguousarray(transposed[picks]), sampled)
+    gemm_transposed(transposed, np.ascontiguousarray(transposed[picks]), sampled, backend)
     offsets, total = _triangle_layout(positions, panel_rows)
     tri = _scratch(total)
     for index, first in enumerate(range(0, positions, panel_rows)):
         last = min(positions, first + panel_rows)
         panel = tri[offsets[index]:offsets[index] + (last - first) * (positions - first)]
-        gemm_transposed(transposed[first:last], transposed[first:], panel.reshape(last - first, positions - first))
+        gemm_transposed(transposed[first:last], transposed[first:], panel.reshape(last - first, positions - first), backend)
     if capacity is None:
         expected = (_sample_rank(k, positions) + 1) / _SAMPLE * positions
         capacity = int(min(positions, 2 * expected + k))
@@ -474,9 +479,9 @@ def _knn_symmetric(
 # runtime/data/graphs/knn_distance_mean.onnx, built by export/builtin_graphs.py (see there).
 
 
-def knn_session(device: str = "cuda") -> Any:
+def knn_session(device: str = "cuda", settings: EngineSettings | None = None) -> Any:
     """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
-    return builtin_graph_session("knn_distance_mean", device)
+    return builtin_graph_session("knn_distance_mean", device, settings)
 
 
 def knn_distance_mean_graph(

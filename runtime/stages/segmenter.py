@@ -15,13 +15,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ..engine.device_canvas import DeviceCanvas
+from ..engine.host_memory import check_mask_memory
 from ..errors import EngineError, ImageError, engine_failure
 from ..manifest import SAM_DECODER, SAM_ENCODER, Manifest
 from .mask_fusion import DeviceMasks
 from .mask_graph import mask_session, upscale_masks_graph
+from .regions import Region, distinct_boxes
 from ..engine.pixels import normalised_canvas
 from ..engine.resize import longest_side_shape, resize_like_pil
-from ..engine.sessions import DeviceRunner, open_session, runner_for
+from ..engine.runners import DeviceRunner, open_session, runner_for
 
 # Graph I/O names, shared with export/sam.py.
 ENCODER_INPUT = "image"
@@ -55,7 +57,7 @@ class Segmenter:
 
     def __init__(self, manifest: Manifest, make_session: Callable[..., Any], io_binding: bool | None = None,
                  cuda_graphs: bool = False, device_canvas: bool = False) -> None:
-        """io_binding: see runtime.engine.sessions.runner_for (None: on a GPU the image embedding stays
+        """io_binding: see runtime.engine.runners.runner_for (None: on a GPU the image embedding stays
         there between the encoder and every decoder call). cuda_graphs (with IO binding, a
         session factory of runtime.engine.sessions): the encoder captures a CUDA graph where onnxruntime
         allows it; `cuda_graphs` then says "captured" or why not. device_canvas (with IO
@@ -81,12 +83,13 @@ class Segmenter:
         # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).
         # The decoder runs where the encoder does: same factory, same binding.
         self._mask_runner = None
+        engine_settings = getattr(make_session, "settings", None)  # a SessionFactory's: the built-in graphs' switches
         if isinstance(self._encoder_runner, DeviceRunner):
-            self._mask_runner = DeviceRunner(mask_session(self._encoder_runner.device))
+            self._mask_runner = DeviceRunner(mask_session(self._encoder_runner.device, engine_settings))
         self._canvas = None
         if device_canvas and isinstance(self._encoder_runner, DeviceRunner):
             self._canvas = DeviceCanvas(self._encoder_runner.device, (self.image_size, self.image_size),
-                                        self.pixel_mean, self.pixel_std)
+                                        self.pixel_mean, self.pixel_std, settings=engine_settings)
         self._embedding: Any = None  # numpy, or an OrtValue on the device
         self._original_size: tuple[int, int] = (0, 0)
         self._input_size: tuple[int, int] = (0, 0)
@@ -234,6 +237,19 @@ class Segmenter:
                 upscaled = upscale_mask_logits(logits, self._input_size, self._original_size, self.image_size)
                 masks[start + offset] = upscaled > self.mask_threshold
         return masks
+
+    def region_masks(self, regions: list[Region], image_hw: tuple[int, int], chunk: int = 32,
+                     on_device: bool = False) -> tuple[np.ndarray | DeviceMasks, np.ndarray]:
+        """(SAM's masks of the regions' distinct boxes, each region's index into them): regions of
+        one box share a decode (joined captions keep a query for every caption it passes). Masks
+        for the host are refused with the sizes named where they would not fit in its memory.
+        image_hw: the image's size (with no region, SAM may not have seen the image)."""
+        if not regions:
+            return np.zeros((0, *image_hw), dtype=bool), np.zeros(0, np.int64)
+        boxes, mask_of_region = distinct_boxes(regions)
+        if not on_device:
+            check_mask_memory(len(boxes), image_hw)
+        return self.predict_boxes(boxes, chunk=chunk, on_device=on_device), mask_of_region
 
     def _pad_to_fixed_count(self, boxes_input_frame: np.ndarray) -> np.ndarray:
         missing = (self.decoder_boxes or 0) - len(boxes_input_frame)
