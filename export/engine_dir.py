@@ -156,7 +156,7 @@ def export_engines(args: argparse.Namespace) -> Path:
     if getattr(args, "threads", None) is not None:
         limit_cpu_threads(args.threads)
     if getattr(args, "trt", False):
-        from .common import require_tensorrt
+        from .tensorrt import require_tensorrt
 
         if getattr(args, "deformable_attention", None) == "fused":
             raise ExportError("--trt with --deformable-attention fused: TensorRT has no plugin for the runtime's "
@@ -223,12 +223,12 @@ def _export_into(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     # Precision and TensorRT steps run on the finished fp32 graphs (export.common).
     precision = getattr(args, "precision", "fp32")
     if precision == "fp16":
-        from .common import convert_engines_fp16
+        from .precision import convert_engines_fp16
 
         _log("[precision] converting to fp16, measuring fp16 vs fp32")
         convert_engines_fp16(tmp, models)
     if getattr(args, "trt", False):
-        from .common import build_trt_engines
+        from .tensorrt import build_trt_engines
 
         _log("[TensorRT] building plans")
         files.update(build_trt_engines(tmp, models, fp16=precision == "fp16"))

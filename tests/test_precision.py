@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export import common
 
+from export import precision
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +49,7 @@ def test_convert_to_fp16_keeps_io_and_sensitive_ops_fp32(tmp_path):
     small_graph(path)
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     (before,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    record = common.convert_to_fp16(path)
+    record = precision.convert_to_fp16(path)
     assert record["ops_kept_fp32"] == ["LayerNormalization", "Softmax"]
     assert record["nodes_exported"] == 5 and record["nodes_folded"] == 4  # the Div became a constant
     model = onnx.load(str(path))
@@ -60,7 +62,7 @@ def test_convert_to_fp16_keeps_io_and_sensitive_ops_fp32(tmp_path):
     assert weights[matmul.input[1]] == TensorProto.FLOAT16 and weights[norm.input[1]] == TensorProto.FLOAT  # LayerNorm's own stay fp32
     assert not (tmp_path / "g.onnx.data").exists()
     (after,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    parity = common.fp16_parity([[before]], path, [{"x": x}])
+    parity = precision.fp16_parity([[before]], path, [{"x": x}])
     assert parity["max_abs_diff"] == pytest.approx(float(np.abs(before - after).max()), abs=1e-7)
     assert 0 < parity["max_abs_diff"] < 1e-2 and parity["provider"] == "CPUExecutionProvider"
 
@@ -78,7 +80,7 @@ def test_convert_to_fp16_reads_a_graph_with_its_weights_beside_it(tmp_path):
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="g.onnx.data", size_threshold=0)
     assert (tmp_path / "g.onnx.data").is_file()
-    record = common.convert_to_fp16(path)
+    record = precision.convert_to_fp16(path)
     assert record["nodes_folded"] == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
     (after,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert 0 < np.abs(before - after).max() < 1e-2
@@ -122,7 +124,7 @@ def test_fp16_conversion_shares_the_casts_onnxruntime_1_31_repeated(tmp_path, mo
     shared_constant_graph(path)
     x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
     (before,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    common.convert_to_fp16(path)
+    precision.convert_to_fp16(path)
     model = onnx.load(str(path))
     names = [n.name for n in model.graph.node if n.name]
     outputs = [o for n in model.graph.node for o in n.output]
@@ -135,10 +137,10 @@ def test_fp16_conversion_shares_the_casts_onnxruntime_1_31_repeated(tmp_path, mo
 def test_repeated_node_names_get_suffixes_and_conflicting_outputs_are_refused():
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Neg", ["a"], ["b"], name="n")]
     graph = helper.make_graph(nodes, "g", [], [])
-    assert common._merge_repeated_nodes(graph) == 0 and [n.name for n in graph.node] == ["n", "n_1"]
+    assert precision._merge_repeated_nodes(graph) == 0 and [n.name for n in graph.node] == ["n", "n_1"]
     clash = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["a"])], "g", [], [])
     with pytest.raises(common.ExportError, match="defines 'a' twice"):
-        common._merge_repeated_nodes(clash)
+        precision._merge_repeated_nodes(clash)
 
 
 def test_fp16_decoder_opens_with_its_box_count_fixed(full_tiny_engine_dir, tmp_path):
@@ -146,7 +148,7 @@ def test_fp16_decoder_opens_with_its_box_count_fixed(full_tiny_engine_dir, tmp_p
     by onnxruntime and saved, the graph was refused then until its constants were renamed."""
     path = tmp_path / "sam_decoder.onnx"
     shutil.copy(full_tiny_engine_dir / "sam_decoder.onnx", path)
-    record = common.convert_to_fp16(path)
+    record = precision.convert_to_fp16(path)
     assert record["nodes_folded"] < record["nodes_exported"]
     rng = np.random.default_rng(0)
     embedding = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
@@ -164,9 +166,9 @@ def test_fp16_decoder_opens_with_its_box_count_fixed(full_tiny_engine_dir, tmp_p
 
 def test_fp16_is_compared_on_the_gpu_where_there_is_one(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert common.fp16_provider() == "CPUExecutionProvider"
+    assert precision.fp16_provider() == "CPUExecutionProvider"
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert common.fp16_provider() == "CUDAExecutionProvider"
+    assert precision.fp16_provider() == "CUDAExecutionProvider"
 
 
 @pytest.fixture(scope="module")
@@ -279,18 +281,18 @@ def test_an_fp16_graph_that_does_not_open_fails_the_export(tmp_path, monkeypatch
     open stops the export. It was recorded too, and a manifest listed unloadable engines."""
     small_graph(tmp_path / "g.onnx")
     model = common.ExportedModel("saliency", "g.onnx", [], [], {})
-    monkeypatch.setattr(common, "precision_feeds", lambda *_: {})
+    monkeypatch.setattr(precision, "precision_feeds", lambda *_: {})
 
     def refuse(*_args, **_kwargs):
         raise error
 
-    monkeypatch.setattr(common, "fp16_parity", refuse)
+    monkeypatch.setattr(precision, "fp16_parity", refuse)
     if kept:
-        common.convert_engines_fp16(tmp_path, [model])
+        precision.convert_engines_fp16(tmp_path, [model])
         assert model.parity["fp16_vs_fp32"]["measured"] is False
     else:
         with pytest.raises(common.ExportError, match="g.onnx: the fp16 graph does not open.*two nodes"):
-            common.convert_engines_fp16(tmp_path, [model])
+            precision.convert_engines_fp16(tmp_path, [model])
 
 
 def test_bool_tiles_become_int32_tiles_with_the_same_result(tmp_path):
@@ -380,15 +382,15 @@ def test_fp16_head_engines_are_a_complete_labelled_engines_dir(full_tiny_engine_
 def test_sam_encoder_runs_layernorm_softmax_and_erf_in_fp16_without_casts(full_tiny_engine_dir, tmp_path):
     from runtime import manifest as mf
 
-    assert set(common.FP16_NATIVE_MODELS) <= set(mf.PROFILE_MODELS["full"])
-    assert "Softmax" in common.fp32_ops(mf.GDINO_TEXT) and "Softmax" not in common.fp32_ops(mf.SAM_ENCODER)
-    feeds = common.precision_feeds(full_tiny_engine_dir, [mf.SAM_ENCODER])[mf.SAM_ENCODER]
-    expected = common._run_all(full_tiny_engine_dir / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
+    assert set(precision.FP16_NATIVE_MODELS) <= set(mf.PROFILE_MODELS["full"])
+    assert "Softmax" in precision.fp32_ops(mf.GDINO_TEXT) and "Softmax" not in precision.fp32_ops(mf.SAM_ENCODER)
+    feeds = precision.precision_feeds(full_tiny_engine_dir, [mf.SAM_ENCODER])[mf.SAM_ENCODER]
+    expected = precision._run_all(full_tiny_engine_dir / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
     records = {}
-    for name, keep in (("islands", common.FP32_OPS), ("native", common.fp32_ops(mf.SAM_ENCODER))):
+    for name, keep in (("islands", precision.FP32_OPS), ("native", precision.fp32_ops(mf.SAM_ENCODER))):
         path = tmp_path / f"{name}.onnx"
         shutil.copy(full_tiny_engine_dir / "sam_encoder.onnx", path)
-        records[name] = (common.convert_to_fp16(path, keep), common.fp16_parity(expected, path, feeds))
+        records[name] = (precision.convert_to_fp16(path, keep), precision.fp16_parity(expected, path, feeds))
         model = onnx.load(str(path))
         types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
         softmax_inputs = [types.get(n.input[0]) for n in model.graph.node if n.op_type == "Softmax"]

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("segment_anything")
 
-from export import common  # noqa: E402
+from export import precision  # noqa: E402
 from export.sam import build_sam, export_sam, parity_image  # noqa: E402
 from export.sam_forms import AugmentedRelPosAttention, FusedRelPosAttention, sam_attention_form  # noqa: E402
 from segment_anything.modeling.image_encoder import Attention  # noqa: E402
@@ -99,12 +99,12 @@ def test_an_mha_encoder_exports_with_parity_and_converts_to_fp16(tmp_path):
         pass  # "plain" leaves the modules alone
     assert all(type(m) is Attention for m in sam.image_encoder.modules() if isinstance(m, Attention))
     feeds = [{"image": image}]
-    expected = common._run_all(tmp_path / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
-    record = common.convert_to_fp16(tmp_path / "sam_encoder.onnx", common.fp32_ops("sam_encoder"))
+    expected = precision._run_all(tmp_path / "sam_encoder.onnx", feeds, "CPUExecutionProvider")
+    record = precision.convert_to_fp16(tmp_path / "sam_encoder.onnx", precision.fp32_ops("sam_encoder"))
     assert record["precision"] == "fp16"
     try:
-        parity = common.fp16_parity(expected, tmp_path / "sam_encoder.onnx", feeds)
-    except common._OrtNotImplemented:  # no CPU fp16 MultiHeadAttention in this onnxruntime
+        parity = precision.fp16_parity(expected, tmp_path / "sam_encoder.onnx", feeds)
+    except precision._OrtNotImplemented:  # no CPU fp16 MultiHeadAttention in this onnxruntime
         return
     assert parity["relative"] < 5e-3
 

@@ -148,7 +148,8 @@ FP16_CASES = {"window_pad", "sam_attention"}  # converted to fp16 on CUDA, as th
 def _export(module: Any, feeds: dict[str, np.ndarray], path: Path, fp16: bool) -> None:
     import torch
 
-    from export.common import convert_to_fp16, export_onnx, fp32_ops
+    from export.common import export_onnx
+    from export.precision import convert_to_fp16, fp32_ops
     from runtime.manifest import SAM_ENCODER
 
     args = tuple(torch.from_numpy(value) for value in feeds.values())
