@@ -5,7 +5,7 @@
     python -m bench.compare_engines --engine-dir engines/ --other-option joined_captions=true ... IMAGES...
 
 Before a cheaper set-up goes on a line (fp16 engines, GroundingDINO's head in fp16 from
-`bench.fp16_head --write-engines`, TF32, another onnxruntime), run it against the faithful one
+`bench.experiments.fp16_head --write-engines`, TF32, another onnxruntime), run it against the faithful one
 on real parts with the real checkpoints: the comparison that matters is of what the line sees,
 not of raw logits. Per image, both pipelines run on the same pixels and this reports the anomaly
 maps' largest difference (absolute, and relative to the faithful map's maximum) and the share of

@@ -39,7 +39,7 @@ def test_the_same_engines_under_a_switch_that_changes_nothing_agree_exactly(full
 
 
 def test_an_fp16_head_is_compared_on_what_the_line_sees(full_tiny_engine_dir, tmp_path, capsys):
-    from bench import fp16_head
+    from bench.experiments import fp16_head
 
     variant = tmp_path / "head16"
     assert fp16_head.main(["--engine-dir", str(full_tiny_engine_dir), "--write-engines", str(variant)]) == 0

@@ -33,7 +33,7 @@ def test_mask_bytes_grow_with_regions_and_pixels():
 
 def test_the_memory_bench_measures_one_call_against_the_estimate(full_tiny_engine_dir, lite_engine_dir, tmp_path,
                                                                  capsys):
-    from bench import host_memory as bench
+    from bench.experiments import host_memory as bench
 
     out = tmp_path / "memory.json"
     assert bench.main(["--engine-dir", str(full_tiny_engine_dir), "--sizes", "1200", "--out", str(out)]) == 0

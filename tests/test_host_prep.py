@@ -1,7 +1,7 @@
-"""bench.host_prep times the input preparation alone and appends runs to one JSON file."""
+"""bench.experiments.host_prep times the input preparation alone and appends runs to one JSON file."""
 import json
 
-from bench import host_prep
+from bench.experiments import host_prep
 
 
 def test_runs_are_timed_and_appended(full_tiny_engine_dir, tmp_path, capsys):

@@ -1,7 +1,7 @@
-"""bench.knn_parts: the lite call's parts, timed (the numbers are for reading; here: they are there)."""
+"""bench.experiments.knn_parts: the lite call's parts, timed (the numbers are for reading; here: they are there)."""
 import json
 
-from bench import knn_parts
+from bench.experiments import knn_parts
 
 
 def test_every_part_is_timed(lite_engine_dir, tmp_path):

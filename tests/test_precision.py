@@ -333,7 +333,7 @@ def test_exported_detector_head_tiles_no_bool_tensor(full_tiny_engine_dir):
 
 def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_engine_dir, lite_engine_dir, tmp_path,
                                                                       capsys):
-    from bench import fp16_head
+    from bench.experiments import fp16_head
 
     head = full_tiny_engine_dir / "gdino_head.onnx"
     before = head.read_bytes()
@@ -350,7 +350,7 @@ def test_fp16_head_check_measures_a_copy_and_leaves_the_engines_alone(full_tiny_
 
 
 def test_fp16_head_engines_are_a_complete_labelled_engines_dir(full_tiny_engine_dir, tmp_path, capsys):
-    from bench import fp16_head
+    from bench.experiments import fp16_head
     from bench.latency import _default_notes
     from runtime.image_io import read_image
     from runtime.manifest import load_manifest

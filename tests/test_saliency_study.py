@@ -5,7 +5,7 @@
 - `Scorer` (metrics over cached grids) equals bench.evaluate.evaluate_category;
 - the study's grids equal the runtime's `single_object_grid` for settings with every option on;
 - the options (layers, contrast, padding, blur) and presets do what they say and reject bad values;
-- `python -m bench.saliency_study` runs end to end on a small MTD folder with a tiny grid.
+- `python -m bench.experiments.saliency_study` runs end to end on a small MTD folder with a tiny grid.
 
 Uses the real EfficientNet-Lite0 `lite` engines (exported once per session, see conftest_engines).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest_engines import lite_engine_dir  # noqa: F401
 
-from bench import saliency_study as study
+from bench.experiments import saliency_study as study
 from bench.datasets import Sample, list_samples
 from bench.evaluate import evaluate_category
 from runtime import manifest as mf

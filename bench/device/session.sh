@@ -72,7 +72,7 @@ case "${1:?step: prepare | measure}" in
     # the device's cores once the exports are done (the third session saw 7.6 and 4.1 ms).
     echo "== host_prep ($(left) s left)" | tee -a "$log"
     unset OMP_NUM_THREADS NUMBA_NUM_THREADS
-    timeout 60 $PY -m bench.host_prep --engine-dir "${ENGINES_ROOT:-/tmp}/engines-vit_b-fp16" --label device \
+    timeout 60 $PY -m bench.experiments.host_prep --engine-dir "${ENGINES_ROOT:-/tmp}/engines-vit_b-fp16" --label device \
       --out "$OUT/host_prep.json" 2>&1 | tail -2 | tee -a "$log" ;;
   measure)
     [ "$DEVICE" = cpu ] || $PY -c "import onnxruntime as o; o.preload_dlls()"

@@ -30,13 +30,13 @@ def available_bytes() -> int | None:
     return min(found) if found else None
 
 
-FIXED_BYTES = 512 * 2**20  # what a call takes beyond its masks whatever the size (bench.host_memory: 380-470 MB)
+FIXED_BYTES = 512 * 2**20  # what a call takes beyond its masks whatever the size (bench.experiments.host_memory: 380-470 MB)
 
 
 def mask_bytes(count: int, image_hw: tuple[int, int]) -> int:
     """Host bytes a full-pipeline call takes for `count` regions: one bool mask per region at
     image size, about 32 bytes a pixel for the float maps and one mask's upscaling buffers, and a
-    fixed FIXED_BYTES. Measured with `python -m bench.host_memory` (tiny engines; the masks do not
+    fixed FIXED_BYTES. Measured with `python -m bench.experiments.host_memory` (tiny engines; the masks do not
     depend on the model size): the call's peak over its starting RSS was 0.80-0.83 of this from
     1000x1000 (75 regions) to 8000x8000 (59 regions, 4.9 GiB): bench/results/host_memory_cpu_tiny_2026-11-26.json."""
     pixels = int(image_hw[0]) * int(image_hw[1])

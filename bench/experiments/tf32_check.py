@@ -1,6 +1,6 @@
 """Does onnxruntime's CUDA provider run fp32 MatMuls in TF32, and what does that do to the pipeline?
 
-Run on the GPU machine: `python3 -m bench.device.tf32_check ENGINE_DIR [IMAGE]` (an fp32 engines dir).
+Run on the GPU machine: `python3 -m bench.experiments.tf32_check ENGINE_DIR [IMAGE]` (an fp32 engines dir).
 1. One 2048x2048 fp32 MatMul on the CUDA provider with its default options, with use_tf32=0 and
    with use_tf32=1, each against float64 numpy: TF32 keeps 10 mantissa bits (relative error ~1e-3),
    fp32 23 (~1e-6).

@@ -1,4 +1,4 @@
-"""`python -m bench.fp16_head`: what a plain fp16 GroundingDINO head would change, measured.
+"""`python -m bench.experiments.fp16_head`: what a plain fp16 GroundingDINO head would change, measured.
 
 The head (text-image fusion, 6 encoder and 6 decoder layers for every caption) stays fp32 in fp16
 engines. It is also most of the GPU time (docs/latency.md). This converts a copy of an engine
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import onnxruntime as ort
 
 
-HEAD_VARIANT = ("GroundingDINO's head converted to fp16 after export by bench.fp16_head: not the export's "
+HEAD_VARIANT = ("GroundingDINO's head converted to fp16 after export by bench.experiments.fp16_head: not the export's "
                 "faithful fp32 head; for timing what a lower-precision head would buy")
 
 
@@ -96,7 +96,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fp16_head", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.fp16_head", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, required=True, help="a `full` profile engine dir (fp32 head)")
     parser.add_argument("--out", type=Path, help="JSON file to write the record to")
     parser.add_argument("--write-engines", type=Path, metavar="DIR",

@@ -1,6 +1,6 @@
 """Saliency study: the best saliency-only map for `lite` engines, chosen on one half of MTD, reported on both.
 
-    python -m bench.saliency_study --engine-dir ENGINES --root ../shared/data/mtd-dev --out DIR
+    python -m bench.experiments.saliency_study --engine-dir ENGINES --root ../shared/data/mtd-dev --out DIR
         [--results bench/results/saliency_study_mtd.json] [--seed 0] [--good-limit 150] [--threads 1]
         [--cache DIR] [--no-guard] [--min-gain 0.5] [--n N ...] [--sigmas S ...] [--steps STEP ...]
 
@@ -44,9 +44,9 @@ from runtime.errors import SaaError
 from runtime.image_io import read_image as runtime_read_image
 from runtime.stages.saliency import SaliencyExtractor, SaliencySettings, smooth_grid
 
-from . import metrics as mt
-from .datasets import GOOD, Sample, list_samples, read_mask
-from .evaluate import METRIC_KEYS, evaluate_category, mask_to_eval_size, normalise, to_eval_size
+from .. import metrics as mt
+from ..datasets import GOOD, Sample, list_samples, read_mask
+from ..evaluate import METRIC_KEYS, evaluate_category, mask_to_eval_size, normalise, to_eval_size
 
 SEED = 0
 GOOD_LIMIT = 150  # MT_Free images kept (of 293 in mtd-dev), drawn with SEED
@@ -576,7 +576,7 @@ def _dumps(value: object, depth: int = 0) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.saliency_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.saliency_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-dir", type=Path, required=True, help="`lite` engines (python -m export --profile lite)")
     parser.add_argument("--root", type=Path, required=True, help="MTD folder (MT_<class>/Imgs)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table, pictures, cache and results")

@@ -1,4 +1,4 @@
-"""`python -m bench.export_side_by_side OUT.json`: two exports sharing a machine, with and without --threads.
+"""`python -m bench.experiments.export_side_by_side OUT.json`: two exports sharing a machine, with and without --threads.
 
 Times tiny full exports: one alone, two side by side each taking every CPU (torch's and
 onnxruntime's defaults), and two side by side with `--threads 1` each. The GPU sessions'
@@ -34,7 +34,7 @@ def side_by_side(count: int, extra: Sequence[str], scratch: Path) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.export_side_by_side", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.export_side_by_side", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="JSON file to write")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/export-side-by-side"))

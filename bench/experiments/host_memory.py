@@ -1,7 +1,7 @@
-"""`python -m bench.host_memory`: the host memory one full-pipeline call takes at large image sizes,
+"""`python -m bench.experiments.host_memory`: the host memory one full-pipeline call takes at large image sizes,
 against the estimate `runtime.engine.host_memory.mask_bytes` refuses images by.
 
-    python -m bench.host_memory --engine-dir ENGINES --sizes 2000 4000 8000 --out bench/results/host_memory_cpu_DATE.json
+    python -m bench.experiments.host_memory --engine-dir ENGINES --sizes 2000 4000 8000 --out bench/results/host_memory_cpu_DATE.json
 
 Each size runs in its own process: the pipeline opens, one call on a 900x900 image warms it up,
 then the kernel's peak-RSS mark is reset (/proc/self/clear_refs) and one call runs on the demo
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "tests" / "data" / "bottle_demo.png"
 
 _CHILD = r"""
@@ -77,7 +77,7 @@ def measure(engine_dir: Path, dataset: str, category: str, size: int, timeout: f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.host_memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.host_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, required=True, help="a `full` profile engines dir")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000])
     parser.add_argument("--dataset", default="mvtec")
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{run['measured_over_estimate'] or 0:6.2f}")
     record = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.host_memory " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.experiments.host_memory " + " ".join(sys.argv[1:] if argv is None else argv),
         "engine_dir": str(args.engine_dir), "tiny": manifest.data.get("size") != "full",
         "machine": platform.machine(), "config": f"{args.dataset}/{args.category}", "image": str(DEMO), "runs": runs,
         "estimate": "runtime.engine.host_memory.mask_bytes: 1 byte a region-pixel + 32 bytes a pixel",

@@ -1,4 +1,4 @@
-"""`python -m bench.knn_parts --engine-dir engines-lite/ --out FILE.json`: where a lite call's time goes.
+"""`python -m bench.experiments.knn_parts --engine-dir engines-lite/ --out FILE.json`: where a lite call's time goes.
 
 Times, on the default bottle image with the reference saliency settings and `--threads` CPU
 threads: the whole call, the CNN's features, and the one-object kNN's steps (the features'
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "bottle_demo.png"
+DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "tests" / "data" / "bottle_demo.png"
 
 
 def median_ms(step: Callable[[], Any], iters: int) -> float:
@@ -63,7 +63,7 @@ def knn_steps(features: np.ndarray, n: int, iters: int) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.knn_parts", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.knn_parts", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, required=True, help="lite engines")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=30)
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Pipeline.open(args.engine_dir, dataset="mvtec", category="bottle", threads=args.threads,
                        options={"saliency_preset": "reference"}) as pipeline:
         if not pipeline.saliency_only:
-            raise SystemExit("bench.knn_parts times the lite profile: give lite engines")
+            raise SystemExit("bench.experiments.knn_parts times the lite profile: give lite engines")
         for _ in range(5):
             pipeline(image)
         saliency = pipeline.saliency

@@ -1,4 +1,4 @@
-"""`python -m bench.host_prep`: the host-side image preparation of a full pipeline, timed alone.
+"""`python -m bench.experiments.host_prep`: the host-side image preparation of a full pipeline, timed alone.
 
 GroundingDINO's and SAM's inputs (PIL-exact resize, normalise into the padded canvas) are host
 work in every stage that feeds a GPU; this times them without the graphs, so a change to them
@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.latency import summarize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _median_ms(call: Callable[[], Any], iters: int) -> float:
@@ -71,7 +71,7 @@ def time_preparation(engine_dir: Path, image_path: Path, iters: int) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.host_prep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments.host_prep", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, required=True, help="a full engines dir (its preprocess settings)")
     parser.add_argument("--image", type=Path, default=REPO / "tests" / "data" / "bottle_demo.png")
     parser.add_argument("--iters", type=int, default=20)
