@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .common import ExportError
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Swin image graph); fp16-vs-fp32 parity recorded per model")
     parser.add_argument("--trt", action="store_true",
                         help="also build native TensorRT plans (needs the tensorrt package and the target GPU)")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="do not compile the runtime's kernels after the export (python -m runtime.warm does it "
+                             "later; otherwise the first image does)")
     return parser
 
 
@@ -92,7 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"1.1 GB with SAM ViT-B; ViT-H's encoder alone is 2.5 GB; nothing was installed at {args.out})", file=sys.stderr)
         return 2
     print(f"wrote {manifest_path}")
+    if not args.no_warm:
+        warm_kernels(manifest_path.parent)
     return 0
+
+
+def warm_kernels(engine_dir: Path) -> None:
+    """`python -m runtime.warm` on the new engines, in a process of its own (no torch beside numba):
+    the runtime's numba kernels are compiled into their cache now, not on the first image."""
+    print("compiling the runtime's kernels for the first run (once per machine) ...", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "runtime.warm", "--engine-dir", str(engine_dir)],
+                          capture_output=True, text=True)
+    message = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if done.returncode != 0:  # the engines are written: a first image then compiles them instead
+        print(f"warning: the kernels were not compiled ahead ({message}); the first image will compile them",
+              file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":
