@@ -2,14 +2,36 @@
 import importlib.util
 import os
 import sys
+import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
+# onnxruntime comes in one build per kind of machine, and two builds installed side by side
+# break each other. The one already installed is kept (install onnxruntime-gpu first for a GPU,
+# JetPack's onnxruntime-gpu wheel on a Jetson); SAA_ONNXRUNTIME=<distribution> picks one.
+ONNXRUNTIME_BUILDS = ("onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime")
+
+
+def _onnxruntime() -> str:
+    chosen = os.environ.get("SAA_ONNXRUNTIME")
+    if chosen:
+        return f"{chosen}>=1.17"
+    # The target environment's own site-packages: pip may run this file in an isolated build
+    # environment, whose sys.path does not hold the packages being installed into.
+    places = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    installed = {(dist.metadata["Name"] or "").lower() for dist in metadata.distributions(path=places)}
+    for build in ONNXRUNTIME_BUILDS:
+        if build in installed:
+            return f"{build}>=1.17"
+    return "onnxruntime>=1.17"
+
+
 RUNTIME = [
     "numpy>=1.24",
-    "onnxruntime>=1.17",
+    _onnxruntime(),
     "opencv-python-headless>=4.8",
     "numba>=0.58",
     "tokenizers>=0.15",
