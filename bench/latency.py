@@ -235,7 +235,7 @@ def settle() -> None:
 
 def progress(count: int, label: str) -> Any:
     """A progress bar over `count` calls on stderr: a full-size CPU run takes many minutes. tqdm
-    draws nothing when stderr is not a terminal (logs, the GPU session's checks.log)."""
+    draws nothing when stderr is not a terminal (logs, python -m bench.gpu's step logs)."""
     from tqdm import tqdm
 
     return tqdm(range(count), desc=label, unit="call", file=sys.stderr, disable=None, leave=False)

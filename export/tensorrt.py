@@ -27,7 +27,7 @@ def require_tensorrt() -> Any:
 
 
 def build_trt_engines(engine_dir: Path, models: Sequence[ExportedModel], fp16: bool) -> dict[str, dict[str, Any]]:
-    """Build one TensorRT plan per graph into engine_dir/trt/ (unverified here: no TensorRT in this workplace).
+    """Build one TensorRT plan per graph into engine_dir/trt/ (not yet run: no TensorRT build has been tested).
 
     Returns manifest "files" entries keyed trt_<model> (file, TensorRT version, fp16), hashed by the writer.
     GroundingDINO's grid_sample form is known to miscompile on some TensorRT versions

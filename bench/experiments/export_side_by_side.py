@@ -1,9 +1,9 @@
 """`python -m bench.experiments.export_side_by_side OUT.json`: two exports sharing a machine, with and without --threads.
 
 Times tiny full exports: one alone, two side by side each taking every CPU (torch's and
-onnxruntime's defaults), and two side by side with `--threads 1` each. The GPU sessions'
-prepare step runs exports side by side (bench/device/session.sh); this is the check, on any
-machine, that splitting the CPUs between them is not slower than letting them fight.
+onnxruntime's defaults), and two side by side with `--threads 1` each. The GPU benchmark
+(bench/gpu) runs exports side by side; this is the check, on any machine, that splitting the
+CPUs between them is not slower than letting them fight.
 """
 from __future__ import annotations
 

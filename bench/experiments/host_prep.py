@@ -50,7 +50,7 @@ def time_preparation(engine_dir: Path, image_path: Path, iters: int) -> dict[str
     from runtime.engine.resize import longest_side_shape, resize_like_pil
 
     detector, segmenter = Detector(manifest, make), Segmenter(manifest, make)
-    # Each input's two steps alone, so a GPU session can tell which one to move to the device.
+    # Each input's two steps alone, to tell which one is worth moving to the device.
     gdino_hw, _ = detector.content_shape(*rgb.shape[:2])
     sam_hw = longest_side_shape(*image.shape[:2], segmenter.image_size)
     gdino_resized, sam_resized = resize_like_pil(rgb, gdino_hw), resize_like_pil(image, sam_hw)

@@ -11,8 +11,7 @@ ONNX graph on the exporter's own parity input: a wrong rebuild differs by O(1), 
     reference = build_reference(models, config)            # ReferenceSAA, or SaliencyReference for lite
 
 GPU: `device="cuda"` moves the models there; GroundingDINO and the saliency backbone get thin
-wrappers that move their inputs over (the reference code builds CPU tensors). Unverified here:
-this workplace has no GPU.
+wrappers that move their inputs over (the reference code builds CPU tensors).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ GRAPH_OUTPUT = "masks"
 
 
 def mask_session(device: str = "cuda", settings: Any = None) -> Any:
-    """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda": unverified here),
+    """An onnxruntime session of the mask graph on `device` ("cpu" in tests; "cuda" not yet run on a GPU),
     with an EngineSettings' session switches (None: the defaults)."""
     from ..engine.sessions import builtin_graph_session
 

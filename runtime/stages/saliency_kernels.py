@@ -74,7 +74,7 @@ def _check_mode(mode: str, n: int) -> None:
 
 def rows_of(features: np.ndarray) -> np.ndarray:
     """[C, P] float32 -> its [P, C] transpose, C-contiguous: OpenCV's blocked transpose (0.16 ms
-    for 176 x 4096 on this CPU; numpy's strided copy took 2.1 ms of a 55 ms lite call)."""
+    for 176 x 4096 on 2 CPU cores; numpy's strided copy took 2.1 ms of a 55 ms lite call)."""
     return cv2.transpose(features)
 
 
@@ -480,7 +480,7 @@ def _knn_symmetric(
 
 
 def knn_session(device: str = "cuda", settings: EngineSettings | None = None) -> Any:
-    """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda": unverified here)."""
+    """An onnxruntime session of the kNN graph on `device` ("cpu" for tests; "cuda" on a GPU pipeline)."""
     return builtin_graph_session("knn_distance_mean", device, settings)
 
 
