@@ -53,7 +53,7 @@ TEST = ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "pytest-timeout", "ma
 VERSION = "0.1.0"
 
 
-# --- C ABI (runtime/capi, issue 7): libsaa.so compiled with the system C compiler at install time.
+# --- C ABI (runtime/capi): libsaa.so compiled with the system C compiler at install time.
 # A plain shared library, not a Python extension: runtime/capi/build.py (stdlib only, loaded by
 # path since nothing is installed yet) holds the compile command.
 CAPI = Extension("runtime.capi.libsaa", sources=["runtime/capi/saa.c"], depends=["runtime/capi/saa.h"])

@@ -355,7 +355,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "iters": args.iters,
         "warmup": args.warmup,
         "text_ms": round(pipeline.text_ms, 3) if hasattr(pipeline, "text_ms") else None,
-        # SAM's work grows with the boxes that pass the filters (random weights: see docs/latency.md);
+        # SAM's work grows with the boxes that pass the filters (random weights: see docs/performance.md);
         # regions of one box (joined captions) share a decode.
         "defect_regions": None if pipeline.saliency_only else len(results[-1].regions),
         "boxes_to_sam": None if pipeline.saliency_only else len(distinct_boxes(results[-1].regions)[0]),

@@ -1,7 +1,7 @@
 """The runtime's small built-in ONNX graphs, built with the onnx package.
 
 The runtime may not import onnx, so these graphs ship as files in runtime/data/graphs/
-(`runtime.builtin_graphs` loads them). This module is their source:
+(`runtime.engine.sessions.builtin_graph` loads them). This module is their source:
 
     python -m export.builtin_graphs            # rewrite runtime/data/graphs/*.onnx
     python -m export.builtin_graphs --check    # exit 1 if a file differs from its builder

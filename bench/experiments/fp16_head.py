@@ -1,7 +1,7 @@
 """`python -m bench.experiments.fp16_head`: what a plain fp16 GroundingDINO head would change, measured.
 
 The head (text-image fusion, 6 encoder and 6 decoder layers for every caption) stays fp32 in fp16
-engines. It is also most of the GPU time (docs/latency.md). This converts a copy of an engine
+engines. It is also most of the GPU time (docs/performance.md). This converts a copy of an engine
 dir's head the way `export --precision fp16` converts the other graphs. It then compares the two
 on the export's precision inputs: logits and boxes, and the share of the top-900 query selection
 that changes. The engine dir is not modified. Needs the export extras (torch, onnx).

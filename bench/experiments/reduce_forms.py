@@ -1,5 +1,5 @@
 """Micro-benchmark: the deformable-attention weighted sum over 16 samples, in two ONNX forms (run once
-on an H200, bench/results/reduce_forms_cuda-h200_2026-11-26.json; bench/device/op_forms.py times the forms
+on an H200, bench/results/reduce_forms_cuda-h200_2026-11-26.json; bench/gpu/op_forms.py times the forms
 the export chooses between)."""
 import json
 import os

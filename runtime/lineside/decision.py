@@ -2,7 +2,7 @@
 
 pred_score = the maximum of the anomaly map: the image score of the evaluation protocol
 (bench.evaluate ranks images by the max of their map), so a threshold on it is a point on
-the image ROC the README reports.
+the image ROC docs/line-side.md reports.
 pred_label = 1 (NG, anomalous) when pred_score > the image threshold, else 0 (OK).
 pred_mask  = anomaly map > the pixel threshold (bool, the map's size).
 
