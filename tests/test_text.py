@@ -158,10 +158,8 @@ def test_masks_match_the_authors_original(tok, hf_tok):
 
 
 def _reference_phrase(posmap_256: np.ndarray, input_ids: list[int], hf_tok) -> str:
-    """get_phrases_from_posmap(posmap, tokenized, tokenizer) with its default indices 0 and 255."""
+    """get_phrases_from_posmap(posmap, tokenized, tokenizer) of the GroundingDINO SAA+ ships: every marked token."""
     posmap = torch.from_numpy(posmap_256.copy())
-    posmap[0:1] = False
-    posmap[255:] = False
     non_zero_idx = posmap.nonzero(as_tuple=True)[0].tolist()
     return hf_tok.decode([input_ids[i] for i in non_zero_idx])
 
@@ -187,8 +185,9 @@ def test_phrases_match_the_reference_decode(tok, hf_tok):
 def test_phrase_keeps_separators_and_joins_wordpieces(tok):
     ids = tok.token_ids("flawed golden wire.")
     everything = np.ones(ids.shape[0], dtype=bool)
-    assert tok.phrase_from_mask(ids, everything) == "flawed golden wire. [SEP]"
-    assert tok.phrase_from_mask(ids, everything) == tok.decode(ids[1:])
+    assert tok.phrase_from_mask(ids, everything) == "[CLS] flawed golden wire. [SEP]"  # [CLS] too, as SAA+ decodes
+    assert tok.phrase_from_mask(ids, everything) == tok.decode(ids)
+    assert tok.phrase_from_mask(ids, ~everything) == ""
     mask = everything.copy()
     assert tok.phrase_from_mask(ids, mask) and mask.all()  # the caller's mask is not modified
 

@@ -24,11 +24,8 @@ from .saliency import reference_multi_saliency, reference_single_saliency
 from .segmenter import ReferenceSegmenter
 
 
-def phrase_from_posmap(posmap: torch.Tensor, input_ids: list[int], tokenizer, left_idx: int = 0, right_idx: int = 255) -> str:
-    """GroundingDINO's get_phrases_from_posmap: decode the tokens marked True, [CLS] and the tail excluded."""
-    posmap = posmap.clone()
-    posmap[0: left_idx + 1] = False
-    posmap[right_idx:] = False
+def phrase_from_posmap(posmap: torch.Tensor, input_ids: list[int], tokenizer) -> str:
+    """get_phrases_from_posmap of the GroundingDINO SAA+ ships: decode every token marked True."""
     ids = [input_ids[i] for i in posmap.nonzero(as_tuple=True)[0].tolist()]
     return tokenizer.decode(ids)
 

@@ -26,8 +26,6 @@ from ..errors import ConfigError, ManifestError
 TOKENIZER_FILE = "tokenizer.json"  # in the engines dir, listed under manifest "files"
 TOKENIZER_KEY = "tokenizer"
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", ".", "?")  # the phrase delimiters GroundingDINO uses
-# get_phrases_from_posmap's default right_idx: the reference never reports token 255 or later.
-PHRASE_RIGHT_INDEX = 255
 
 
 def normalize_caption(caption: str) -> str:
@@ -87,13 +85,12 @@ class GdinoTokenizer:
         return self._tokenizer.decode([int(i) for i in token_ids], skip_special_tokens=False)
 
     def phrase_from_mask(self, token_ids: np.ndarray, token_mask: np.ndarray) -> str:
-        """The reference's get_phrases_from_posmap: the masked tokens decoded, [CLS] and index >= 255 left out."""
+        """The masked tokens decoded, as SAA+'s own GroundingDINO (its get_phrases_from_posmap) does: every
+        marked token, [CLS] and [SEP] included (later GroundingDINO releases leave out [CLS] and tokens 255 on)."""
         token_ids = np.asarray(token_ids)
         keep = np.array(token_mask, dtype=bool)  # a copy: the caller's mask stays as it was
         if keep.shape != token_ids.shape:
             raise ValueError(f"token mask of shape {keep.shape} for {token_ids.shape[0]} tokens")
-        keep[:1] = False
-        keep[PHRASE_RIGHT_INDEX:] = False
         return self.decode(token_ids[keep])
 
     def phrase(self, token_ids: np.ndarray, scores: np.ndarray, text_threshold: float) -> str:
