@@ -267,6 +267,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from runtime.errors import SaaError
     from runtime.image_io import read_image
     from runtime.pipeline import Pipeline
+    from runtime.settings import EngineSettings
     from runtime.stages.regions import distinct_boxes
 
     if args.iters < 1 or args.warmup < 0:
@@ -283,8 +284,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         options.setdefault("saliency_preset", "reference")
     try:
         image = read_image(image_path)
+        settings = EngineSettings.parse(",".join(getattr(args, "setting", None) or ()), device=args.device,
+                                        threads=args.threads)  # --setting over the environment
         pipeline = Pipeline.open(args.engine_dir, dataset=dataset, category=category, config=args.config,
-                                 device=args.device, threads=args.threads, options=options)
+                                 device=args.device, threads=args.threads, options=options, settings=settings)
         warm_up_s = pipeline.warm_up() if args.warm_up else None
     except SaaError as err:
         raise BenchError(str(err)) from None
@@ -345,6 +348,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "options": options,
         # The runtime's switches read from the environment (TF32, cuDNN search, fixed head shapes, ...).
         "environment": {key: value for key, value in sorted(os.environ.items()) if key.startswith("SAA_")},
+        "settings": pipeline.settings.to_json(),  # every switch as the pipeline ran (--setting, the environment, defaults)
+        "ops_fallback": getattr(pipeline, "ops_fallback", None),  # why the fused head's op ran on the CPU, if it did
         # GPU pipelines: the head's caption and token counts and the decoder's box count fixed
         "static_shapes": {"head": pipeline.detector.head_dims, "decoder_boxes": pipeline.segmenter.decoder_boxes,
                           "refused": pipeline.static_shapes_refused}
@@ -516,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime, numba, BLAS and torch (0: defaults)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="algorithm option for both runtime and reference, e.g. max_boxes_per_prompt=20 (repeatable)")
+    parser.add_argument("--setting", action="append", metavar="KEY=VALUE",
+                        help="an EngineSettings field for the runtime, e.g. cuda_graphs=true (repeatable; over the "
+                             "SAA_* environment)")
     parser.add_argument("--reference", action="store_true", help="also run the PyTorch reference on the same weights and image")
     parser.add_argument("--reference-iters", type=int, default=0, help="reference calls (default: --iters)")
     parser.add_argument("--skip-parity", action="store_true", help="do not check the rebuilt torch models against the engines")

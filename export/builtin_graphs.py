@@ -17,7 +17,7 @@ Graphs:
   image_canvas_hv     uint8 image -> PIL-exact resize -> normalised, padded float32 canvas,
   image_canvas_vh     horizontal or vertical pass first (runtime/engine/device_canvas.py)
   msda_check          one saa.edge::MultiScaleDeformableAttention node on small fixed levels: the
-                      GPU kernel's check against the CPU kernel (runtime/ops: check_gpu_kernel)
+                      GPU kernel's check against the CPU kernel (runtime/engine/custom_ops.py: check_gpu_kernel)
 """
 from __future__ import annotations
 

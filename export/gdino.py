@@ -85,6 +85,9 @@ SIZES = ("swin-t", "tiny")
 # Engine size and the matching resize of the tiny test engine: 900 queries need at least 900
 # flattened positions (224x224 gives 28^2 + 14^2 + 7^2 + 4^2 = 1045), so it cannot be smaller.
 TINY_IMAGE_HW = (224, 224)
+# The resize each model's reference takes (shorter side, longer side at most), whatever the engine's
+# size: Swin-T's is GroundingDINO's 800 / 1333; the tiny test model's the same scaled to 224.
+REFERENCE_SIDES = {"swin-t": (GDINO_SHORT_SIDE, GDINO_MAX_SIDE), "tiny": (224, 373)}
 
 TEXT_INPUTS = ("input_ids", "position_ids", "text_self_attention_masks")
 TEXT_OUTPUTS = ("text_features",)

@@ -82,7 +82,7 @@ class FoldedDeformableAttention(GroundingDinoMultiscaleDeformableAttention):
       level's 4 points with a ReduceSum over a last axis of 4: onnxruntime's CUDA kernel for
       that shape (reduce_matrix_columns) ran at ~100 GB/s and took 68.7 of the head's 156 ms on
       an H200 (bench/results/kernels_cuda-h200_*). `WEIGHTED_SUM = "per_level"` keeps that form
-      for A/B runs (bench/device/op_forms.py).
+      for A/B runs (bench/gpu/op_forms.py).
     - The value projection is computed channels-first (W x^T: onnxruntime's GEMM reads x
       transposed), the layout grid sampling needs, instead of projected and then transposed.
     """

@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pages = f", overlays by score: {GALLERY_NAME}" if gallery_saved else ""
     table = summary.path.name if summary.error is None else f"{summary.path.name}, incomplete"
     print(f"{done - len(tally.failures)} of {done} images written to {out_dir} (table: {table}{pages})", file=sys.stderr)
+    if tally.inexact:
+        print(f"{tally.inexact} of them not run exactly as the reference algorithm takes them (exact=no; their JSON "
+              "notes give the detector size that would)", file=sys.stderr)
     if pipeline.thresholds.image is not None:
         print(f"{tally.rejected} NG, {done - len(tally.failures) - tally.rejected} OK at image threshold "
               f"{pipeline.thresholds.image:.6g}", file=sys.stderr)

@@ -13,8 +13,10 @@ from .image_io import IMAGE_SUFFIXES
 # The run table runtime.infer writes (outputs/summary.py): its name and header mark a folder as an
 # earlier run's outputs, whose maps and overlays are not parts.
 SUMMARY_NAME = "summary.csv"
-SUMMARY_COLUMNS = ("image", "outputs", "status", "image_score", "label", "fused_regions", "top_prompt", "top_phrase",
-                   "top_score", "end_to_end_ms", "error")
+SUMMARY_COLUMNS = ("image", "outputs", "status", "image_score", "label", "exact", "fused_regions", "top_prompt",
+                   "top_phrase", "top_score", "end_to_end_ms", "error")
+# The header before the exact column: tables of earlier versions mark their folders too.
+EARLIER_SUMMARY_COLUMNS = tuple(column for column in SUMMARY_COLUMNS if column != "exact")
 
 
 def is_mask_file(path: Path, stems_of_other_images: set[str]) -> bool:
@@ -59,7 +61,7 @@ def list_images(inputs: list[str | Path], exclude: str | Path | Sequence[str | P
 def earlier_run_folders(inputs: Sequence[str | Path]) -> list[Path]:
     """Folders under the input folders that hold an earlier run's outputs: a summary.csv that
     starts with this table's header. Their maps and overlays are not parts to inspect."""
-    header = ",".join(SUMMARY_COLUMNS)
+    headers = {",".join(SUMMARY_COLUMNS), ",".join(EARLIER_SUMMARY_COLUMNS)}
     found = []
     for item in inputs:
         if not Path(item).is_dir():
@@ -70,7 +72,7 @@ def earlier_run_folders(inputs: Sequence[str | Path]) -> list[Path]:
                     first = file.readline().strip()
             except OSError:
                 continue
-            if first == header:
+            if first in headers:
                 found.append(table.parent)
     return sorted(set(found))
 

@@ -76,6 +76,9 @@ class Pipeline:
         self.mask_fusion: MaskFusion | None = None  # set where the masks stay on the device
         self.captions: list[str] = []
         self.overlap = self.settings.overlap and not self.saliency_only
+        # Why the fused head's op runs on the CPU on a GPU (its CUDA kernel disagreed with the CPU
+        # kernel or failed), else None: results files report it.
+        self.ops_fallback: str | None = None
         self._side = SideThread(self.overlap)
         if not self.saliency_only:
             self._open_full(make_session)
@@ -86,7 +89,12 @@ class Pipeline:
 
         settings, options = self.settings, self.config.options
         if self.manifest.models.get(mf.GDINO_HEAD, {}).get("source", {}).get("custom_ops"):
-            check_gpu_kernel(settings)  # a fused head on a GPU: its CUDA kernel checked once per process
+            # A fused head on a GPU: its CUDA kernel checked once per process; where it is wrong, the
+            # engines open with the op library's CPU build instead (a warning says so).
+            checked, self.ops_fallback = check_gpu_kernel(settings)
+            if checked is not settings:
+                settings = self.settings = checked
+                make_session = SessionFactory(checked)
         stage_switches = {"io_binding": settings.io_binding, "cuda_graphs": settings.cuda_graphs,
                           "device_canvas": settings.device_canvas}
         self.detector = Detector(self.manifest, make_session, **stage_switches)
@@ -241,6 +249,9 @@ class Pipeline:
         with timed(timings, "detector_image"):
             # The reference gives GroundingDINO RGB, and SAM / the CNN the BGR array as if RGB.
             image_features = self.detector.encode_image(np.ascontiguousarray(image[:, :, ::-1]))
+        difference = image_features.difference()  # not as the reference feeds GroundingDINO: said in the notes
+        if difference is not None:
+            notes.append(difference)
         multi = self.config.object_count > 1
         side = self._side.submit(self._side_stages, image, timings, grids, not multi)
         try:
@@ -281,7 +292,8 @@ class Pipeline:
 
         with timed(timings, "fusion"):
             anomaly = self._fuse(defects, defect_masks, mask_of_defect, saliency)
-        return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings)
+        return AnomalyResult(anomaly, saliency, defects, objects, False, notes, timings, exact=difference is None,
+                             exact_detector_hw=None if difference is None else image_features.reference_hw)
 
     def _side_stages(self, image: np.ndarray, timings: dict[str, float], grids: list,
                      saliency_too: bool) -> np.ndarray | None:

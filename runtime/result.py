@@ -32,11 +32,17 @@ class AnomalyResult:
     stream: dict[str, Any] | None = None  # what the streaming memory did with this part
     image_shape: tuple[int, int] | None = None  # (H, W) of the input: the frame of boxes and mask areas
     random_weights: bool = False  # engines exported with --random-init: the map means nothing
+    # The input went through the engines as the reference algorithm takes it (GroundingDINO: the
+    # reference's resize, no padding); where not, exact_detector_hw is the detector size that would.
+    exact: bool = True
+    exact_detector_hw: tuple[int, int] | None = None
 
     def regions_json(self) -> dict[str, Any]:
         return {
             **({"image_shape": list(self.image_shape)} if self.image_shape is not None else {}),
             "random_weights": self.random_weights,
+            "exact": self.exact,
+            **({"exact_detector_size": list(self.exact_detector_hw)} if self.exact_detector_hw is not None else {}),
             "pred_score": self.pred_score,
             "pred_label": self.pred_label,
             **({"stream": self.stream} if self.stream is not None else {}),

@@ -108,7 +108,7 @@ def test_library_leaves_python_to_the_host(library):
     exported = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True).stdout
     assert set(re.findall(r"\b(saa_\w+)", exported)) == {"saa_version", "saa_abi_version", "saa_open", "saa_infer",
                                                         "saa_last_error", "saa_close", "saa_set_thresholds",
-                                                        "saa_last_decision", "saa_reset_memory", "saa_last_mask",
+                                                        "saa_last_decision", "saa_last_exact", "saa_reset_memory", "saa_last_mask",
                                                         "saa_save_memory", "saa_open_options_init", "saa_open_options_init_sized",
                                                         "saa_open_ex"}
 

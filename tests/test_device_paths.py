@@ -134,6 +134,71 @@ def test_decoder_with_a_fixed_box_count_pads_and_drops_the_copies(full_tiny, ima
     assert not Segmenter(full_tiny, make).fix_box_count(2)  # the CPU path (masks made with cv2) keeps its decoder
 
 
+def test_fixed_box_counts_double_from_eight_up_to_the_chunk():
+    from runtime.stages.segmenter import fixed_box_counts
+
+    assert fixed_box_counts(32) == (8, 16, 32) and fixed_box_counts(64) == (8, 16, 32, 64)
+    assert fixed_box_counts(48) == (8, 16, 32, 48) and fixed_box_counts(9) == (8, 9)
+    assert fixed_box_counts(8) == (8,) and fixed_box_counts(5) == (5,) and fixed_box_counts(1) == (1,)
+
+
+def test_each_chunk_takes_the_smallest_fixed_decoder_that_fits_with_the_same_masks(full_tiny, image):
+    """Fixed counts 8 and 16 for decoder_chunk 16: 20 boxes go as 16 + (4 padded to 8), 3 boxes as
+    (3 padded to 8), where one fixed count padded every chunk to 16. The masks are those of that
+    one count to the bit (a box's logits do not depend on the boxes beside it in a fixed-count
+    call); the decoder for 16 opens with fix_box_count, the one for 8 on its first chunk."""
+    make = session_factory(EngineSettings(threads=1))
+    ladder, single = Segmenter(full_tiny, make, io_binding=True), Segmenter(full_tiny, make, io_binding=True)
+    assert ladder.fix_box_count(16) and ladder.decoder_boxes == 16 and ladder.decoder_box_counts == (8, 16)
+    assert ladder.opened_box_counts == [16]
+    assert single.fix_box_count(16)
+    single.decoder_box_counts = (16,)  # one fixed count: every chunk padded to 16
+    dynamic = Segmenter(full_tiny, make, io_binding=True)
+    for segmenter in (ladder, single, dynamic):
+        segmenter.set_image(image)
+    height, width = image.shape[:2]
+    corners = np.random.default_rng(3).uniform(0, [width, height], (20, 2, 2)).astype(np.float32)
+    boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1) + 8], axis=1)  # xyxy, none empty
+    sizes = []
+    real_decode = ladder.decode
+    ladder.decode = lambda frame, keep_on_device=False: sizes.append(len(frame)) or real_decode(frame, keep_on_device)
+    for count in (20, 3, 16, 17):
+        sizes.clear()
+        expected = single.predict_boxes(boxes[:count])
+        np.testing.assert_array_equal(ladder.predict_boxes(boxes[:count], chunk=7), expected)  # the fixed counts win
+        assert sizes == {20: [16, 8], 3: [8], 16: [16], 17: [16, 8]}[count]
+        masks = ladder.predict_boxes(boxes[:count], on_device=True)
+        assert [int(c.shape()[0]) for c in masks.chunks] == sizes[-len(masks.chunks):]
+        assert masks.sizes == {20: [16, 4], 3: [3], 16: [16], 17: [16, 1]}[count] and len(masks) == count
+        np.testing.assert_array_equal(masks.to_host(), expected)
+        # Against the dynamic-count decoder: fixed shapes optimise to other float32 roundings (~1e-7),
+        # so only pixels whose logit sits at 0 may differ.
+        assert (dynamic.predict_boxes(boxes[:count], chunk=16) != expected).mean() < 1e-4
+    assert ladder.opened_box_counts == [8, 16]
+
+
+def test_static_fixed_decoders_each_hold_their_buffers(full_tiny, image):
+    """With CUDA graphs asked for (fixed buffers on the CPU provider), every fixed-count decoder
+    runs through its own fixed buffers, and the pipeline's maps are those of one fixed count."""
+    from runtime.config import resolve_config
+    from runtime.pipeline import Pipeline
+
+    config = resolve_config("mvtec", "bottle", None, {"decoder_chunk": 16})
+    single = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
+    single.segmenter.decoder_box_counts = (16,)  # every chunk padded to 16
+    static = Pipeline(full_tiny, config, threads=1, io_binding=True, static_shapes=True, cuda_graphs=True)
+    assert static.segmenter.decoder_box_counts == (8, 16)
+    for picture in (image, np.ascontiguousarray(image[::-1]), image):
+        expected, got = single(picture), static(picture)
+        assert len(got.regions) > 0 and [r.box for r in got.regions] == [r.box for r in expected.regions]
+        np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    static.warm_up()  # one box: the decoder for 8 boxes
+    assert static.segmenter.opened_box_counts == [8, 16] and single.segmenter.opened_box_counts == [16]
+    runners = [runner for _, runner in static.segmenter._fixed_decoders.values()]
+    assert all(runner.static for runner in runners) and len({id(r) for r in runners}) == len(runners)
+    assert static.cuda_graphs["sam_decoder"] == "captured" and not any("@" in key for key in static.cuda_graphs)
+
+
 @pytest.mark.parametrize("preset", ["reference", "tuned"])
 def test_saliency_knn_graph_equals_the_numba_kernels(lite_engine_dir, image, preset):
     from runtime.stages.saliency import preset_settings

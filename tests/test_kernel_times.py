@@ -1,9 +1,9 @@
-"""bench/device/kernel_times.py: device time per stage from a torch profiler trace (CUPTI on the GPU machine)."""
+"""bench/gpu/kernel_times.py: device time per stage from a torch profiler trace (CUPTI on a machine with a GPU)."""
 import json
 
 import pytest
 
-from bench.device import kernel_times as K
+from bench.gpu import kernel_times as K
 
 
 def _span(name, ts, dur, cat="user_annotation"):
@@ -74,7 +74,7 @@ def test_a_missing_engine_dir_is_one_line(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_cupti_sees_the_kernels_onnxruntime_launches(full_tiny_engine_dir):
-    """On the GPU machine (`pytest -m gpu` in session.sh prepare): the measure step relies on this."""
+    """On a machine with a GPU (`pytest -m gpu`): `python -m bench.gpu`'s kernel step relies on this."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no GPU")
@@ -85,3 +85,27 @@ def test_cupti_sees_the_kernels_onnxruntime_launches(full_tiny_engine_dir):
     stages = summary["stages"]
     assert stages["sam_encoder"]["kernels_per_call"] > 0, summary["notes"]
     assert 0 < stages["sam_encoder"]["kernel_ms_per_call"] <= stages["sam_encoder"]["wall_p50_ms"] * 1.5
+
+
+def test_joined_captions_and_settings_are_profiled_with_the_overlap_off(full_tiny_engine_dir, tmp_path):
+    """The kernel step of `python -m bench.gpu` profiles its fastest configuration: joined captions
+    and EngineSettings fields reach the pipeline; the overlap is turned off (its second thread's
+    kernels would land in the main thread's stage windows) and the record says so."""
+    pytest.importorskip("torch")
+    out = tmp_path / "kernels.json"
+    assert K.main(["--engine-dir", str(full_tiny_engine_dir), "--device", "cpu", "--iters", "1", "--warmup", "1",
+                   "--setting", "io_binding=true", "--setting", "overlap=true", "--setting", "static_shapes=on",
+                   "--option", "joined_captions=true", "--label", "joined", "--out", str(out)]) == 0
+    joined = json.loads(out.read_text())["joined"]
+    assert joined["options"] == {"joined_captions": True} and joined["overlap_asked"] is True
+    assert joined["settings"]["overlap"] is False and joined["settings"]["io_binding"] is True
+    assert joined["settings"]["static_shapes"] is True and "profiled with it off" in joined["notes"][0]
+    assert {"detector_prompts", "sam_decoder", "fusion"} <= set(joined["stages"])
+
+
+def test_bad_settings_are_one_line(full_tiny_engine_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    for bad in ("cuda_graphs=maybe", "device=cuda", "nonsense=1", "nonsense"):
+        code = K.main(["--engine-dir", str(full_tiny_engine_dir), "--device", "cpu", "--setting", bad,
+                       "--out", str(tmp_path / "k.json")])
+        assert code == 1 and capsys.readouterr().err.startswith("error: ")

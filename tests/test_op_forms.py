@@ -1,4 +1,4 @@
-"""bench/device/op_forms.py: each case's forms export, agree, and are timed (small shapes here)."""
+"""bench/gpu/op_forms.py: each case's forms export, agree, and are timed (small shapes here)."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
 
-from bench.device import op_forms  # noqa: E402
+from bench.gpu import op_forms  # noqa: E402
 
 
 def test_every_case_exports_agreeing_forms_and_times_them(monkeypatch, tmp_path):
@@ -28,3 +28,17 @@ def test_every_case_exports_agreeing_forms_and_times_them(monkeypatch, tmp_path)
         assert all(form["p50_ms"] > 0 for form in record["forms"].values())
         # forms of one case compute the same thing
         assert record["max_abs_diff_between_forms"] <= 1e-4 * max(1.0, record["output_scale"]), case
+        first = next(iter(record["forms"].values()))
+        assert first["max_abs_diff"] == 0.0 and all(form["cuda_graph"] is None for form in record["forms"].values())
+    check = report["cases"]["deformable_sum"]["kernel_check"]  # the pipeline's own check: no CUDA kernel on a CPU
+    assert check["checked"] is False and check["fallback"] is None and "CPU" in check["library"]
+    assert report["small"] is False
+
+
+def test_small_layers_rehearse_the_deformable_case(tmp_path):
+    """`--small` (the rehearsal of `python -m bench.gpu` on a CPU): the same forms, small levels."""
+    out = tmp_path / "forms.json"
+    assert op_forms.main(["--device", "cpu", "--small", "--case", "deformable_sum", "--iters", "1", "--captions", "1",
+                          "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["small"] and set(report["cases"]["deformable_sum"]["forms"]) == {"per_point", "per_level", "fused"}

@@ -397,7 +397,8 @@ def test_describe_names_the_library_and_its_build(cpu_library: Path, monkeypatch
     assert C.describe("cpu") == "not built"
 
 
-# --- the GPU kernel's check before a fused head runs on a GPU (runtime.engine.sessions.check_gpu_kernel) ----------------
+# --- the GPU kernel's check before a fused head runs on a GPU, and the fallback to the CPU build
+# (runtime.engine.sessions.check_gpu_kernel) ----------------
 
 
 class _FakeSession:
@@ -428,22 +429,53 @@ def cuda_build(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_gpu_check_runs_the_builtin_graph_through_both_kernels(cuda_build: Path) -> None:
-    assert check_gpu_kernel(EngineSettings(device="cuda")) == 0.0  # both runs on the CPU kernel here: equal to the bit
-    assert str(cuda_build) in C._gpu_checked  # once per process and library
-    assert check_gpu_kernel(EngineSettings()) is None
+    settings = EngineSettings(device="cuda")
+    assert check_gpu_kernel(settings) == (settings, None)  # agreed: the settings as given, no note
+    assert C._gpu_checked == {str(cuda_build): 0.0}  # both runs on the CPU kernel here: equal to the bit; once per library
+    assert check_gpu_kernel(EngineSettings()) == (EngineSettings(), None)  # no GPU: nothing checked
 
 
-def test_gpu_check_refuses_a_kernel_that_disagrees(cuda_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_kernel_that_disagrees_makes_the_engines_take_the_cpu_build(cuda_build: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
-    with pytest.raises(EngineError, match=r"CUDA kernel .* disagrees with its CPU kernel by 0.5.*SAA_OPS_LIBRARY="):
-        check_gpu_kernel(EngineSettings(device="cuda"))
-    monkeypatch.setattr(_FakeSession, "offset", 1e-6)
+    settings = EngineSettings(device="cuda", cuda_graphs=True)
+    with pytest.warns(UserWarning, match=r"CUDA kernel .* disagrees with its CPU kernel by 0.5 .*runs on the CPU instead"):
+        checked, note = check_gpu_kernel(settings)
+    assert checked == settings.with_changes(ops_library=str(ops.CPU_LIBRARY))  # every other switch kept
+    assert "by 0.5" in note and f"ops_library={ops.CPU_LIBRARY}" in note and "\n" not in note
+    with pytest.raises(EngineError, match="disagrees"):  # the check itself still says what it found
+        C.check_gpu_kernel("cuda", lambda: b"", lambda: [("CPUExecutionProvider", {})])
+    monkeypatch.setattr(_FakeSession, "offset", 1e-6)  # within the tolerance: no fallback
     monkeypatch.setattr(C, "_gpu_checked", {})
-    assert check_gpu_kernel(EngineSettings(device="cuda")) == pytest.approx(1e-6, rel=0.2)
+    assert check_gpu_kernel(settings) == (settings, None)
+    assert C._gpu_checked[str(cuda_build)] == pytest.approx(1e-6, rel=0.2)
+
+
+def test_a_gpu_kernel_that_fails_makes_the_engines_take_the_cpu_build(cuda_build: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    class Failing(_FakeSession):
+        def run(self, names, feeds):
+            if self.gpu:
+                raise RuntimeError("CUDA failure 209: no kernel image is available for execution on the device\ndetails")
+            return super().run(names, feeds)
+
+    monkeypatch.setattr(ort, "InferenceSession", Failing)
+    with pytest.warns(UserWarning, match="its CUDA kernel failed on the check graph .*no kernel image"):
+        checked, note = check_gpu_kernel(EngineSettings(device="cuda"))
+    assert checked.ops_library == str(ops.CPU_LIBRARY) and "details" not in note
+
+
+def test_without_a_cpu_build_a_wrong_gpu_kernel_stops(cuda_build: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(ops, "CPU_LIBRARY", tmp_path / "libsaa_ops.so")
+    with pytest.raises(EngineError, match="disagrees .* the CPU build .* is missing"):
+        check_gpu_kernel(EngineSettings(device="cuda"))
 
 
 def test_gpu_check_skips_a_library_without_cuda(cpu_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert check_gpu_kernel(EngineSettings(device="cuda", ops_library=str(cpu_library))) is None
+    settings = EngineSettings(device="cuda", ops_library=str(cpu_library))
+    assert check_gpu_kernel(settings) == (settings, None)
 
 
 def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_dir, full_tiny_standard_engine_dir,
@@ -453,12 +485,41 @@ def test_pipeline_checks_the_gpu_kernel_for_a_fused_head_only(full_tiny_engine_d
     from runtime.pipeline import Pipeline
 
     calls = []
-    monkeypatch.setattr("runtime.pipeline.check_gpu_kernel", calls.append)
+    monkeypatch.setattr("runtime.pipeline.check_gpu_kernel", lambda settings: calls.append(settings) or (settings, None))
     config = load_shipped_config("mvtec", "bottle")
     Pipeline(mf.load_manifest(full_tiny_standard_engine_dir), config)
     assert calls == []
-    Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
-    assert [settings.device for settings in calls] == ["cpu"]
+    pipeline = Pipeline(mf.load_manifest(full_tiny_engine_dir), config)
+    assert [settings.device for settings in calls] == ["cpu"] and pipeline.ops_fallback is None
+
+
+def test_a_pipeline_whose_gpu_kernel_is_wrong_runs_the_op_on_the_cpu(full_tiny_engine_dir, cpu_library: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's verdict (faked: no GPU here) makes the pipeline reopen its session factory with
+    the CPU build: a warning, a note for results files, and the same maps as before."""
+    import runtime.pipeline
+    from runtime import manifest as mf
+    from runtime.config import load_shipped_config
+    from runtime.image_io import read_image
+
+    def disagreeing(device, graph, cuda_providers, library=None):
+        raise EngineError(f"{ops.DEFORMABLE_OP}: the CUDA kernel in {ops.CUDA_LIBRARY} disagrees with its CPU "
+                          f"kernel by 0.5 (tolerance {C.CHECK_TOLERANCE})")
+
+    manifest, config = mf.load_manifest(full_tiny_engine_dir), load_shipped_config("mvtec", "bottle")
+    image = read_image(Path(__file__).resolve().parent / "data" / "bottle_demo.png")
+    expected = runtime.pipeline.Pipeline(manifest, config, threads=1)(image)
+    factories = []
+    real_factory = runtime.pipeline.SessionFactory
+    monkeypatch.setattr(runtime.pipeline, "SessionFactory", lambda settings: factories.append(settings) or real_factory(settings))
+    monkeypatch.setattr(C, "check_gpu_kernel", disagreeing)
+    with pytest.warns(UserWarning, match=r"disagrees with its CPU kernel by 0.5 \(tolerance .*\): the op runs on the CPU instead"):
+        pipeline = runtime.pipeline.Pipeline(manifest, config, threads=1)
+    assert "by 0.5" in pipeline.ops_fallback and pipeline.settings.ops_library == str(ops.CPU_LIBRARY)
+    assert [f.ops_library for f in factories] == [None, str(ops.CPU_LIBRARY)]  # the engines' factory, remade
+    got = pipeline(image)
+    assert [r.box for r in got.regions] == [r.box for r in expected.regions]
+    np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
 
 
 def test_a_broken_library_is_named_with_the_engine_it_stopped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -65,8 +65,9 @@ def test_standard_deformable_attention_matches_the_reference(full_tiny_standard_
     assert_matches(build_reference(models, config), Pipeline(manifest, config), data_dir)
 
 
-def assert_matches(reference, pipeline, data_dir) -> None:
-    for name, image in square_images(data_dir).items():
+def assert_matches(reference, pipeline, data_dir, images=None) -> None:
+    """images: name -> BGR image (default: the square ones, which the 224x224 engines take exactly)."""
+    for name, image in (images or square_images(data_dir)).items():
         expected = reference(image)
         got = pipeline(image)
         boxes = np.array([r.box for r in got.regions], np.float32).reshape(-1, 4)

@@ -218,7 +218,7 @@ def test_a_full_disk_mid_export_is_one_line_and_leaves_nothing(tmp_path, capsys,
     from export import engine_dir
     from export.__main__ import main
 
-    def disk_full(tmp, _args):
+    def disk_full(tmp, _args, _reuse=None):
         (tmp / "saliency.onnx").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "saliency.onnx"))
 

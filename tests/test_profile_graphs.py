@@ -1,7 +1,7 @@
-"""bench/device/profile_graphs.py: the per-graph profile summary the next GPU session relies on."""
+"""bench/gpu/profile_graphs.py: the per-graph profile summary of onnxruntime's profiler."""
 import json
 
-from bench.device import profile_graphs as P
+from bench.gpu import profile_graphs as P
 
 
 def _node(op, provider, dur, ts):

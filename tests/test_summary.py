@@ -26,7 +26,7 @@ def test_rows_name_the_best_fused_region_and_the_label(tmp_path):
         rows = list(csv.DictReader(table))
     assert tuple(rows[0]) == COLUMNS
     assert rows[0] == {"image": str(tmp_path / "a.png"), "outputs": "a", "status": "ok", "image_score": "0.712346",
-                       "label": "NG", "fused_regions": "2", "top_prompt": "scratch prompt", "top_phrase": "scratch", "top_score": "0.7",
+                       "label": "NG", "exact": "yes", "fused_regions": "2", "top_prompt": "scratch prompt", "top_phrase": "scratch", "top_score": "0.7",
                        "end_to_end_ms": "12.3", "error": ""}
     assert rows[1]["label"] == "OK" and rows[1]["fused_regions"] == "0" and rows[1]["top_phrase"] == ""
     assert rows[2]["status"] == "failed" and rows[2]["error"] == "c.png: not a readable image" and rows[2]["image_score"] == ""

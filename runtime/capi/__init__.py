@@ -109,6 +109,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.saa_set_thresholds.argtypes = [c_void_p, ctypes.c_double, ctypes.c_double]
     library.saa_last_decision.restype = c_int
     library.saa_last_decision.argtypes = [c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(c_int)]
+    library.saa_last_exact.restype = c_int
+    library.saa_last_exact.argtypes = [c_void_p, ctypes.POINTER(c_int), ctypes.POINTER(c_int), ctypes.POINTER(c_int)]
     library.saa_reset_memory.restype = c_int
     library.saa_reset_memory.argtypes = [c_void_p]
     library.saa_last_mask.restype = c_int
@@ -280,6 +282,15 @@ class CPipeline:
         score, label = ctypes.c_float(), ctypes.c_int()
         _check(self._library.saa_last_decision(self._handle, ctypes.byref(score), ctypes.byref(label)), self._handle)
         return float(score.value), None if label.value < 0 else label.value
+
+    def last_exact(self) -> tuple[bool, tuple[int, int] | None]:
+        """saa_last_exact: (whether the last frame ran as the reference takes it, else the detector size
+        (height, width) whose engines would)."""
+        self._open_handle()
+        exact, height, width = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        _check(self._library.saa_last_exact(self._handle, ctypes.byref(exact), ctypes.byref(height), ctypes.byref(width)),
+               self._handle)
+        return bool(exact.value), (None if exact.value else (height.value, width.value))
 
     def reset_memory(self) -> None:
         _check(self._library.saa_reset_memory(self._open_handle()), self._handle)

@@ -124,7 +124,8 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
             return E_INTERNAL, f"pipeline returned a {values.shape} map for a {map_height}x{map_width} request"
         np.asarray(_Memory(map_address, (map_height, map_width), None, "<f4", writable=True))[...] = values
         # for saa_last_decision and saa_last_mask
-        pipeline._capi_decision = (result.pred_score, result.pred_label, result.pred_mask, (height, width))
+        pipeline._capi_decision = (result.pred_score, result.pred_label, result.pred_mask, (height, width),
+                                   result.exact, result.exact_detector_hw)
         if max_regions == 0:
             return OK, 0
         out = np.asarray(_Memory(regions_address, (max_regions * REGION_DTYPE.itemsize,), None, "|u1", writable=True))
@@ -135,8 +136,8 @@ def infer(pipeline: Pipeline, pixels: int, height: int, width: int, stride: int,
 
 def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: int,
             text: bytes | None = None) -> tuple[int, Any]:
-    """saa_set_thresholds / saa_last_decision / saa_reset_memory / saa_last_mask / saa_save_memory
-    (arguments checked by saa.c)."""
+    """saa_set_thresholds / saa_last_decision / saa_reset_memory / saa_last_mask / saa_save_memory /
+    saa_last_exact (arguments checked by saa.c)."""
     try:
         if command == "thresholds":
             try:
@@ -157,14 +158,18 @@ def control(pipeline: Pipeline, command: str, a: float, b: float, out_address: i
                 return E_INVALID_ARGUMENT, _one_line(str(err))
             return OK, 0
         decision = getattr(pipeline, "_capi_decision", None)
-        if command in ("decision", "mask") and decision is None:
+        if command in ("decision", "mask", "exact") and decision is None:
             return E_INVALID_ARGUMENT, "no successful saa_infer on this handle yet"
         if command == "decision":
             score, label = decision[:2]
             np.asarray(_Memory(out_address, (1,), None, "<f4", writable=True))[0] = score
             return OK, -1 if label is None else int(label)
+        if command == "exact":
+            exact, detector_hw = decision[4:]
+            np.asarray(_Memory(out_address, (2,), None, "<i4", writable=True))[...] = detector_hw or (0, 0)
+            return OK, int(bool(exact))
         if command == "mask":
-            mask, image_size = decision[2:]
+            mask, image_size = decision[2:4]
             if mask is None:
                 return E_INVALID_ARGUMENT, ("the last saa_infer had no pixel threshold (set one with "
                                             "saa_set_thresholds or a calibration that has one)")

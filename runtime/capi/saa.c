@@ -695,6 +695,21 @@ SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred
     return status;
 }
 
+SAA_API int saa_last_exact(saa_pipeline *handle, int *exact, int *detector_height, int *detector_width) {
+    if (!exact || !detector_height || !detector_width)
+        return fail(registered(handle) ? handle : NULL, SAA_E_INVALID_ARGUMENT,
+                    "saa_last_exact: exact, detector_height or detector_width is NULL");
+    int32_t size[2] = {0, 0};
+    long long flag = 0;
+    int status = control(handle, "saa_last_exact", "exact", 0.0, 0.0, size, NULL, &flag);
+    if (status == SAA_OK) {
+        *exact = (int)flag;
+        *detector_height = (int)size[0];
+        *detector_width = (int)size[1];
+    }
+    return status;
+}
+
 SAA_API int saa_reset_memory(saa_pipeline *handle) {
     long long ignored = 0;
     return control(handle, "saa_reset_memory", "reset_memory", 0.0, 0.0, NULL, NULL, &ignored);

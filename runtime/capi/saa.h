@@ -59,7 +59,8 @@ extern "C" {
  * (2 added saa_open_options, saa_open_ex, saa_last_mask and saa_save_memory; what version 1 had is
  * unchanged, so a version-1 program runs with this library once rebuilt against this header;
  * 3 gave saa_open_options' reserved field its use, warm_up, which a version-2 program leaves 0;
- * 4 appended saa_open_options.settings, which an older program's smaller struct leaves NULL). */
+ * 4 appended saa_open_options.settings, which an older program's smaller struct leaves NULL, and
+ * added saa_last_exact). */
 #define SAA_ABI_VERSION 4
 
 #if defined(__GNUC__)
@@ -166,6 +167,14 @@ SAA_API int saa_close(saa_pipeline *handle);
  * saa_reset_memory: a normal / streaming memory back to how it was opened (no-op without one).
  */
 SAA_API int saa_set_thresholds(saa_pipeline *handle, double image_threshold, double pixel_threshold);
+/*
+ * saa_last_exact: whether the handle's last successful saa_infer ran the frame exactly as the reference
+ *   algorithm takes it (*exact 1). 0 where GroundingDINO's engine had to scale it down further or pad it
+ *   (the region boxes and the map can then differ from the reference's); *detector_height and
+ *   *detector_width then give the detector size (`python -m export --detector-size HxW`) whose
+ *   engines would run frames of this size exactly, else 0 and 0. `lite` engines: always 1.
+ */
+SAA_API int saa_last_exact(saa_pipeline *handle, int *exact, int *detector_height, int *detector_width);
 SAA_API int saa_last_decision(saa_pipeline *handle, float *pred_score, int *pred_label);
 SAA_API int saa_reset_memory(saa_pipeline *handle);
 

@@ -20,7 +20,7 @@ from ..ops import CHECK_LEVELS, CPU_LIBRARY, CUDA_LIBRARY, DEFORMABLE_OP, DOMAIN
 GPU_DEVICES = ("cuda", "tensorrt")
 CHECK_TOLERANCE = 1e-4
 _warned_cpu_fallback = False
-_gpu_checked: dict[str, float] = {}  # library path -> the largest difference its GPU kernel showed
+_gpu_checked: dict[str, float | str] = {}  # library path -> the largest difference its GPU kernel showed, or why it failed
 
 
 def library_for(device: str, library: str | Path | None = None) -> Path | None:
@@ -106,8 +106,9 @@ def check_gpu_kernel(device: str, graph: Callable[[], bytes], cuda_providers: Ca
                      library: str | Path | None = None) -> float | None:
     """Before a fused head runs on a GPU: the op's CUDA kernel against its CPU kernel on the built-in
     msda_check graph (`graph()`, run with `cuda_providers()`), once per process and library. Returns the
-    largest difference (None where no CUDA kernel is in use); EngineError when they disagree, so a
-    wrong kernel never gives silent wrong maps."""
+    largest difference (None where no CUDA kernel is in use); EngineError, saying which, when the two
+    disagree by more than CHECK_TOLERANCE or the CUDA run fails (the caller then runs the op on the
+    CPU instead: runtime.engine.sessions.check_gpu_kernel)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -121,11 +122,18 @@ def check_gpu_kernel(device: str, graph: Callable[[], bytes], cuda_providers: Ca
         for providers in (cuda_providers(), ["CPUExecutionProvider"]):
             options = ort.SessionOptions()
             options.register_custom_ops_library(key)
-            outputs.append(ort.InferenceSession(model, options, providers=providers).run(["out"], feeds)[0])
-        _gpu_checked[key] = float(np.abs(outputs[0] - outputs[1]).max())
-    difference = _gpu_checked[key]
-    if not difference <= CHECK_TOLERANCE:
-        raise EngineError(f"{DEFORMABLE_OP}: the CUDA kernel in {chosen} disagrees with its CPU kernel by {difference:.3g} "
-                          f"(tolerance {CHECK_TOLERANCE}). Run it on the CPU with the setting ops_library={CPU_LIBRARY} "
-                          f"(SAA_OPS_LIBRARY={CPU_LIBRARY}), or export with --deformable-attention standard, and report this")
-    return difference
+            try:
+                outputs.append(ort.InferenceSession(model, options, providers=providers).run(["out"], feeds)[0])
+            except Exception as err:  # onnxruntime raises its own private exception types
+                where = "CUDA" if len(outputs) == 0 else "CPU"
+                _gpu_checked[key] = f"its {where} kernel failed on the check graph ({str(err).splitlines()[0][:200]})"
+                break
+        else:
+            _gpu_checked[key] = float(np.abs(outputs[0] - outputs[1]).max())
+    found = _gpu_checked[key]
+    if isinstance(found, str):
+        raise EngineError(f"{DEFORMABLE_OP} in {chosen}: {found}")
+    if not found <= CHECK_TOLERANCE:  # NaN too
+        raise EngineError(f"{DEFORMABLE_OP}: the CUDA kernel in {chosen} disagrees with its CPU kernel by {found:.3g} "
+                          f"(tolerance {CHECK_TOLERANCE})")
+    return found

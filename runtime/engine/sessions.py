@@ -138,7 +138,7 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
 
 def _profile_if_asked(options: ort.SessionOptions, name: str, folder: str | None) -> None:
     """onnxruntime's profiler (per node: time, provider) when EngineSettings.ort_profile names a
-    folder (bench/device/profile_graphs.py sets it and summarises the files)."""
+    folder (bench/gpu/profile_graphs.py sets it and summarises the files)."""
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         options.enable_profiling = True
@@ -228,7 +228,28 @@ def builtin_graph_session(name: str, device: str, settings: EngineSettings | Non
                                 providers=providers_for(device, settings=settings))
 
 
-def check_gpu_kernel(settings: EngineSettings) -> float | None:
-    """custom_ops.check_gpu_kernel for a pipeline's settings: the built-in msda_check graph on its GPU."""
-    return custom_ops.check_gpu_kernel(settings.device, lambda: builtin_graph("msda_check"),
-                                       lambda: providers_for("cuda", settings=settings), settings.ops_library)
+def check_gpu_kernel(settings: EngineSettings) -> tuple[EngineSettings, str | None]:
+    """Before a fused head runs on a GPU: custom_ops.check_gpu_kernel on the built-in msda_check graph
+    (once per process and library). Returns the settings to open the engines with and a note: where
+    the CUDA kernel agrees with the CPU kernel (or none is in use), `settings` itself and None; where
+    it disagrees or fails, `settings` with ops_library set to the CPU build (the op then runs on the
+    CPU between the GPU nodes: right, but slower, and the head captures no CUDA graph) and a one-line
+    note, also warned, naming the difference and the fallback. EngineError only where no CPU build
+    is there to fall back to."""
+    import warnings
+
+    from ..ops import CPU_LIBRARY
+
+    try:
+        custom_ops.check_gpu_kernel(settings.device, lambda: builtin_graph("msda_check"),
+                                    lambda: providers_for("cuda", settings=settings), settings.ops_library)
+    except EngineError as err:
+        if not CPU_LIBRARY.is_file():
+            raise EngineError(f"{err}, and the CPU build {CPU_LIBRARY} to run it on instead is missing: build it "
+                              "with python -m runtime.ops.build, or export with --deformable-attention standard") from None
+        note = (f"{err}: the op runs on the CPU instead (ops_library={CPU_LIBRARY}; slower, and the head captures "
+                "no CUDA graph; export with --deformable-attention standard for a head in plain ONNX ops), "
+                "please report this")
+        warnings.warn(note, stacklevel=3)
+        return settings.with_changes(ops_library=str(CPU_LIBRARY)), note
+    return settings, None

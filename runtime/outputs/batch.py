@@ -25,6 +25,7 @@ class Tally:
     failures: list[tuple[Path, str]] = field(default_factory=list)
     rejected: int = 0
     interrupted: bool = False
+    inexact: int = 0  # images not run as the reference takes them (the first one is named on the console)
 
 
 def process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Any, out_dir: Path, summary: RunSummary,
@@ -43,6 +44,11 @@ def process(paths: Iterable[Path], stems: dict[Path, str], pipeline: Any, out_di
                 result = pipeline(image, out_size=out_size)
                 write_outputs(result, image, out_dir, stem, pipeline.thresholds.to_json())
                 tally.rejected += result.pred_label or 0
+                if not result.exact:
+                    if not tally.inexact:  # once per run: every such image says so in its JSON and table row
+                        progress.write(f"warning: {path}: {_not_exact_note(result)} (every such image: exact=no "
+                                       "in summary.csv)", file=sys.stderr)
+                    tally.inexact += 1
             except SaaError as err:
                 tally.failures.append((path, str(err)))
                 progress.write(f"failed: {err}", file=sys.stderr)
@@ -86,3 +92,7 @@ def announce(pipeline: Any, engine_dir: str | Path, joined_flag: bool = False) -
             print("warning: --joined-captions changes nothing with lite engines (no GroundingDINO)", file=sys.stderr)
     elif pipeline.config.options.joined_captions:
         print(f"{JOINED_CAPTIONS_NOTE} (faster; compare it on your parts: bench.compare_engines)", file=sys.stderr)
+
+
+def _not_exact_note(result: Any) -> str:
+    return next((note for note in result.notes if note.startswith("not exact")), "not exact")

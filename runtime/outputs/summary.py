@@ -2,7 +2,8 @@
 
 A folder of parts is easier to review as one table, sorted by score in a spreadsheet, than as
 hundreds of JSON files: each row names the image and its output stem, says whether it was
-processed, and gives the image score, the OK/NG label where a threshold is set, the fused defect
+processed, and gives the image score, the OK/NG label where a threshold is set, whether the image
+ran exactly as the reference algorithm takes it (`exact`: yes/no, the JSON's note says why), the fused defect
 regions with the best one's prompt, phrase and score, and the time it took. Rows are flushed one by one,
 so an interrupted run keeps the rows it wrote. A write that fails (a full disk) stops the table,
 not the run: `error` then says why, for the caller to report.
@@ -45,13 +46,13 @@ class RunSummary:
         fused = sorted((r for r in result.regions if r.in_top_k), key=lambda r: -r.score)
         label = {1: "NG", 0: "OK"}.get(result.pred_label, "")  # "": no image threshold set
         top = fused[0] if fused else None
-        self._row((str(image), stem, "ok", _number(result.pred_score), label, len(fused),
+        self._row((str(image), stem, "ok", _number(result.pred_score), label, "yes" if result.exact else "no", len(fused),
                    top.prompt if top else "", top.phrase if top else "", _number(top.score) if top else "",
                    _number(result.timings_ms.get("end_to_end"), ".1f"), ""))
 
     def add_failure(self, image: Path, stem: str, error: str) -> None:
         """An image that could not be read, processed or written."""
-        self._row((str(image), stem, "failed", "", "", "", "", "", "", "", error))
+        self._row((str(image), stem, "failed", "", "", "", "", "", "", "", "", error))
 
     def close(self) -> None:
         try:

@@ -71,6 +71,24 @@ class ImageFeatures:
     image_hw: tuple[int, int]  # the input image
     content_hw: tuple[int, int]  # the resized image inside the engine canvas (top-left)
     exact: bool  # content_hw is the reference's resized size (no extra scale-down to fit)
+    reference_hw: tuple[int, int] = (0, 0)  # the reference's resized size: an engine of this size runs it exactly
+    engine_hw: tuple[int, int] = (0, 0)  # the engine canvas
+
+    @property
+    def as_reference(self) -> bool:
+        """GroundingDINO saw the image as the reference does: resized the same and not padded."""
+        return self.content_hw == self.reference_hw == self.engine_hw
+
+    def difference(self) -> str | None:
+        """What differs from the reference's input, and the engine size that would make it equal; None when equal."""
+        if self.as_reference:
+            return None
+        (h, w), (rh, rw), (eh, ew) = self.image_hw, self.reference_hw, self.engine_hw
+        how = (f"padded to the {eh}x{ew} engine" if self.exact else
+               f"scaled down further to {self.content_hw[0]}x{self.content_hw[1]} and padded to fit the {eh}x{ew} engine")
+        return (f"not exact: the reference gives GroundingDINO this {h}x{w} image resized to {rh}x{rw}, unpadded; "
+                f"here it was {how}, so boxes and the map can differ from the reference's. Engines exported with "
+                f"--detector-size {rh}x{rw} run images of this size exactly")
 
 
 @dataclass(frozen=True)
@@ -256,9 +274,11 @@ class Detector:
             feeds = {"pixel_values": self._canvas(image_rgb, content_hw), "pixel_mask": self._pixel_mask(content_hw)}
         names = [o.name for o in self._image.get_outputs()]
         outputs = self._run(self._image, GDINO_IMAGE, feeds, names, keep=IMAGE_OUTPUTS)
+        height, width = image_rgb.shape[:2]
         return ImageFeatures(
-            tensors=dict(zip(names, outputs)), image_hw=tuple(image_rgb.shape[:2]), content_hw=content_hw, exact=exact
-        )
+            tensors=dict(zip(names, outputs)), image_hw=(int(height), int(width)), content_hw=content_hw, exact=exact,
+            reference_hw=shorter_side_shape(height, width, self.short_side, self.max_side),
+            engine_hw=(self.height, self.width))
 
     # -- detection ----------------------------------------------------------------------------
 

@@ -32,6 +32,19 @@ DECODER_INPUTS = ("image_embeddings", "boxes")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 
 PREPROCESS_KEYS = ("image_size", "mask_size", "pixel_mean", "pixel_std", "mask_threshold")
+SMALLEST_FIXED_BOXES = 8  # the smallest fixed-count decoder below the config's chunk (fix_box_count)
+
+
+def fixed_box_counts(most: int, smallest: int = SMALLEST_FIXED_BOXES) -> tuple[int, ...]:
+    """The box counts fixed-count decoders are opened for, up to `most` (the config's chunk):
+    doublings of `smallest` below it, then `most` itself (32: 8, 16, 32; 64: 8, 16, 32, 64;
+    48: 8, 16, 32, 48; 5: 5). A chunk takes the smallest that fits, so a call decodes fewer than
+    twice its boxes (or `smallest`), not always `most`."""
+    counts, size = [], smallest
+    while size < most:
+        counts.append(size)
+        size *= 2
+    return (*counts, most)
 
 
 def upscale_mask_logits(
@@ -74,11 +87,13 @@ class Segmenter:
             self.cuda_graphs[SAM_ENCODER] = graphs
         self._encoder_runner = runner_for(self.encoder, io_binding, static=self.cuda_graphs.get(SAM_ENCODER) == "captured")
         self._make_session, self._manifest, self._io_binding = make_session, manifest, io_binding
-        self.decoder_boxes: int | None = None  # boxes per decoder call once fixed (fix_box_count)
+        self.decoder_boxes: int | None = None  # the most boxes per decoder call once fixed (fix_box_count)
+        self.decoder_box_counts: tuple[int, ...] = ()  # the fixed counts a chunk may take (fixed_box_counts)
         # The decoder opens on first need (decoder_session): a GPU pipeline fixes its box count
         # first, so it is optimised once, not twice.
         self.decoder: Any = None
         self._decoder_runner: Any = None
+        self._fixed_decoders: dict[int, tuple[Any, Any]] = {}  # box count -> (session, runner), opened on need
         # With IO binding (GPU) the decoder's logits stay on the device and one graph upscales all
         # of a chunk's masks there; the CPU path upscales each mask with cv2 (faster on a CPU).
         # The decoder runs where the encoder does: same factory, same binding.
@@ -148,9 +163,9 @@ class Segmenter:
             raise EngineError("Segmenter: call set_image() before predicting masks")
         feeds = {DECODER_INPUTS[0]: self._embedding, DECODER_INPUTS[1]: np.ascontiguousarray(boxes_input_frame, dtype=np.float32)}
         keep = DECODER_OUTPUTS[:1] if keep_on_device else ()
-        self.decoder_session()
+        runner = self._decoder_runner_for(len(boxes_input_frame))
         try:
-            low_res, iou = self._decoder_runner.run(DECODER_OUTPUTS, feeds, keep=keep)
+            low_res, iou = runner.run(DECODER_OUTPUTS, feeds, keep=keep)
         except Exception as err:
             raise engine_failure(f"{SAM_DECODER} failed on {len(boxes_input_frame)} boxes", err) from None
         expected = (len(boxes_input_frame), 1, self.mask_size, self.mask_size)
@@ -167,24 +182,57 @@ class Segmenter:
         return self.decoder
 
     def fix_box_count(self, boxes: int) -> bool:
-        """Reopen the decoder for exactly `boxes` boxes per call (GPU paths, where the masks are
-        made on the device). Every shape is then known when onnxruntime optimises, so its shape
-        arithmetic folds away, and with the encoder capturing CUDA graphs the decoder captures
-        one too. A shorter chunk is padded with copies of its last box; the copies' masks are
-        made and never used (DeviceMasks.counts). False where it does not apply (no device
-        masks, or a session factory that cannot fix dims)."""
+        """Reopen the decoder with its box count fixed (GPU paths, where the masks are made on the
+        device), for at most `boxes` boxes per call. Every shape is then known when onnxruntime
+        optimises, so its shape arithmetic folds away, and with the encoder capturing CUDA graphs
+        the decoder captures one too. A chunk takes the smallest of fixed_box_counts(boxes) that
+        fits it, padded with copies of its last box (the copies' masks are made and never used:
+        DeviceMasks.counts): 30 boxes with boxes=64 are decoded as 32, 5 as 8. The decoder for
+        `boxes` opens now, the smaller ones on their first chunk. False where it does not apply
+        (no device masks, or a session factory that cannot fix dims)."""
         if isinstance(boxes, bool) or not isinstance(boxes, (int, np.integer)) or boxes < 1:
             raise EngineError(f"Segmenter: boxes per decoder call must be a positive integer, got {boxes!r}")
         if self._mask_runner is None or not getattr(self._make_session, "fixes_dims", False):
             return False
-        # CUDA graphs only behind a capturing encoder: the decoder's input is its fixed buffer.
-        self.decoder, graphs = open_session(self._make_session, self._manifest.model_path(SAM_DECODER),
-                                            {"num_boxes": int(boxes)}, cuda_graphs=self.cuda_graphs.get(SAM_ENCODER) == "captured")
-        if graphs is not None:
-            self.cuda_graphs[SAM_DECODER] = graphs
-        self._decoder_runner = runner_for(self.decoder, self._io_binding, static=self.cuda_graphs.get(SAM_DECODER) == "captured")
+        self._fixed_decoders = {}
+        for key in [key for key in self.cuda_graphs if key.startswith(SAM_DECODER)]:
+            del self.cuda_graphs[key]  # a count fixed again: what the new sessions capture
+        self.decoder, self._decoder_runner = self._open_fixed_decoder(int(boxes))
         self.decoder_boxes = int(boxes)
+        self.decoder_box_counts = fixed_box_counts(int(boxes))
         return True
+
+    def _open_fixed_decoder(self, boxes: int) -> tuple[Any, Any]:
+        """The decoder session for exactly `boxes` boxes a call, and its runner (kept for later chunks)."""
+        # CUDA graphs only behind a capturing encoder: the decoder's input is its fixed buffer.
+        session, graphs = open_session(self._make_session, self._manifest.model_path(SAM_DECODER),
+                                       {"num_boxes": boxes}, cuda_graphs=self.cuda_graphs.get(SAM_ENCODER) == "captured")
+        if graphs is not None:  # the first (largest) under the graph's name, a smaller one only where it differs
+            if SAM_DECODER not in self.cuda_graphs:
+                self.cuda_graphs[SAM_DECODER] = graphs
+            elif graphs != self.cuda_graphs[SAM_DECODER]:
+                self.cuda_graphs[f"{SAM_DECODER}@{boxes}"] = graphs
+        runner = runner_for(session, self._io_binding, static=graphs == "captured")
+        self._fixed_decoders[boxes] = (session, runner)
+        return session, runner
+
+    def _decoder_runner_for(self, boxes: int) -> Any:
+        """The runner of the decoder for a call of `boxes` boxes: with fixed counts, the one fixed to
+        that count (opened now if it is one of decoder_box_counts), else the one decoder."""
+        if boxes in self.decoder_box_counts:
+            opened = self._fixed_decoders.get(boxes)
+            return opened[1] if opened is not None else self._open_fixed_decoder(boxes)[1]
+        self.decoder_session()
+        return self._decoder_runner
+
+    def _fixed_count_for(self, boxes: int) -> int:
+        """The smallest fixed box count that takes a chunk of `boxes` (decoder_boxes at most)."""
+        return next(count for count in self.decoder_box_counts if count >= boxes)
+
+    @property
+    def opened_box_counts(self) -> list[int]:
+        """The fixed box counts whose decoders are open so far (smaller ones open on first need)."""
+        return sorted(self._fixed_decoders)
 
     @property
     def mask_device(self) -> str:
@@ -221,7 +269,8 @@ class Segmenter:
         if not np.all(np.isfinite(boxes)):
             raise EngineError("Segmenter: boxes contain NaN or infinity")
         scaled = self.transform_boxes(boxes)
-        chunk = self.decoder_boxes or int(chunk)  # a decoder fixed to a box count takes that many
+        # Fixed box counts: chunks of the largest, the last one padded to the smallest count that takes it.
+        chunk = self.decoder_boxes or int(chunk)
         starts = range(0, len(boxes), chunk)
         if self._mask_runner is not None:
             counts = [min(chunk, len(boxes) - start) for start in starts]
@@ -252,7 +301,10 @@ class Segmenter:
         return self.predict_boxes(boxes, chunk=chunk, on_device=on_device), mask_of_region
 
     def _pad_to_fixed_count(self, boxes_input_frame: np.ndarray) -> np.ndarray:
-        missing = (self.decoder_boxes or 0) - len(boxes_input_frame)
+        """A chunk padded with copies of its last box to the smallest fixed count that takes it."""
+        if not self.decoder_box_counts:
+            return boxes_input_frame
+        missing = self._fixed_count_for(len(boxes_input_frame)) - len(boxes_input_frame)
         if missing <= 0:
             return boxes_input_frame
         return np.concatenate([boxes_input_frame, np.repeat(boxes_input_frame[-1:], missing, axis=0)])

@@ -1,12 +1,20 @@
 """Where each stage's GPU time goes: every CUDA kernel of whole pipeline calls, timed on the device.
 
-    python -m bench.device.kernel_times --engine-dir ENGINES --device cuda --iters 5 --label vit_b --out kernels.json
+    python -m bench.gpu.kernel_times --engine-dir ENGINES --device cuda --iters 5 --label vit_b --out kernels.json
+
+    python -m bench.gpu.kernel_times --engine-dir ENGINES --device cuda --setting cuda_graphs=true \
+        --option joined_captions=true --label vit_b-joined --out kernels.json
 
 onnxruntime's own profile (profile_graphs.py) times a GPU node on the host: mostly its launch.
-This asks CUPTI, through torch's profiler (the GPU machine has torch and CUPTI; the runtime
-itself never imports torch), for every kernel and copy the process ran, and charges each to the
-pipeline stage whose window holds its start. During these calls each stage ends with a device
-synchronise, so a stage's kernels finish inside its own window.
+This asks CUPTI, through torch's profiler (torch, installed for the export, brings CUPTI; the
+runtime itself never imports torch), for every kernel and copy the process ran, and charges each
+to the pipeline stage whose window holds its start. During these calls each stage ends with a
+device synchronise, so a stage's kernels finish inside its own window.
+
+`--setting` takes EngineSettings fields (runtime.settings; repeatable), `--option` the prompt
+config's algorithm options (joined_captions=true profiles the joined captions). The profile runs
+with the overlap off whatever is asked: with SAM's encoder and the saliency in a second thread,
+their kernels would start inside the main thread's stage windows and be charged to the head.
 
 Per stage: wall p50, kernel time per call, the share of the wall the GPU was busy, kernels per
 call, copies, and the kernels that take longest (names shortened to the function). A busy share
@@ -157,8 +165,11 @@ def stage_windows(record: Callable[[str], Any], synchronise: Callable[[], None])
 
 
 def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: str, category: str,
-                    iters: int, warmup: int, top: int = 8) -> dict[str, Any]:
-    """`iters` pipeline calls under torch's profiler (CUDA activity where torch sees a GPU)."""
+                    iters: int, warmup: int, top: int = 8, settings: dict[str, Any] | None = None,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`iters` pipeline calls under torch's profiler (CUDA activity where torch sees a GPU).
+    settings: EngineSettings fields over the environment (the overlap is always off: module doc);
+    options: the prompt config's algorithm options."""
     import torch  # before onnxruntime: its CUDA libraries are the ones onnxruntime then finds
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -167,7 +178,10 @@ def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: st
 
     cuda = device == "cuda" and torch.cuda.is_available()
     synchronise = torch.cuda.synchronize if cuda else (lambda: None)
-    pipeline = Pipeline.open(engine_dir, dataset=dataset, category=category, device=device)
+    switches = dict(settings or {})
+    overlap_asked = bool(switches.pop("overlap", False))
+    pipeline = Pipeline.open(engine_dir, dataset=dataset, category=category, device=device, options=options,
+                             **switches, overlap=False)
     image = read_image(image_path)
     for _ in range(warmup):
         pipeline(image)
@@ -183,6 +197,9 @@ def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: st
         events = json.loads(trace.read_text())["traceEvents"]
     summary = summarise_trace(events, top=top)
     notes = []
+    if overlap_asked:
+        notes.append("overlap asked for, profiled with it off: the second thread's kernels would be charged to the "
+                     "main thread's stage windows (the other switches as asked)")
     if not cuda:
         notes.append(f"device {device}: torch {torch.__version__} sees no GPU here, so no kernels were recorded (stage windows only)")
     elif not any(s["kernels_per_call"] for s in summary["stages"].values()):
@@ -192,9 +209,26 @@ def profile_kernels(engine_dir: Path, device: str, image_path: Path, dataset: st
         "iters": iters, "warmup": warmup, "cuda_graphs": dict(getattr(pipeline, "cuda_graphs", {}) or {}),
         "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
         "onnxruntime": _onnxruntime_version(), "switches": {k: v for k, v in os.environ.items() if k.startswith("SAA_")},
-        "notes": notes,
+        "settings": pipeline.settings.to_json(), "options": dict(options or {}), "overlap_asked": overlap_asked,
+        "ops_fallback": getattr(pipeline, "ops_fallback", None), "notes": notes,
     })
     return summary
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """--setting KEY=VALUE pairs -> EngineSettings fields (runtime.settings.parse_value; ConfigError on a bad one)."""
+    from runtime.errors import ConfigError
+    from runtime.settings import parse_value
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--setting expects KEY=VALUE, got {item!r}")
+        if key.strip() == "device":
+            raise ConfigError("--setting device=...: give --device instead")
+        settings[key.strip()] = parse_value(key.strip(), value, source="--setting")
+    return settings
 
 
 def _onnxruntime_version() -> str:
@@ -219,7 +253,7 @@ def print_table(label: str, summary: dict[str, Any], out: Any = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.device.kernel_times", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu.kernel_times", description=__doc__.split("\n")[0])
     parser.add_argument("--engine-dir", type=Path, required=True)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--image", type=Path, default=REPO / "tests" / "data" / "bottle_demo.png")
@@ -228,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=8, help="kernels listed per stage")
+    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="an EngineSettings field, e.g. cuda_graphs=true (repeatable; overlap is profiled off)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an algorithm option of the prompt config, e.g. joined_captions=true (repeatable)")
     parser.add_argument("--label", default=None, help="this run's key in --out (default: the engine dir's name)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file; an existing one keeps its other labels")
     args = parser.parse_args(argv)
@@ -236,12 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("torch") is None:
         print("kernel_times needs torch (its profiler reaches CUPTI); it is not installed here", file=sys.stderr)
         return 2
+    from bench.latency import BenchError, parse_options
     from runtime.errors import SaaError
 
     try:
+        settings = parse_settings(args.setting)
+        options = parse_options(args.option)
         summary = profile_kernels(args.engine_dir, args.device, args.image, args.dataset, args.category,
-                                  args.iters, args.warmup, args.top)
-    except SaaError as err:
+                                  args.iters, args.warmup, args.top, settings=settings, options=options)
+    except (SaaError, BenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     label = args.label or args.engine_dir.name

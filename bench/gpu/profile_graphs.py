@@ -1,6 +1,6 @@
 """Where each engine's time goes: onnxruntime's profiler over whole pipeline calls, summarised per graph.
 
-    python -m bench.device.profile_graphs --engine-dir ENGINES --device cuda --iters 10 --out profile.json
+    python -m bench.gpu.profile_graphs --engine-dir ENGINES --device cuda --iters 10 --out profile.json
 
 Every session of the pipeline (the engines and the built-in graphs) profiles itself
 (EngineSettings.ort_profile). Per graph the summary gives: the p50 of a whole run
@@ -160,7 +160,7 @@ def format_summary(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.device.profile_graphs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu.profile_graphs", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-dir", type=Path, required=True)
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda", "tensorrt"))
     parser.add_argument("--image", type=Path, default=REPO / "tests" / "data" / "bottle_demo.png")
