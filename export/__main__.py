@@ -10,11 +10,17 @@ from typing import Sequence
 from .common import ExportError
 
 
-def parse_hw(text: str) -> tuple[int, int]:
+def _two_sizes(text: str, form: str) -> tuple[int, int]:
+    """The two numbers of "AxB", in the order written; ArgumentTypeError naming `form` otherwise."""
     try:
-        height, width = (int(v) for v in text.lower().split("x"))
+        first, second = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 800x800, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+    return first, second
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    height, width = _two_sizes(text, "HEIGHTxWIDTH such as 800x800")
     if height < 32 or width < 32:
         raise argparse.ArgumentTypeError(f"detector size {text} is too small (at least 32x32)")
     return height, width
@@ -22,10 +28,7 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 def parse_wh(text: str) -> tuple[int, int]:
     """A camera's frame size as cameras name it, WIDTHxHEIGHT (1920x1080); returned as (height, width)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1920x1080, got {text!r}") from None
+    width, height = _two_sizes(text, "WIDTHxHEIGHT such as 1920x1080")
     if height < 1 or width < 1:
         raise argparse.ArgumentTypeError(f"frame size {text} is not positive")
     return height, width
