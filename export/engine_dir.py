@@ -33,7 +33,7 @@ _START = time.monotonic()
 
 
 def _log(message: str) -> None:
-    """A progress line with the seconds since the export began (a GPU session plans its minutes by them)."""
+    """A progress line with the seconds since the export began (long exports are planned by them)."""
     print(f"[{time.monotonic() - _START:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 

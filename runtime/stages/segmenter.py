@@ -257,7 +257,7 @@ class Segmenter:
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise EngineError(f"Segmenter: chunk must be a positive integer, got {chunk!r}")
         if on_device and not self.masks_on_device:
-            raise EngineError("Segmenter: masks stay on the device only with IO binding (a GPU session)")
+            raise EngineError("Segmenter: masks stay on the device only with IO binding (an onnxruntime session on a GPU)")
         boxes = np.asarray(boxes_xyxy)
         height, width = self._original_size
         if boxes.size == 0 and boxes.ndim in (1, 2):
